@@ -1,0 +1,88 @@
+import { OpenAPIHono } from "@hono/zod-openapi";
+import { Scalar } from "@scalar/hono-api-reference";
+import { bodyLimit } from "hono/body-limit";
+import { HTTPException } from "hono/http-exception";
+import type { ZodError } from "zod";
+import type { AppEnv } from "./context";
+import { createDb } from "./db/client";
+import { parseEnv } from "./env";
+import { AppError, problemResponse, toAppError } from "./errors";
+import { describeError, logError } from "./lib/log";
+import { registerHealthRoutes } from "./routes/health";
+
+export const BASE_PATH = "/token-management";
+const MAX_BODY_BYTES = 64 * 1024;
+
+export type App = OpenAPIHono<AppEnv>;
+
+/** Every route of the service, mounted under BASE_PATH. Built once per isolate. */
+export function createApp(): App {
+  const app = new OpenAPIHono<AppEnv>({ defaultHook: throwValidationError }).basePath(BASE_PATH);
+
+  app.use(async (c, next) => {
+    c.set("requestId", c.req.header("cf-ray") ?? crypto.randomUUID());
+    c.set("config", parseEnv(c.env));
+    c.set(
+      "db",
+      createDb({
+        databaseUrl: c.var.config.TOKEN_MANAGEMENT_DATABASE_URL,
+        localFetchEndpoint: c.var.config.NEON_LOCAL_FETCH_ENDPOINT,
+      }),
+    );
+    await next();
+  });
+  app.use(
+    bodyLimit({
+      maxSize: MAX_BODY_BYTES,
+      onError: () => {
+        throw new AppError("payload_too_large", `Request bodies are limited to ${MAX_BODY_BYTES} bytes.`);
+      },
+    }),
+  );
+
+  registerHealthRoutes(app);
+
+  app.doc31("/openapi.json", {
+    openapi: "3.1.0",
+    info: { title: "Token management", version: "1.0.0", description: "OAuth 2.0 token manager for branches." },
+  });
+  app.openAPIRegistry.registerComponent("securitySchemes", "apiKey", { type: "http", scheme: "bearer" });
+  app.get("/docs", Scalar({ url: `${BASE_PATH}/openapi.json` }));
+
+  app.notFound((c) =>
+    problemResponse(
+      new AppError("not_found", `No route for ${c.req.method} ${new URL(c.req.url).pathname}.`),
+      c.get("requestId"),
+    ),
+  );
+  app.onError((error, c) => handleError(error, c.get("requestId")));
+  return app;
+}
+
+export function handleError(error: unknown, requestId: string | undefined): Response {
+  const appError = error instanceof HTTPException ? fromHttpException(error) : toAppError(error);
+  if (appError.status >= 500) {
+    logError("request_failed", {
+      request_id: requestId,
+      code: appError.code,
+      error: describeError(appError.cause ?? appError),
+    });
+  }
+  return problemResponse(appError, requestId);
+}
+
+function fromHttpException(error: HTTPException): AppError {
+  if (error.status === 400) return new AppError("bad_request", error.message || "Malformed request.");
+  if (error.status === 413) return new AppError("payload_too_large", error.message);
+  return new AppError("internal_error", "An unexpected error occurred.", { cause: error });
+}
+
+/** zod-openapi's hook: a failed validation becomes a 422 that names each field. */
+function throwValidationError(result: { success: boolean; error?: ZodError }): void {
+  if (result.success || !result.error) return;
+  const errors = result.error.issues.map((issue) => ({
+    field: issue.path.join(".") || "(body)",
+    message: issue.message,
+  }));
+  throw new AppError("validation_failed", errors.map((e) => `${e.field}: ${e.message}`).join("; "), { errors });
+}

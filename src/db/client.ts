@@ -1,0 +1,24 @@
+import { neon, neonConfig } from "@neondatabase/serverless";
+import { drizzle } from "drizzle-orm/neon-http";
+import * as schema from "./schema";
+
+export type Db = ReturnType<typeof createDb>;
+
+export interface DbConfig {
+  databaseUrl: string;
+  /** Dev only: where the local database program (dev/neon-local) listens. Unset in production. */
+  localFetchEndpoint?: string | undefined;
+}
+
+/**
+ * One database handle per invocation: neon-http holds no connection, so this is cheap,
+ * and nothing database-related lives at module scope.
+ */
+export function createDb(config: DbConfig) {
+  // The driver reads this global at query time. Production leaves it unset (the default
+  // `https://api.<host>/sql`); locally it points at the program that speaks the same protocol.
+  neonConfig.fetchEndpoint = config.localFetchEndpoint ?? defaultFetchEndpoint;
+  return drizzle({ client: neon(config.databaseUrl), schema });
+}
+
+const defaultFetchEndpoint = neonConfig.fetchEndpoint;

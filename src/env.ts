@@ -1,0 +1,99 @@
+import { z } from "zod";
+import { AppError } from "./errors";
+
+/**
+ * The Worker's bindings, parsed once per environment object. A missing or malformed binding is a
+ * clear configuration error that names the binding and never echoes its value.
+ */
+
+const DEFAULTS = {
+  OAUTH_AUTHORIZATION_URL: "https://accounts.google.com/o/oauth2/v2/auth",
+  OAUTH_TOKEN_URL: "https://oauth2.googleapis.com/token",
+  OAUTH_REVOCATION_URL: "https://oauth2.googleapis.com/revoke",
+  OAUTH_SCOPES: "https://www.googleapis.com/auth/business.manage",
+  OAUTH_EXTRA_AUTHORIZATION_PARAMS: "access_type=offline&prompt=consent",
+} as const;
+
+const ENCRYPTION_KEY_BYTES = 32;
+const MIN_API_KEY_LENGTH = 16;
+
+const base64Key = z.string().refine((value) => decodedLength(value) === ENCRYPTION_KEY_BYTES, {
+  message: `must be the base64 encoding of ${ENCRYPTION_KEY_BYTES} bytes`,
+});
+
+const commaList = z.string().transform((value) =>
+  value
+    .split(",")
+    .map((item) => item.trim())
+    .filter((item) => item.length > 0),
+);
+
+const apiKeys = commaList.pipe(
+  z
+    .array(z.string().min(MIN_API_KEY_LENGTH, `each key needs at least ${MIN_API_KEY_LENGTH} characters`))
+    .min(1, "needs at least one key"),
+);
+
+const httpUrl = z.url({ protocol: /^https?$/ });
+const seconds = (fallback: number) => z.coerce.number().int().positive().default(fallback);
+const flag = z
+  .enum(["true", "false", "1", "0", ""])
+  .default("false")
+  .transform((value) => value === "true" || value === "1");
+
+const EnvSchema = z.object({
+  TOKEN_MANAGEMENT_DATABASE_URL: z.url({ protocol: /^postgres(ql)?$/ }),
+  NEON_LOCAL_FETCH_ENDPOINT: httpUrl.optional(),
+  TOKEN_ENCRYPTION_KEY: base64Key,
+  TOKEN_ENCRYPTION_PREVIOUS_KEYS: commaList.pipe(z.array(base64Key)).default([]),
+  ADMIN_API_KEY: apiKeys,
+  SERVICE_API_KEY: apiKeys,
+
+  OAUTH_AUTHORIZATION_URL: httpUrl.default(DEFAULTS.OAUTH_AUTHORIZATION_URL),
+  OAUTH_TOKEN_URL: httpUrl.default(DEFAULTS.OAUTH_TOKEN_URL),
+  OAUTH_REVOCATION_URL: z.union([httpUrl, z.literal("")]).default(DEFAULTS.OAUTH_REVOCATION_URL),
+  OAUTH_SCOPES: z.string().min(1).default(DEFAULTS.OAUTH_SCOPES),
+  OAUTH_EXTRA_AUTHORIZATION_PARAMS: z.string().default(DEFAULTS.OAUTH_EXTRA_AUTHORIZATION_PARAMS),
+  OAUTH_CLIENT_AUTH_METHOD: z.enum(["client_secret_post", "client_secret_basic"]).default("client_secret_post"),
+  /** Lets the provider be plain http: only for the local authorization server in dev and tests. */
+  OAUTH_ALLOW_INSECURE_HTTP: flag,
+  OAUTH_TIMEOUT_MS: z.coerce.number().int().positive().default(10_000),
+
+  LOGIN_LINK_TTL_SECONDS: seconds(7 * 24 * 60 * 60),
+  REFRESH_AHEAD_SECONDS: seconds(5 * 60),
+  CRON_REFRESH_WINDOW_SECONDS: seconds(15 * 60),
+  CRON_MAX_REFRESHES: z.coerce.number().int().positive().default(500),
+});
+
+export type Config = z.infer<typeof EnvSchema>;
+
+const parsed = new WeakMap<object, Config>();
+
+export function parseEnv(env: object): Config {
+  const cached = parsed.get(env);
+  if (cached) return cached;
+  const result = EnvSchema.safeParse(stringBindings(env));
+  if (!result.success) {
+    const problems = result.error.issues.map((issue) => `${issue.path.join(".")}: ${issue.message}`);
+    throw new AppError("configuration_error", `The Worker is misconfigured. ${problems.join("; ")}.`);
+  }
+  parsed.set(env, result.data);
+  return result.data;
+}
+
+/** Only string bindings are configuration; `""` counts as unset so an empty var falls back to its default. */
+function stringBindings(env: object): Record<string, string> {
+  const out: Record<string, string> = {};
+  for (const [name, value] of Object.entries(env)) {
+    if (typeof value === "string" && value !== "") out[name] = value;
+  }
+  return out;
+}
+
+function decodedLength(value: string): number {
+  try {
+    return atob(value.trim()).length;
+  } catch {
+    return -1;
+  }
+}

@@ -1,0 +1,144 @@
+import { fromBase64, fromBase64Url, fromUtf8, toBase64Url, utf8 } from "./encoding";
+
+/**
+ * Secrets at rest, sealed OAuth state and signed login links, all from TOKEN_ENCRYPTION_KEY.
+ *
+ * - At rest: AES-256-GCM with the key itself. Envelope `v1.<kid>.<iv>.<ciphertext>` (base64url);
+ *   the kid says which key sealed it, so a rotated-out key listed in TOKEN_ENCRYPTION_PREVIOUS_KEYS
+ *   still opens old values while new writes use the current key. The purpose (column name) is the
+ *   additional authenticated data, so a value cannot be moved to another column.
+ * - State and login links use sub-keys derived with HKDF, one per purpose.
+ */
+
+const ENVELOPE_VERSION = "v1";
+const IV_BYTES = 12;
+const KEY_ID_HEX_CHARS = 8;
+
+export type SealPurpose = "clients.client_secret" | "tokens.access_token" | "tokens.refresh_token" | "oauth.state";
+
+interface KeyEntry {
+  id: string;
+  atRest: CryptoKey;
+  state: CryptoKey;
+  linkSigning: CryptoKey;
+}
+
+export interface Keyring {
+  current: KeyEntry;
+  byId: ReadonlyMap<string, KeyEntry>;
+}
+
+export class CryptoError extends Error {
+  override readonly name = "CryptoError";
+}
+
+const keyrings = new Map<string, Promise<Keyring>>();
+
+/** Keys are imported once per isolate and per configuration. */
+export function loadKeyring(currentKey: string, previousKeys: readonly string[] = []): Promise<Keyring> {
+  const cacheKey = [currentKey, ...previousKeys].join(",");
+  let keyring = keyrings.get(cacheKey);
+  if (!keyring) {
+    keyring = buildKeyring(currentKey, previousKeys);
+    keyrings.set(cacheKey, keyring);
+  }
+  return keyring;
+}
+
+async function buildKeyring(currentKey: string, previousKeys: readonly string[]): Promise<Keyring> {
+  const entries = await Promise.all([currentKey, ...previousKeys].map((key) => importKeyEntry(fromBase64(key))));
+  const byId = new Map<string, KeyEntry>();
+  for (const entry of entries) if (!byId.has(entry.id)) byId.set(entry.id, entry);
+  return { current: entries[0]!, byId };
+}
+
+async function importKeyEntry(raw: Uint8Array<ArrayBuffer>): Promise<KeyEntry> {
+  const digest = new Uint8Array(await crypto.subtle.digest("SHA-256", raw));
+  const id = [...digest]
+    .map((b) => b.toString(16).padStart(2, "0"))
+    .join("")
+    .slice(0, KEY_ID_HEX_CHARS);
+  const hkdfBase = await crypto.subtle.importKey("raw", raw, "HKDF", false, ["deriveKey"]);
+  const derive = (
+    info: string,
+    algorithm: { name: "AES-GCM"; length: 256 } | { name: "HMAC"; hash: "SHA-256"; length: 256 },
+    usages: ("encrypt" | "decrypt" | "sign" | "verify")[],
+  ) =>
+    crypto.subtle.deriveKey(
+      { name: "HKDF", hash: "SHA-256", salt: new Uint8Array(0), info: utf8(info) },
+      hkdfBase,
+      algorithm,
+      false,
+      usages,
+    );
+  const [atRest, state, linkSigning] = await Promise.all([
+    crypto.subtle.importKey("raw", raw, "AES-GCM", false, ["encrypt", "decrypt"]),
+    derive("token-management/oauth-state/v1", { name: "AES-GCM", length: 256 }, ["encrypt", "decrypt"]),
+    derive("token-management/login-link/v1", { name: "HMAC", hash: "SHA-256", length: 256 }, ["sign", "verify"]),
+  ]);
+  return { id, atRest: atRest as CryptoKey, state: state as CryptoKey, linkSigning: linkSigning as CryptoKey };
+}
+
+function aesKey(entry: KeyEntry, purpose: SealPurpose): CryptoKey {
+  return purpose === "oauth.state" ? entry.state : entry.atRest;
+}
+
+export async function seal(keyring: Keyring, plaintext: string, purpose: SealPurpose): Promise<string> {
+  const iv = crypto.getRandomValues(new Uint8Array(IV_BYTES));
+  const ciphertext = await crypto.subtle.encrypt(
+    { name: "AES-GCM", iv, additionalData: utf8(purpose) },
+    aesKey(keyring.current, purpose),
+    utf8(plaintext),
+  );
+  return [ENVELOPE_VERSION, keyring.current.id, toBase64Url(iv), toBase64Url(ciphertext)].join(".");
+}
+
+export async function open(keyring: Keyring, envelope: string, purpose: SealPurpose): Promise<string> {
+  const [version, keyId, iv, ciphertext, ...rest] = envelope.split(".");
+  if (version !== ENVELOPE_VERSION || !keyId || !iv || !ciphertext || rest.length > 0) {
+    throw new CryptoError("not a sealed value");
+  }
+  const entry = keyring.byId.get(keyId);
+  if (!entry) throw new CryptoError(`sealed with unknown key ${keyId}`);
+  try {
+    const plaintext = await crypto.subtle.decrypt(
+      { name: "AES-GCM", iv: fromBase64Url(iv), additionalData: utf8(purpose) },
+      aesKey(entry, purpose),
+      fromBase64Url(ciphertext),
+    );
+    return fromUtf8(plaintext);
+  } catch {
+    throw new CryptoError("sealed value failed authentication");
+  }
+}
+
+/** HMAC-SHA-256 over `message` with the current key's link-signing sub-key (base64url). */
+export async function sign(keyring: Keyring, message: string): Promise<string> {
+  return toBase64Url(await crypto.subtle.sign("HMAC", keyring.current.linkSigning, utf8(message)));
+}
+
+/** Verifies against every known key, so links survive a key rotation until they expire. */
+export async function verify(keyring: Keyring, message: string, signature: string): Promise<boolean> {
+  let bytes: Uint8Array<ArrayBuffer>;
+  try {
+    bytes = fromBase64Url(signature);
+  } catch {
+    return false;
+  }
+  for (const entry of keyring.byId.values()) {
+    if (await crypto.subtle.verify("HMAC", entry.linkSigning, bytes, utf8(message))) return true;
+  }
+  return false;
+}
+
+/** Constant-time membership test: compares SHA-256 digests so length differences leak nothing. */
+export async function matchesAny(candidate: string, accepted: readonly string[]): Promise<boolean> {
+  const candidateDigest = await crypto.subtle.digest("SHA-256", utf8(candidate));
+  let found = false;
+  for (const key of accepted) {
+    const digest = await crypto.subtle.digest("SHA-256", utf8(key));
+    // Every key is compared, match or not, so timing does not reveal which one matched.
+    if (crypto.subtle.timingSafeEqual(candidateDigest, digest)) found = true;
+  }
+  return found;
+}

@@ -1,0 +1,32 @@
+import { cloudflareTest } from "@cloudflare/vitest-plugin";
+import { defineConfig } from "vitest/config";
+import { TEST_BINDINGS } from "./test/worker/bindings";
+
+// The Worker's tests run inside workerd (the Workers runtime) against the local database program
+// and the local authorization server, both started by the global setup on free ports.
+export default defineConfig({
+  plugins: [
+    cloudflareTest(({ inject }) => ({
+      wrangler: { configPath: "./wrangler.toml" },
+      miniflare: {
+        bindings: {
+          ...TEST_BINDINGS,
+          TOKEN_MANAGEMENT_DATABASE_URL: inject<string>("databaseUrl"),
+          NEON_LOCAL_FETCH_ENDPOINT: inject<string>("sqlEndpoint"),
+          NEON_LOCAL_URL: inject<string>("neonLocalUrl"),
+          OAUTH_SERVER_URL: inject<string>("oauthServerUrl"),
+          OAUTH_AUTHORIZATION_URL: `${inject<string>("oauthServerUrl")}/authorize`,
+          OAUTH_TOKEN_URL: `${inject<string>("oauthServerUrl")}/token`,
+          OAUTH_REVOCATION_URL: `${inject<string>("oauthServerUrl")}/revoke`,
+        },
+      },
+    })),
+  ],
+  test: {
+    name: "worker",
+    include: ["test/worker/**/*.test.ts"],
+    globalSetup: ["./test/worker/global-setup.ts"],
+    testTimeout: 30_000,
+    hookTimeout: 60_000,
+  },
+});
