@@ -1,0 +1,896 @@
+// A real, strict OAuth 2.0 authorization server for local development, tests and benchmarks.
+// RFC 6749 (authorization code + refresh token grants), RFC 7636 (PKCE, S256 only),
+// RFC 7009 (revocation), RFC 7662 (introspection), RFC 8414 (metadata).
+// State lives in memory; everything tests need is also reachable over HTTP under /admin.
+import { createHash, randomBytes, timingSafeEqual } from "node:crypto";
+import { createServer, type IncomingMessage, type ServerResponse } from "node:http";
+import type { AddressInfo } from "node:net";
+
+export interface OAuthServerOptions {
+  host?: string;
+  port?: number;
+  autoApprove?: boolean;
+}
+
+export interface OAuthServer {
+  url: string;
+  authorizationEndpoint: string;
+  tokenEndpoint: string;
+  revocationEndpoint: string;
+  close(): Promise<void>;
+}
+
+export interface FailNext {
+  status: number;
+  error?: string;
+  count?: number;
+}
+
+export interface Behavior {
+  accessTokenTtlSeconds: number;
+  rotateRefreshTokens: boolean;
+  issueRefreshToken: boolean;
+  tokenDelayMs: number;
+  hang: boolean;
+  failNext: FailNext | null;
+  authorizeError: string | null;
+}
+
+export interface ClientStats {
+  tokenRequests: number;
+  authorizationCodeGrants: number;
+  refreshGrants: number;
+  failedRequests: number;
+  revocations: number;
+  activeAccessTokens: number;
+  activeRefreshTokens: number;
+}
+
+const DEFAULT_BEHAVIOR: Behavior = {
+  accessTokenTtlSeconds: 3600,
+  rotateRefreshTokens: false,
+  issueRefreshToken: true,
+  tokenDelayMs: 0,
+  hang: false,
+  failNext: null,
+  authorizeError: null,
+};
+
+const CODE_TTL_MS = 60_000;
+const USED_CODE_RETENTION_MS = 10 * 60_000;
+const MAX_BODY_BYTES = 1 << 20;
+const PKCE_RE = /^[A-Za-z0-9\-._~]{43,128}$/;
+const S256_CHALLENGE_RE = /^[A-Za-z0-9_-]{43}$/;
+
+interface Client {
+  id: string;
+  secret: string;
+  redirectUris: string[];
+  behavior: Partial<Behavior>;
+  stats: Counters;
+}
+
+type Counters = Omit<ClientStats, "activeAccessTokens" | "activeRefreshTokens">;
+
+interface AuthorizationCode {
+  clientId: string;
+  redirectUri: string;
+  codeChallenge: string;
+  scope: string;
+  expiresAt: number;
+  used: boolean;
+  grantId: string;
+}
+
+interface Grant {
+  clientId: string;
+  scope: string;
+  accessType: string | null;
+  prompt: string | null;
+  accessTokens: Set<string>;
+  refreshTokens: Set<string>;
+}
+
+interface AccessToken {
+  clientId: string;
+  grantId: string;
+  scope: string;
+  issuedAt: number;
+  expiresAt: number;
+}
+
+interface RefreshToken {
+  clientId: string;
+  grantId: string;
+  scope: string;
+  issuedAt: number;
+}
+
+interface PendingConsent {
+  clientId: string;
+  redirectUri: string;
+  state: string | null;
+  codeChallenge: string;
+  scope: string;
+  accessType: string | null;
+  prompt: string | null;
+}
+
+class HttpError extends Error {
+  constructor(
+    readonly status: number,
+    readonly body: Record<string, unknown>,
+    readonly headers: Record<string, string> = {},
+  ) {
+    super(String(body.error ?? status));
+  }
+}
+
+const oauthError = (status: number, error: string, description: string, headers: Record<string, string> = {}) =>
+  new HttpError(status, { error, error_description: description }, headers);
+
+const zeroCounters = (): Counters => ({
+  tokenRequests: 0,
+  authorizationCodeGrants: 0,
+  refreshGrants: 0,
+  failedRequests: 0,
+  revocations: 0,
+});
+
+const randomToken = (prefix: string) => `${prefix}${randomBytes(24).toString("base64url")}`;
+
+const s256 = (verifier: string) => createHash("sha256").update(verifier).digest("base64url");
+
+function safeEqual(a: string, b: string): boolean {
+  const ab = Buffer.from(a);
+  const bb = Buffer.from(b);
+  return ab.length === bb.length && timingSafeEqual(ab, bb);
+}
+
+const escapeHtml = (s: string) =>
+  s.replace(/[&<>"']/g, (c) => ({ "&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;", "'": "&#39;" })[c] ?? c);
+
+/** Waits for a timer or for a behaviour change; resolves false when the request or server is gone. */
+interface Waiter {
+  resolve(ok: boolean): void;
+  timer?: NodeJS.Timeout;
+  forBehaviorChange: boolean;
+}
+
+export async function startOAuthServer(opts: OAuthServerOptions = {}): Promise<OAuthServer> {
+  const host = opts.host ?? "127.0.0.1";
+  const autoApprove = opts.autoApprove ?? true;
+
+  const clients = new Map<string, Client>();
+  let defaultBehavior: Partial<Behavior> = {};
+  let codes = new Map<string, AuthorizationCode>();
+  let grants = new Map<string, Grant>();
+  let accessTokens = new Map<string, AccessToken>();
+  let refreshTokens = new Map<string, RefreshToken>();
+  let pending = new Map<string, PendingConsent>();
+  let totals = zeroCounters();
+  let issuedSinceSweep = 0;
+  let closed = false;
+  const waiters = new Set<Waiter>();
+
+  // ---------- waiting (delay / hang) without leaking timers ----------
+  function wait(res: ServerResponse, ms: number | null): Promise<boolean> {
+    if (closed) return Promise.resolve(false);
+    return new Promise<boolean>((resolve) => {
+      const onClose = () => finish(false);
+      const waiter: Waiter = { resolve: (ok) => finish(ok), forBehaviorChange: ms === null };
+      function finish(ok: boolean) {
+        if (!waiters.delete(waiter)) return;
+        if (waiter.timer) clearTimeout(waiter.timer);
+        res.off("close", onClose);
+        resolve(ok);
+      }
+      waiters.add(waiter);
+      if (ms !== null) waiter.timer = setTimeout(() => finish(true), ms);
+      res.on("close", onClose);
+    });
+  }
+
+  function behaviorChanged() {
+    for (const w of [...waiters]) if (w.forBehaviorChange) w.resolve(true);
+  }
+
+  // ---------- behaviour ----------
+  function effectiveBehavior(client: Client | undefined): Behavior {
+    return { ...DEFAULT_BEHAVIOR, ...defaultBehavior, ...(client?.behavior ?? {}) };
+  }
+
+  /** Consumes one failNext from whichever layer (client override or default) provides it. */
+  function takeFailNext(client: Client | undefined): FailNext | null {
+    const layer = client && "failNext" in client.behavior ? client.behavior : defaultBehavior;
+    const f = layer.failNext;
+    if (!f) return null;
+    if (f.count !== undefined) {
+      const left = f.count - 1;
+      layer.failNext = left > 0 ? { ...f, count: left } : null;
+    }
+    return f;
+  }
+
+  function parseBehavior(input: unknown): Partial<Behavior> {
+    if (typeof input !== "object" || input === null || Array.isArray(input)) {
+      throw oauthError(400, "invalid_request", "behavior must be a JSON object");
+    }
+    const out: Partial<Behavior> = {};
+    for (const [key, value] of Object.entries(input)) {
+      const bad = (what: string) => oauthError(400, "invalid_request", `${key} must be ${what}`);
+      switch (key) {
+        case "accessTokenTtlSeconds":
+        case "tokenDelayMs":
+          if (typeof value !== "number" || !Number.isFinite(value) || value < 0) throw bad("a non-negative number");
+          out[key] = value;
+          break;
+        case "rotateRefreshTokens":
+        case "issueRefreshToken":
+        case "hang":
+          if (typeof value !== "boolean") throw bad("a boolean");
+          out[key] = value;
+          break;
+        case "authorizeError":
+          if (value !== null && (typeof value !== "string" || value === "")) throw bad("null or a non-empty string");
+          out.authorizeError = value;
+          break;
+        case "failNext": {
+          if (value === null) {
+            out.failNext = null;
+            break;
+          }
+          if (typeof value !== "object" || Array.isArray(value)) throw bad("null or {status, error?, count?}");
+          const v = value as Record<string, unknown>;
+          if (typeof v.status !== "number" || !Number.isInteger(v.status) || v.status < 200 || v.status > 599) {
+            throw bad("an object whose status is an HTTP status code");
+          }
+          if (v.error !== undefined && typeof v.error !== "string") throw bad("an object whose error is a string");
+          if (v.count !== undefined && (typeof v.count !== "number" || !Number.isInteger(v.count) || v.count < 1)) {
+            throw bad("an object whose count is a positive integer");
+          }
+          const f: FailNext = { status: v.status };
+          if (v.error !== undefined) f.error = v.error as string;
+          if (v.count !== undefined) f.count = v.count as number;
+          out.failNext = f;
+          break;
+        }
+        default:
+          throw oauthError(400, "invalid_request", `unknown behavior field: ${key}`);
+      }
+    }
+    return out;
+  }
+
+  // ---------- tokens ----------
+  function now() {
+    return Date.now();
+  }
+
+  function sweep() {
+    if (++issuedSinceSweep < 1000) return;
+    issuedSinceSweep = 0;
+    const t = now();
+    for (const [token, at] of accessTokens) if (at.expiresAt <= t) deleteAccessToken(token);
+    for (const [code, c] of codes) if (c.expiresAt + USED_CODE_RETENTION_MS <= t) codes.delete(code);
+    for (const [id, g] of grants) if (g.accessTokens.size === 0 && g.refreshTokens.size === 0) grants.delete(id);
+  }
+
+  function deleteAccessToken(token: string) {
+    const at = accessTokens.get(token);
+    if (!at) return;
+    accessTokens.delete(token);
+    grants.get(at.grantId)?.accessTokens.delete(token);
+  }
+
+  function deleteRefreshToken(token: string) {
+    const rt = refreshTokens.get(token);
+    if (!rt) return;
+    refreshTokens.delete(token);
+    grants.get(rt.grantId)?.refreshTokens.delete(token);
+  }
+
+  function revokeGrant(grantId: string) {
+    const g = grants.get(grantId);
+    if (!g) return;
+    for (const t of [...g.accessTokens]) deleteAccessToken(t);
+    for (const t of [...g.refreshTokens]) deleteRefreshToken(t);
+  }
+
+  function issueTokens(client: Client, grantId: string, scope: string, withRefresh: boolean, b: Behavior) {
+    sweep();
+    const grant = grants.get(grantId);
+    if (!grant) throw new Error("grant disappeared");
+    const t = now();
+    const access = randomToken("at_");
+    accessTokens.set(access, {
+      clientId: client.id,
+      grantId,
+      scope,
+      issuedAt: t,
+      expiresAt: t + b.accessTokenTtlSeconds * 1000,
+    });
+    grant.accessTokens.add(access);
+    const body: Record<string, unknown> = {
+      access_token: access,
+      token_type: "Bearer",
+      expires_in: b.accessTokenTtlSeconds,
+    };
+    if (withRefresh) {
+      const refresh = randomToken("rt_");
+      refreshTokens.set(refresh, { clientId: client.id, grantId, scope: grant.scope, issuedAt: t });
+      grant.refreshTokens.add(refresh);
+      body.refresh_token = refresh;
+    }
+    body.scope = scope;
+    return body;
+  }
+
+  function statsFor(clientId: string | null, counters: Counters): ClientStats {
+    const t = now();
+    let activeAccessTokens = 0;
+    let activeRefreshTokens = 0;
+    for (const at of accessTokens.values()) {
+      if ((clientId === null || at.clientId === clientId) && at.expiresAt > t) activeAccessTokens++;
+    }
+    for (const rt of refreshTokens.values()) if (clientId === null || rt.clientId === clientId) activeRefreshTokens++;
+    return { ...counters, activeAccessTokens, activeRefreshTokens };
+  }
+
+  function count(client: Client | undefined, key: keyof Counters) {
+    totals[key]++;
+    if (client) client.stats[key]++;
+  }
+
+  // ---------- request helpers ----------
+  async function readBody(req: IncomingMessage): Promise<string> {
+    const chunks: Buffer[] = [];
+    let size = 0;
+    for await (const chunk of req as AsyncIterable<Buffer>) {
+      size += chunk.length;
+      if (size > MAX_BODY_BYTES) throw oauthError(413, "invalid_request", "request body too large");
+      chunks.push(chunk);
+    }
+    return Buffer.concat(chunks).toString("utf8");
+  }
+
+  async function readForm(req: IncomingMessage): Promise<Map<string, string>> {
+    const type = (req.headers["content-type"] ?? "").split(";")[0]?.trim().toLowerCase();
+    if (type !== "application/x-www-form-urlencoded") {
+      await readBody(req);
+      throw oauthError(400, "invalid_request", "content-type must be application/x-www-form-urlencoded");
+    }
+    return uniqueParams(new URLSearchParams(await readBody(req)));
+  }
+
+  /** RFC 6749 §3.1: parameters MUST NOT be included more than once; empty values count as absent. */
+  function uniqueParams(params: URLSearchParams): Map<string, string> {
+    const out = new Map<string, string>();
+    for (const [k, v] of params) {
+      if (out.has(k)) throw oauthError(400, "invalid_request", `parameter ${k} included more than once`);
+      out.set(k, v);
+    }
+    for (const [k, v] of out) if (v === "") out.delete(k);
+    return out;
+  }
+
+  async function readJson(req: IncomingMessage): Promise<unknown> {
+    const text = await readBody(req);
+    if (text.trim() === "") return {};
+    try {
+      return JSON.parse(text);
+    } catch {
+      throw oauthError(400, "invalid_request", "body must be JSON");
+    }
+  }
+
+  function send(res: ServerResponse, status: number, body: unknown, headers: Record<string, string> = {}) {
+    if (res.headersSent || res.destroyed) return;
+    const text = JSON.stringify(body);
+    res.writeHead(status, {
+      "content-type": "application/json; charset=utf-8",
+      "content-length": Buffer.byteLength(text),
+      ...headers,
+    });
+    res.end(text);
+  }
+
+  function sendHtml(res: ServerResponse, status: number, title: string, inner: string) {
+    const html = `<!doctype html><html><head><meta charset="utf-8"><title>${escapeHtml(title)}</title></head><body><h1>${escapeHtml(title)}</h1>${inner}</body></html>`;
+    res.writeHead(status, {
+      "content-type": "text/html; charset=utf-8",
+      "content-length": Buffer.byteLength(html),
+      "cache-control": "no-store",
+    });
+    res.end(html);
+  }
+
+  function redirect(res: ServerResponse, target: string, params: Record<string, string | null>) {
+    const u = new URL(target);
+    for (const [k, v] of Object.entries(params)) if (v !== null) u.searchParams.append(k, v);
+    res.writeHead(302, { location: u.toString(), "cache-control": "no-store", "content-length": 0 });
+    res.end();
+  }
+
+  function methodNotAllowed(allow: string): never {
+    throw new HttpError(405, { error: "method_not_allowed", error_description: `use ${allow}` }, { allow });
+  }
+
+  /** Client authentication: client_secret_basic or client_secret_post (exactly one). */
+  function identifyClient(req: IncomingMessage, form: Map<string, string>) {
+    const header = req.headers.authorization;
+    let basic: { id: string; secret: string } | null = null;
+    let malformedBasic = false;
+    if (header && /^basic /i.test(header)) {
+      const decoded = Buffer.from(header.slice(6).trim(), "base64").toString("utf8");
+      const i = decoded.indexOf(":");
+      try {
+        if (i < 0) throw new Error("no colon");
+        const dec = (s: string) => decodeURIComponent(s.replace(/\+/g, " "));
+        basic = { id: dec(decoded.slice(0, i)), secret: dec(decoded.slice(i + 1)) };
+      } catch {
+        malformedBasic = true;
+      }
+    }
+    const usedBasic = basic !== null || malformedBasic;
+    const claimedId = basic?.id ?? form.get("client_id") ?? null;
+    return { basic, usedBasic, malformedBasic, claimedId };
+  }
+
+  function authenticate(req: IncomingMessage, form: Map<string, string>): Client {
+    const { basic, usedBasic, malformedBasic } = identifyClient(req, form);
+    const fail = (why: string) =>
+      oauthError(401, "invalid_client", why, usedBasic ? { "www-authenticate": 'Basic realm="oauth-server"' } : {});
+    if (malformedBasic) throw fail("malformed Basic credentials");
+    let id: string;
+    let secret: string;
+    if (basic) {
+      if (form.has("client_secret")) {
+        throw oauthError(400, "invalid_request", "more than one client authentication method used");
+      }
+      const bodyId = form.get("client_id");
+      if (bodyId !== undefined && bodyId !== basic.id) throw fail("client_id does not match the authenticated client");
+      id = basic.id;
+      secret = basic.secret;
+    } else {
+      const bodyId = form.get("client_id");
+      const bodySecret = form.get("client_secret");
+      if (bodyId === undefined || bodySecret === undefined) throw fail("client authentication required");
+      id = bodyId;
+      secret = bodySecret;
+    }
+    const client = clients.get(id);
+    if (!client || !safeEqual(client.secret, secret)) throw fail("client authentication failed");
+    return client;
+  }
+
+  // ---------- /authorize ----------
+  function handleAuthorize(req: IncomingMessage, res: ServerResponse, url: URL) {
+    if (req.method !== "GET") methodNotAllowed("GET");
+    let params: Map<string, string>;
+    try {
+      params = uniqueParams(url.searchParams);
+    } catch (e) {
+      return sendHtml(res, 400, "Invalid request", `<p>${escapeHtml((e as Error).message)}</p>`);
+    }
+    const clientId = params.get("client_id");
+    const client = clientId === undefined ? undefined : clients.get(clientId);
+    if (!client) return sendHtml(res, 400, "Invalid request", "<p>unknown or missing client_id</p>");
+    const redirectUri = params.get("redirect_uri");
+    if (redirectUri === undefined || !client.redirectUris.includes(redirectUri)) {
+      return sendHtml(res, 400, "Invalid request", "<p>redirect_uri missing or not registered for this client</p>");
+    }
+    const state = params.get("state") ?? null;
+    const back = (error: string, description: string) =>
+      redirect(res, redirectUri, { error, error_description: description, state });
+    if (params.get("response_type") !== "code") {
+      return back("unsupported_response_type", "response_type must be code");
+    }
+    const challenge = params.get("code_challenge");
+    if (challenge === undefined) return back("invalid_request", "code_challenge is required (PKCE)");
+    if (params.get("code_challenge_method") !== "S256") {
+      return back("invalid_request", "code_challenge_method must be S256");
+    }
+    if (!S256_CHALLENGE_RE.test(challenge)) return back("invalid_request", "malformed code_challenge");
+    const b = effectiveBehavior(client);
+    if (b.authorizeError) return back(b.authorizeError, "simulated by the test authorization server");
+    const consent: PendingConsent = {
+      clientId: client.id,
+      redirectUri,
+      state,
+      codeChallenge: challenge,
+      scope: (params.get("scope") ?? "").split(" ").filter(Boolean).join(" "),
+      accessType: params.get("access_type") ?? null,
+      prompt: params.get("prompt") ?? null,
+    };
+    if (autoApprove) return approve(res, consent);
+    const requestId = randomToken("req_");
+    pending.set(requestId, consent);
+    sendHtml(
+      res,
+      200,
+      "Authorize access",
+      `<p>Client <b>${escapeHtml(client.id)}</b> requests scope <code>${escapeHtml(consent.scope || "(none)")}</code>.</p>` +
+        `<form method="post" action="/authorize/decision"><input type="hidden" name="request_id" value="${requestId}">` +
+        `<button name="decision" value="approve">Approve</button> <button name="decision" value="deny">Deny</button></form>`,
+    );
+  }
+
+  function approve(res: ServerResponse, c: PendingConsent) {
+    const grantId = randomToken("g_");
+    grants.set(grantId, {
+      clientId: c.clientId,
+      scope: c.scope,
+      accessType: c.accessType,
+      prompt: c.prompt,
+      accessTokens: new Set(),
+      refreshTokens: new Set(),
+    });
+    const code = randomToken("code_");
+    codes.set(code, {
+      clientId: c.clientId,
+      redirectUri: c.redirectUri,
+      codeChallenge: c.codeChallenge,
+      scope: c.scope,
+      expiresAt: now() + CODE_TTL_MS,
+      used: false,
+      grantId,
+    });
+    redirect(res, c.redirectUri, { code, state: c.state });
+  }
+
+  async function handleDecision(req: IncomingMessage, res: ServerResponse) {
+    if (req.method !== "POST") methodNotAllowed("POST");
+    const form = await readForm(req);
+    const id = form.get("request_id") ?? "";
+    const c = pending.get(id);
+    if (!c) return sendHtml(res, 400, "Invalid request", "<p>unknown or already decided request</p>");
+    pending.delete(id);
+    if (form.get("decision") === "approve") return approve(res, c);
+    redirect(res, c.redirectUri, {
+      error: "access_denied",
+      error_description: "the user denied access",
+      state: c.state,
+    });
+  }
+
+  // ---------- /token ----------
+  async function handleToken(req: IncomingMessage, res: ServerResponse) {
+    if (req.method !== "POST") methodNotAllowed("POST");
+    const noStore = { "cache-control": "no-store", pragma: "no-cache" };
+    let client: Client | undefined;
+    let counted = false;
+    try {
+      const form = await readForm(req);
+      const claimed = identifyClient(req, form).claimedId;
+      client = claimed === null ? undefined : clients.get(claimed);
+      count(client, "tokenRequests");
+      counted = true;
+      // Fault injection: hang, then delay, then failNext.
+      while (effectiveBehavior(client).hang) {
+        if (!(await wait(res, null))) return;
+        if (client && clients.get(client.id) !== client) client = clients.get(client.id);
+      }
+      const delay = effectiveBehavior(client).tokenDelayMs;
+      if (delay > 0 && !(await wait(res, delay))) return;
+      const fail = takeFailNext(client);
+      if (fail) {
+        const error =
+          fail.error ??
+          (fail.status === 429 || fail.status === 503
+            ? "temporarily_unavailable"
+            : fail.status >= 500
+              ? "server_error"
+              : "invalid_request");
+        const headers: Record<string, string> = {};
+        if (fail.status === 429) headers["retry-after"] = "1";
+        if (fail.status === 401) headers["www-authenticate"] = 'Basic realm="oauth-server"';
+        throw oauthError(fail.status, error, "simulated failure (failNext)", headers);
+      }
+      const authed = authenticate(req, form);
+      client = authed;
+      const b = effectiveBehavior(authed);
+      const grantType = form.get("grant_type");
+      let body: Record<string, unknown>;
+      if (grantType === "authorization_code") body = codeGrant(authed, form, b);
+      else if (grantType === "refresh_token") body = refreshGrant(authed, form, b);
+      else if (grantType === undefined) throw oauthError(400, "invalid_request", "grant_type is required");
+      else throw oauthError(400, "unsupported_grant_type", `grant_type ${grantType} is not supported`);
+      send(res, 200, body, noStore);
+    } catch (e) {
+      if (!(e instanceof HttpError)) throw e;
+      if (!counted) count(client, "tokenRequests");
+      count(client, "failedRequests");
+      send(res, e.status, e.body, { ...noStore, ...e.headers });
+    }
+  }
+
+  function codeGrant(client: Client, form: Map<string, string>, b: Behavior) {
+    const code = form.get("code");
+    if (code === undefined) throw oauthError(400, "invalid_request", "code is required");
+    const redirectUri = form.get("redirect_uri");
+    if (redirectUri === undefined) throw oauthError(400, "invalid_request", "redirect_uri is required");
+    const record = codes.get(code);
+    if (!record || record.clientId !== client.id) {
+      throw oauthError(400, "invalid_grant", "unknown authorization code");
+    }
+    if (record.used) {
+      // RFC 6749 §4.1.2: a replayed code revokes the tokens previously issued from it.
+      revokeGrant(record.grantId);
+      throw oauthError(400, "invalid_grant", "authorization code already used");
+    }
+    record.used = true; // single use, whatever the outcome
+    if (record.expiresAt <= now()) throw oauthError(400, "invalid_grant", "authorization code expired");
+    if (record.redirectUri !== redirectUri) {
+      throw oauthError(400, "invalid_grant", "redirect_uri does not match the authorization request");
+    }
+    const verifier = form.get("code_verifier");
+    if (verifier === undefined) throw oauthError(400, "invalid_request", "code_verifier is required");
+    if (!PKCE_RE.test(verifier) || !safeEqual(s256(verifier), record.codeChallenge)) {
+      throw oauthError(400, "invalid_grant", "PKCE verification failed");
+    }
+    const body = issueTokens(client, record.grantId, record.scope, b.issueRefreshToken, b);
+    count(client, "authorizationCodeGrants");
+    return body;
+  }
+
+  function refreshGrant(client: Client, form: Map<string, string>, b: Behavior) {
+    const token = form.get("refresh_token");
+    if (token === undefined) throw oauthError(400, "invalid_request", "refresh_token is required");
+    const rt = refreshTokens.get(token);
+    if (!rt || rt.clientId !== client.id) throw oauthError(400, "invalid_grant", "refresh token is invalid or revoked");
+    let scope = rt.scope;
+    const requested = form.get("scope");
+    if (requested !== undefined) {
+      const granted = new Set(rt.scope.split(" ").filter(Boolean));
+      const wanted = requested.split(" ").filter(Boolean);
+      if (wanted.some((s) => !granted.has(s))) {
+        throw oauthError(400, "invalid_scope", "requested scope exceeds the scope originally granted");
+      }
+      scope = [...new Set(wanted)].join(" ");
+    }
+    if (b.rotateRefreshTokens) deleteRefreshToken(token);
+    const body = issueTokens(client, rt.grantId, scope, b.rotateRefreshTokens, b);
+    count(client, "refreshGrants");
+    return body;
+  }
+
+  // ---------- /revoke and /introspect ----------
+  async function handleRevoke(req: IncomingMessage, res: ServerResponse) {
+    if (req.method !== "POST") methodNotAllowed("POST");
+    const form = await readForm(req);
+    const client = authenticate(req, form);
+    const token = form.get("token");
+    if (token === undefined) throw oauthError(400, "invalid_request", "token is required");
+    const hint = form.get("token_type_hint");
+    if (hint !== undefined && hint !== "access_token" && hint !== "refresh_token") {
+      throw oauthError(400, "unsupported_token_type", `token_type_hint ${hint} is not supported`);
+    }
+    const rt = refreshTokens.get(token);
+    const at = accessTokens.get(token);
+    // RFC 7009 §2.1: revoking a refresh token also invalidates the access tokens of the same grant.
+    if (rt && rt.clientId === client.id) revokeGrant(rt.grantId);
+    else if (at && at.clientId === client.id) deleteAccessToken(token);
+    count(client, "revocations");
+    res.writeHead(200, { "cache-control": "no-store", "content-length": 0 });
+    res.end();
+  }
+
+  async function handleIntrospect(req: IncomingMessage, res: ServerResponse) {
+    if (req.method !== "POST") methodNotAllowed("POST");
+    const form = await readForm(req);
+    authenticate(req, form);
+    const token = form.get("token");
+    if (token === undefined) throw oauthError(400, "invalid_request", "token is required");
+    const noStore = { "cache-control": "no-store" };
+    const at = accessTokens.get(token);
+    if (at && at.expiresAt > now()) {
+      return send(
+        res,
+        200,
+        {
+          active: true,
+          client_id: at.clientId,
+          scope: at.scope,
+          exp: Math.floor(at.expiresAt / 1000),
+          iat: Math.floor(at.issuedAt / 1000),
+          token_type: "Bearer",
+        },
+        noStore,
+      );
+    }
+    const rt = refreshTokens.get(token);
+    if (rt) {
+      return send(
+        res,
+        200,
+        {
+          active: true,
+          client_id: rt.clientId,
+          scope: rt.scope,
+          iat: Math.floor(rt.issuedAt / 1000),
+          token_type: "refresh_token",
+        },
+        noStore,
+      );
+    }
+    send(res, 200, { active: false }, noStore);
+  }
+
+  // ---------- /admin ----------
+  async function handleAdmin(req: IncomingMessage, res: ServerResponse, path: string) {
+    const parts = path.split("/").slice(2).map(decodeURIComponent); // after "/admin"
+    const method = req.method ?? "GET";
+    const needClient = (id: string) => {
+      const c = clients.get(id);
+      if (!c) throw new HttpError(404, { error: "not_found", error_description: `unknown client ${id}` });
+      return c;
+    };
+    const route = parts.join("/");
+    if (route === "clients") {
+      if (method !== "POST") methodNotAllowed("POST");
+      const body = (await readJson(req)) as Record<string, unknown> | null;
+      const id = body?.client_id;
+      const secret = body?.client_secret;
+      const uris = body?.redirect_uris;
+      if (typeof id !== "string" || id === "" || typeof secret !== "string" || secret === "") {
+        throw oauthError(400, "invalid_request", "client_id and client_secret must be non-empty strings");
+      }
+      if (!Array.isArray(uris) || uris.length === 0 || !uris.every(validRedirectUri)) {
+        throw oauthError(
+          400,
+          "invalid_request",
+          "redirect_uris must be a non-empty array of absolute URLs without fragment",
+        );
+      }
+      const existing = clients.get(id);
+      const client: Client = {
+        id,
+        secret,
+        redirectUris: [...uris],
+        behavior: {},
+        stats: existing?.stats ?? zeroCounters(),
+      };
+      clients.set(id, client);
+      if (existing) behaviorChanged();
+      return send(res, 201, { client_id: id, redirect_uris: client.redirectUris, replaced: existing !== undefined });
+    }
+    if (parts[0] === "clients" && parts.length === 3 && parts[2] === "behavior") {
+      const client = needClient(parts[1] ?? "");
+      if (method === "GET") return send(res, 200, effectiveBehavior(client));
+      if (method === "DELETE") {
+        client.behavior = {};
+        behaviorChanged();
+        return send(res, 200, effectiveBehavior(client));
+      }
+      if (method !== "PUT") methodNotAllowed("GET, PUT, DELETE");
+      client.behavior = { ...client.behavior, ...parseBehavior(await readJson(req)) };
+      behaviorChanged();
+      return send(res, 200, effectiveBehavior(client));
+    }
+    if (route === "behavior") {
+      if (method === "GET") return send(res, 200, effectiveBehavior(undefined));
+      if (method !== "PUT") methodNotAllowed("GET, PUT");
+      defaultBehavior = { ...defaultBehavior, ...parseBehavior(await readJson(req)) };
+      behaviorChanged();
+      return send(res, 200, effectiveBehavior(undefined));
+    }
+    if (parts[0] === "clients" && parts.length === 3 && parts[2] === "stats") {
+      if (method !== "GET") methodNotAllowed("GET");
+      const client = needClient(parts[1] ?? "");
+      return send(res, 200, statsFor(client.id, client.stats));
+    }
+    if (route === "stats") {
+      if (method !== "GET") methodNotAllowed("GET");
+      return send(res, 200, statsFor(null, totals));
+    }
+    if (route === "reset") {
+      if (method !== "POST") methodNotAllowed("POST");
+      await readBody(req);
+      clients.clear();
+      defaultBehavior = {};
+      codes = new Map();
+      grants = new Map();
+      accessTokens = new Map();
+      refreshTokens = new Map();
+      pending = new Map();
+      totals = zeroCounters();
+      behaviorChanged();
+      return send(res, 200, { reset: true });
+    }
+    if (parts[0] === "refresh-tokens" && parts.length === 3 && parts[2] === "revoke-all") {
+      if (method !== "POST") methodNotAllowed("POST");
+      await readBody(req);
+      const client = needClient(parts[1] ?? "");
+      let revoked = 0;
+      for (const [id, g] of grants) {
+        if (g.clientId !== client.id) continue;
+        revoked += g.refreshTokens.size;
+        revokeGrant(id);
+      }
+      return send(res, 200, { revoked });
+    }
+    throw new HttpError(404, { error: "not_found", error_description: `no such path ${path}` });
+  }
+
+  function validRedirectUri(u: unknown): boolean {
+    if (typeof u !== "string") return false;
+    try {
+      const parsed = new URL(u);
+      return parsed.hash === "" && !u.includes("#");
+    } catch {
+      return false;
+    }
+  }
+
+  // ---------- dispatch ----------
+  async function handle(req: IncomingMessage, res: ServerResponse) {
+    const url = new URL(req.url ?? "/", "http://localhost");
+    const path = url.pathname;
+    try {
+      if (path === "/authorize") return handleAuthorize(req, res, url);
+      if (path === "/authorize/decision") return await handleDecision(req, res);
+      if (path === "/token") return await handleToken(req, res);
+      if (path === "/revoke") return await handleRevoke(req, res);
+      if (path === "/introspect") return await handleIntrospect(req, res);
+      if (path === "/.well-known/oauth-authorization-server") {
+        if (req.method !== "GET") methodNotAllowed("GET");
+        return send(res, 200, metadata);
+      }
+      if (path === "/admin" || path.startsWith("/admin/")) return await handleAdmin(req, res, path);
+      throw new HttpError(404, { error: "not_found", error_description: `no such path ${path}` });
+    } catch (e) {
+      if (e instanceof HttpError) {
+        const headers = { ...e.headers };
+        if (e.status === 401 || path === "/revoke" || path === "/introspect") headers["cache-control"] = "no-store";
+        return send(res, e.status, e.body, headers);
+      }
+      send(res, 500, { error: "server_error", error_description: String(e) });
+    }
+  }
+
+  const server = createServer((req, res) => {
+    handle(req, res).catch(() => {
+      if (!res.headersSent) res.destroy();
+    });
+  });
+  await new Promise<void>((resolve, reject) => {
+    server.once("error", reject);
+    server.listen(opts.port ?? 0, host, () => {
+      server.off("error", reject);
+      resolve();
+    });
+  });
+  const { port } = server.address() as AddressInfo;
+  const url = `http://${host.includes(":") ? `[${host}]` : host}:${port}`;
+  const metadata = {
+    issuer: url,
+    authorization_endpoint: `${url}/authorize`,
+    token_endpoint: `${url}/token`,
+    revocation_endpoint: `${url}/revoke`,
+    introspection_endpoint: `${url}/introspect`,
+    response_types_supported: ["code"],
+    grant_types_supported: ["authorization_code", "refresh_token"],
+    code_challenge_methods_supported: ["S256"],
+    token_endpoint_auth_methods_supported: ["client_secret_basic", "client_secret_post"],
+    revocation_endpoint_auth_methods_supported: ["client_secret_basic", "client_secret_post"],
+    introspection_endpoint_auth_methods_supported: ["client_secret_basic", "client_secret_post"],
+  };
+
+  let closing: Promise<void> | null = null;
+  return {
+    url,
+    authorizationEndpoint: metadata.authorization_endpoint,
+    tokenEndpoint: metadata.token_endpoint,
+    revocationEndpoint: metadata.revocation_endpoint,
+    close() {
+      closing ??= new Promise<void>((resolve) => {
+        closed = true;
+        for (const w of [...waiters]) w.resolve(false);
+        server.close(() => resolve());
+        server.closeAllConnections();
+      });
+      return closing;
+    },
+  };
+}

@@ -1,0 +1,682 @@
+import * as oauth from "oauth4webapi";
+import { afterAll, beforeAll, beforeEach, describe, expect, it } from "vitest";
+import { type OAuthServer, startOAuthServer } from "../../dev/oauth-server/server.ts";
+
+const REDIRECT = "http://127.0.0.1:8787/callback";
+const insecure = { [oauth.allowInsecureRequests]: true } as const;
+
+let srv: OAuthServer;
+let as: oauth.AuthorizationServer;
+
+beforeAll(async () => {
+  srv = await startOAuthServer();
+  as = {
+    issuer: srv.url,
+    authorization_endpoint: srv.authorizationEndpoint,
+    token_endpoint: srv.tokenEndpoint,
+    revocation_endpoint: srv.revocationEndpoint,
+  };
+});
+afterAll(() => srv.close());
+
+beforeEach(async () => {
+  await admin("POST", "/admin/reset");
+  await register("app", "s3cret");
+  await register("other", "other-secret");
+});
+
+async function admin(method: string, path: string, body?: unknown) {
+  const res = await fetch(srv.url + path, {
+    method,
+    headers: body === undefined ? {} : { "content-type": "application/json" },
+    body: body === undefined ? undefined : JSON.stringify(body),
+  });
+  return { status: res.status, json: res.status === 200 || res.status === 201 ? await res.json() : await res.text() };
+}
+const register = (client_id: string, client_secret: string, redirect_uris = [REDIRECT]) =>
+  admin("POST", "/admin/clients", { client_id, client_secret, redirect_uris });
+const behave = (clientId: string, b: Record<string, unknown>) => admin("PUT", `/admin/clients/${clientId}/behavior`, b);
+const stats = async (clientId?: string) =>
+  (await admin("GET", clientId ? `/admin/clients/${clientId}/stats` : "/admin/stats")).json as Record<string, number>;
+
+const clientOf = (id: string): oauth.Client => ({ client_id: id });
+const basic = (secret: string) => oauth.ClientSecretBasic(secret);
+
+interface AuthorizeOptions {
+  clientId?: string;
+  redirectUri?: string;
+  scope?: string;
+  verifier?: string;
+  extra?: Record<string, string>;
+  omit?: string[];
+}
+
+/** Runs GET /authorize and returns the raw response (redirects are not followed). */
+async function authorizeRaw(o: AuthorizeOptions = {}) {
+  const verifier = o.verifier ?? oauth.generateRandomCodeVerifier();
+  const state = oauth.generateRandomState();
+  const params: Record<string, string> = {
+    response_type: "code",
+    client_id: o.clientId ?? "app",
+    redirect_uri: o.redirectUri ?? REDIRECT,
+    scope: o.scope ?? "openid email",
+    state,
+    code_challenge: await oauth.calculatePKCECodeChallenge(verifier),
+    code_challenge_method: "S256",
+    access_type: "offline",
+    prompt: "consent",
+    ...o.extra,
+  };
+  for (const k of o.omit ?? []) delete params[k];
+  const res = await fetch(`${srv.authorizationEndpoint}?${new URLSearchParams(params)}`, { redirect: "manual" });
+  return { res, state, verifier };
+}
+
+/** Authorization request + callback validation: returns the callback parameters, state and verifier. */
+async function authorize(o: AuthorizeOptions = {}) {
+  const { res, state, verifier } = await authorizeRaw(o);
+  expect(res.status).toBe(302);
+  const location = new URL(res.headers.get("location") ?? "");
+  expect(location.origin + location.pathname).toBe(o.redirectUri ?? REDIRECT);
+  const params = oauth.validateAuthResponse(as, clientOf(o.clientId ?? "app"), location, state);
+  return { params, state, verifier };
+}
+
+async function codeFlow(clientId = "app", secret = "s3cret", scope = "openid email") {
+  const { params, verifier } = await authorize({ clientId, scope });
+  const res = await oauth.authorizationCodeGrantRequest(
+    as,
+    clientOf(clientId),
+    basic(secret),
+    params,
+    REDIRECT,
+    verifier,
+    insecure,
+  );
+  return oauth.processAuthorizationCodeResponse(as, clientOf(clientId), res);
+}
+
+async function refresh(refreshToken: string, clientId = "app", secret = "s3cret", auth = basic(secret)) {
+  const res = await oauth.refreshTokenGrantRequest(as, clientOf(clientId), auth, refreshToken, insecure);
+  return oauth.processRefreshTokenResponse(as, clientOf(clientId), res);
+}
+
+async function rawRefresh(refreshToken: string, clientId = "app", secret = "s3cret") {
+  return oauth.refreshTokenGrantRequest(as, clientOf(clientId), basic(secret), refreshToken, insecure);
+}
+
+async function introspect(token: string) {
+  const res = await fetch(`${srv.url}/introspect`, {
+    method: "POST",
+    headers: { "content-type": "application/x-www-form-urlencoded" },
+    body: new URLSearchParams({ token, client_id: "app", client_secret: "s3cret" }),
+  });
+  expect(res.status).toBe(200);
+  return (await res.json()) as {
+    active: boolean;
+    client_id?: string;
+    scope?: string;
+    exp?: number;
+    token_type?: string;
+  };
+}
+
+async function expectOAuthError(p: Promise<unknown>, error: string, status?: number) {
+  const e = await p.then(
+    () => null,
+    (err: unknown) => err,
+  );
+  expect(e).toBeInstanceOf(oauth.ResponseBodyError);
+  const rbe = e as oauth.ResponseBodyError;
+  expect(rbe.error).toBe(error);
+  if (status !== undefined) expect(rbe.status).toBe(status);
+}
+
+async function postForm(path: string, form: Record<string, string>, headers: Record<string, string> = {}) {
+  return fetch(srv.url + path, {
+    method: "POST",
+    headers: { "content-type": "application/x-www-form-urlencoded", ...headers },
+    body: new URLSearchParams(form),
+  });
+}
+
+describe("authorization code flow with PKCE", () => {
+  it("issues tokens via client_secret_basic, valid at introspection", async () => {
+    const tokens = await codeFlow();
+    expect(tokens.access_token).toMatch(/^at_/);
+    expect(tokens.refresh_token).toMatch(/^rt_/);
+    expect(tokens.token_type).toBe("bearer"); // oauth4webapi lower-cases it
+    expect(tokens.expires_in).toBe(3600);
+    expect(tokens.scope).toBe("openid email");
+    const info = await introspect(tokens.access_token);
+    expect(info).toMatchObject({ active: true, client_id: "app", scope: "openid email", token_type: "Bearer" });
+    expect(info.exp).toBeGreaterThan(Date.now() / 1000 + 3500);
+  });
+
+  it("supports client_secret_post and sends no-store", async () => {
+    const { params, verifier } = await authorize();
+    const res = await oauth.authorizationCodeGrantRequest(
+      as,
+      clientOf("app"),
+      oauth.ClientSecretPost("s3cret"),
+      params,
+      REDIRECT,
+      verifier,
+      insecure,
+    );
+    expect(res.headers.get("cache-control")).toBe("no-store");
+    const tokens = await oauth.processAuthorizationCodeResponse(as, clientOf("app"), res);
+    expect(tokens.access_token).toMatch(/^at_/);
+  });
+
+  it("handles client ids/secrets that need form-urlencoding in Basic auth", async () => {
+    await register("weird id:é", "p@ss:w%rd+");
+    const tokens = await codeFlow("weird id:é", "p@ss:w%rd+");
+    expect(tokens.access_token).toBeTruthy();
+  });
+
+  it("passes state back verbatim and keeps the redirect_uri's own query", async () => {
+    const withQuery = "http://127.0.0.1:8787/cb?tenant=a%20b";
+    await register("q", "x", [withQuery]);
+    const { res } = await authorizeRaw({
+      clientId: "q",
+      redirectUri: withQuery,
+      extra: { state: "a b&c=d/é", foo: "ignored" },
+    });
+    expect(res.status).toBe(302);
+    const loc = new URL(res.headers.get("location") ?? "");
+    expect(loc.searchParams.get("state")).toBe("a b&c=d/é");
+    expect(loc.searchParams.get("tenant")).toBe("a b");
+    expect(loc.searchParams.get("code")).toMatch(/^code_/);
+  });
+
+  it("rejects a wrong client secret with 401 invalid_client and WWW-Authenticate", async () => {
+    const { params, verifier } = await authorize();
+    const res = await oauth.authorizationCodeGrantRequest(
+      as,
+      clientOf("app"),
+      basic("wrong"),
+      params,
+      REDIRECT,
+      verifier,
+      insecure,
+    );
+    expect(res.status).toBe(401);
+    expect(res.headers.get("www-authenticate")).toMatch(/^Basic/);
+    // oauth4webapi surfaces a 401 carrying WWW-Authenticate as a challenge error, not a body error.
+    const err = await oauth.processAuthorizationCodeResponse(as, clientOf("app"), res).catch((e: unknown) => e);
+    expect(err).toBeInstanceOf(oauth.WWWAuthenticateChallengeError);
+    expect((err as oauth.WWWAuthenticateChallengeError).cause[0]?.scheme).toBe("basic");
+    expect(await (err as oauth.WWWAuthenticateChallengeError).response.json()).toMatchObject({
+      error: "invalid_client",
+    });
+    // client_secret_post: still 401 invalid_client
+    const r2 = await postForm("/token", {
+      grant_type: "refresh_token",
+      refresh_token: "x",
+      client_id: "app",
+      client_secret: "no",
+    });
+    expect(r2.status).toBe(401);
+    expect(await r2.json()).toMatchObject({ error: "invalid_client" });
+    const r3 = await postForm("/token", { grant_type: "refresh_token", refresh_token: "x" });
+    expect(r3.status).toBe(401);
+  });
+
+  it("never redirects to an unregistered redirect_uri or for an unknown client", async () => {
+    const bad = await authorizeRaw({ redirectUri: "http://evil.example/callback" });
+    expect(bad.res.status).toBe(400);
+    expect(bad.res.headers.get("location")).toBeNull();
+    expect(bad.res.headers.get("content-type")).toMatch(/text\/html/);
+    const prefix = await authorizeRaw({ redirectUri: `${REDIRECT}/extra` });
+    expect(prefix.res.status).toBe(400);
+    const unknown = await authorizeRaw({ clientId: "nobody" });
+    expect(unknown.res.status).toBe(400);
+    expect(unknown.res.headers.get("location")).toBeNull();
+  });
+
+  it("redirects back with errors for missing PKCE or wrong response_type", async () => {
+    const cases: Array<[AuthorizeOptions, string]> = [
+      [{ omit: ["code_challenge"] }, "invalid_request"],
+      [{ extra: { code_challenge_method: "plain" } }, "invalid_request"],
+      [{ extra: { response_type: "token" } }, "unsupported_response_type"],
+    ];
+    for (const [o, error] of cases) {
+      const { res, state } = await authorizeRaw(o);
+      expect(res.status).toBe(302);
+      const loc = new URL(res.headers.get("location") ?? "");
+      expect(loc.searchParams.get("error")).toBe(error);
+      expect(loc.searchParams.get("state")).toBe(state);
+      expect(() => oauth.validateAuthResponse(as, clientOf("app"), loc, state)).toThrow(
+        oauth.AuthorizationResponseError,
+      );
+    }
+  });
+
+  it("rejects a token request whose redirect_uri differs from the authorization request", async () => {
+    await register("two", "x", [REDIRECT, "http://127.0.0.1:8787/other"]);
+    const { params, verifier } = await authorize({ clientId: "two" });
+    const res = await oauth.authorizationCodeGrantRequest(
+      as,
+      clientOf("two"),
+      basic("x"),
+      params,
+      "http://127.0.0.1:8787/other",
+      verifier,
+      insecure,
+    );
+    await expectOAuthError(oauth.processAuthorizationCodeResponse(as, clientOf("two"), res), "invalid_grant", 400);
+  });
+
+  it("rejects a bad PKCE verifier", async () => {
+    const { params } = await authorize();
+    const res = await oauth.authorizationCodeGrantRequest(
+      as,
+      clientOf("app"),
+      basic("s3cret"),
+      params,
+      REDIRECT,
+      oauth.generateRandomCodeVerifier(),
+      insecure,
+    );
+    await expectOAuthError(oauth.processAuthorizationCodeResponse(as, clientOf("app"), res), "invalid_grant", 400);
+  });
+
+  it("rejects a code presented by another client", async () => {
+    const { params, verifier } = await authorize();
+    const res = await oauth.authorizationCodeGrantRequest(
+      as,
+      clientOf("other"),
+      basic("other-secret"),
+      params,
+      REDIRECT,
+      verifier,
+      insecure,
+    );
+    await expectOAuthError(oauth.processAuthorizationCodeResponse(as, clientOf("other"), res), "invalid_grant");
+  });
+
+  it("treats a replayed code as an attack: invalid_grant and tokens from it revoked", async () => {
+    const { params, verifier } = await authorize();
+    const grant = () =>
+      oauth.authorizationCodeGrantRequest(as, clientOf("app"), basic("s3cret"), params, REDIRECT, verifier, insecure);
+    const tokens = await oauth.processAuthorizationCodeResponse(as, clientOf("app"), await grant());
+    const refreshed = await refresh(tokens.refresh_token ?? "");
+    expect((await introspect(tokens.access_token)).active).toBe(true);
+    await expectOAuthError(oauth.processAuthorizationCodeResponse(as, clientOf("app"), await grant()), "invalid_grant");
+    expect((await introspect(tokens.access_token)).active).toBe(false);
+    expect((await introspect(refreshed.access_token)).active).toBe(false);
+    await expectOAuthError(refresh(tokens.refresh_token ?? ""), "invalid_grant");
+  });
+
+  it("rejects unsupported grant types, missing parameters, wrong content-type, duplicates and bad methods", async () => {
+    const auth = { client_id: "app", client_secret: "s3cret" };
+    const r1 = await postForm("/token", { ...auth, grant_type: "password" });
+    expect(r1.status).toBe(400);
+    expect(await r1.json()).toMatchObject({ error: "unsupported_grant_type" });
+    const r2 = await postForm("/token", { ...auth, grant_type: "authorization_code", redirect_uri: REDIRECT });
+    expect(await r2.json()).toMatchObject({ error: "invalid_request" });
+    const r3 = await fetch(srv.tokenEndpoint, {
+      method: "POST",
+      headers: { "content-type": "application/json" },
+      body: JSON.stringify({ ...auth, grant_type: "refresh_token" }),
+    });
+    expect(r3.status).toBe(400);
+    expect(await r3.json()).toMatchObject({ error: "invalid_request" });
+    const r4 = await fetch(srv.tokenEndpoint, {
+      method: "POST",
+      headers: { "content-type": "application/x-www-form-urlencoded" },
+      body: "grant_type=refresh_token&grant_type=refresh_token&client_id=app&client_secret=s3cret&refresh_token=x",
+    });
+    expect(await r4.json()).toMatchObject({ error: "invalid_request" });
+    const r5 = await fetch(srv.tokenEndpoint);
+    expect(r5.status).toBe(405);
+    expect(r5.headers.get("allow")).toBe("POST");
+    const r6 = await fetch(`${srv.url}/nope`);
+    expect(r6.status).toBe(404);
+    expect(await r6.json()).toMatchObject({ error: "not_found" });
+  });
+
+  it("serves RFC 8414 metadata usable by oauth4webapi discovery", async () => {
+    const res = await oauth.discoveryRequest(new URL(srv.url), { algorithm: "oauth2", ...insecure });
+    const meta = await oauth.processDiscoveryResponse(new URL(srv.url), res);
+    expect(meta.token_endpoint).toBe(srv.tokenEndpoint);
+    expect(meta.code_challenge_methods_supported).toEqual(["S256"]);
+  });
+});
+
+describe("refresh tokens", () => {
+  it("without rotation (default, like Google): no new refresh_token, old one keeps working", async () => {
+    const tokens = await codeFlow();
+    const rt = tokens.refresh_token ?? "";
+    const r1 = await refresh(rt);
+    expect(r1.refresh_token).toBeUndefined();
+    expect(r1.access_token).not.toBe(tokens.access_token);
+    const r2 = await refresh(rt, "app", "s3cret", oauth.ClientSecretPost("s3cret"));
+    expect(r2.access_token).toMatch(/^at_/);
+    expect((await introspect(r1.access_token)).active).toBe(true);
+  });
+
+  it("with rotation: new refresh_token each time, old one rejected", async () => {
+    await behave("app", { rotateRefreshTokens: true });
+    const tokens = await codeFlow();
+    const r1 = await refresh(tokens.refresh_token ?? "");
+    expect(r1.refresh_token).toMatch(/^rt_/);
+    expect(r1.refresh_token).not.toBe(tokens.refresh_token);
+    await expectOAuthError(refresh(tokens.refresh_token ?? ""), "invalid_grant", 400);
+    const r2 = await refresh(r1.refresh_token ?? "");
+    expect(r2.refresh_token).toBeTruthy();
+  });
+
+  it("narrows scope on request and refuses widening", async () => {
+    const tokens = await codeFlow("app", "s3cret", "openid email profile");
+    const res = await postForm("/token", {
+      grant_type: "refresh_token",
+      refresh_token: tokens.refresh_token ?? "",
+      scope: "email",
+      client_id: "app",
+      client_secret: "s3cret",
+    });
+    expect(await res.json()).toMatchObject({ scope: "email" });
+    const wider = await postForm("/token", {
+      grant_type: "refresh_token",
+      refresh_token: tokens.refresh_token ?? "",
+      scope: "email admin",
+      client_id: "app",
+      client_secret: "s3cret",
+    });
+    expect(wider.status).toBe(400);
+    expect(await wider.json()).toMatchObject({ error: "invalid_scope" });
+  });
+
+  it("rejects a refresh token of another client", async () => {
+    const tokens = await codeFlow();
+    await expectOAuthError(refresh(tokens.refresh_token ?? "", "other", "other-secret"), "invalid_grant");
+  });
+
+  it("honours issueRefreshToken=false and accessTokenTtlSeconds", async () => {
+    await behave("app", { issueRefreshToken: false, accessTokenTtlSeconds: 1 });
+    const tokens = await codeFlow();
+    expect(tokens.refresh_token).toBeUndefined();
+    expect(tokens.expires_in).toBe(1);
+    expect((await introspect(tokens.access_token)).active).toBe(true);
+    await new Promise((r) => setTimeout(r, 1100));
+    expect((await introspect(tokens.access_token)).active).toBe(false);
+  });
+
+  it("revoke-all simulates the user revoking access at the provider", async () => {
+    const a = await codeFlow();
+    const b = await codeFlow();
+    const o = await codeFlow("other", "other-secret");
+    const { json } = await admin("POST", "/admin/refresh-tokens/app/revoke-all");
+    expect(json).toEqual({ revoked: 2 });
+    await expectOAuthError(refresh(a.refresh_token ?? ""), "invalid_grant");
+    await expectOAuthError(refresh(b.refresh_token ?? ""), "invalid_grant");
+    expect((await introspect(a.access_token)).active).toBe(false);
+    expect((await refresh(o.refresh_token ?? "", "other", "other-secret")).access_token).toBeTruthy();
+  });
+});
+
+describe("revocation (RFC 7009)", () => {
+  it("revoking a refresh token cascades to access tokens issued from it", async () => {
+    const tokens = await codeFlow();
+    const r1 = await refresh(tokens.refresh_token ?? "");
+    const res = await oauth.revocationRequest(as, clientOf("app"), basic("s3cret"), tokens.refresh_token ?? "", {
+      ...insecure,
+      additionalParameters: { token_type_hint: "refresh_token" },
+    });
+    await oauth.processRevocationResponse(res);
+    expect((await introspect(tokens.access_token)).active).toBe(false);
+    expect((await introspect(r1.access_token)).active).toBe(false);
+    expect((await introspect(tokens.refresh_token ?? "")).active).toBe(false);
+    await expectOAuthError(refresh(tokens.refresh_token ?? ""), "invalid_grant");
+  });
+
+  it("revoking an access token leaves the refresh token alone; unknown tokens get 200", async () => {
+    const tokens = await codeFlow();
+    await oauth.processRevocationResponse(
+      await oauth.revocationRequest(
+        as,
+        clientOf("app"),
+        oauth.ClientSecretPost("s3cret"),
+        tokens.access_token,
+        insecure,
+      ),
+    );
+    expect((await introspect(tokens.access_token)).active).toBe(false);
+    expect((await introspect(tokens.refresh_token ?? "")).active).toBe(true);
+    const unknown = await oauth.revocationRequest(as, clientOf("app"), basic("s3cret"), "rt_nope", insecure);
+    expect(unknown.status).toBe(200);
+  });
+
+  it("requires client authentication and does not let another client revoke", async () => {
+    const tokens = await codeFlow();
+    const bad = await oauth.revocationRequest(as, clientOf("app"), basic("wrong"), tokens.access_token, insecure);
+    expect(bad.status).toBe(401);
+    const other = await oauth.revocationRequest(
+      as,
+      clientOf("other"),
+      basic("other-secret"),
+      tokens.access_token,
+      insecure,
+    );
+    expect(other.status).toBe(200);
+    expect((await introspect(tokens.access_token)).active).toBe(true);
+  });
+});
+
+describe("fault injection", () => {
+  it.each([
+    [{ status: 500 }, "server_error"],
+    [{ status: 503 }, "temporarily_unavailable"],
+    [{ status: 429 }, "temporarily_unavailable"],
+    [{ status: 400, error: "invalid_grant" }, "invalid_grant"],
+    [{ status: 401, error: "invalid_client" }, "invalid_client"],
+  ])("failNext %j", async (failNext, error) => {
+    const tokens = await codeFlow();
+    await behave("app", { failNext: { ...failNext, count: 2 } });
+    for (let i = 0; i < 2; i++) {
+      const res = await rawRefresh(tokens.refresh_token ?? "");
+      expect(res.status).toBe(failNext.status);
+      expect(res.headers.get("cache-control")).toBe("no-store");
+      if (failNext.status === 429) expect(res.headers.get("retry-after")).toBe("1");
+      expect(await res.json()).toMatchObject({ error });
+    }
+    // count exhausted: back to normal, and the real token still works
+    expect((await refresh(tokens.refresh_token ?? "")).access_token).toBeTruthy();
+    expect((await admin("GET", "/admin/clients/app/behavior")).json).toMatchObject({ failNext: null });
+  });
+
+  it("failNext without count lasts until cleared", async () => {
+    const tokens = await codeFlow();
+    await behave("app", { failNext: { status: 500 } });
+    for (let i = 0; i < 3; i++) expect((await rawRefresh(tokens.refresh_token ?? "")).status).toBe(500);
+    await behave("app", { failNext: null });
+    expect((await rawRefresh(tokens.refresh_token ?? "")).status).toBe(200);
+  });
+
+  it("authorizeError redirects back with the error and state", async () => {
+    await behave("app", { authorizeError: "access_denied" });
+    const { res, state } = await authorizeRaw();
+    const loc = new URL(res.headers.get("location") ?? "");
+    expect(loc.searchParams.get("error")).toBe("access_denied");
+    expect(loc.searchParams.get("state")).toBe(state);
+    expect(loc.searchParams.get("code")).toBeNull();
+  });
+
+  it("tokenDelayMs delays /token answers", async () => {
+    const tokens = await codeFlow();
+    await behave("app", { tokenDelayMs: 300 });
+    const t0 = performance.now();
+    await refresh(tokens.refresh_token ?? "");
+    expect(performance.now() - t0).toBeGreaterThanOrEqual(280);
+  });
+
+  it("hang holds /token until the behaviour changes", async () => {
+    const tokens = await codeFlow();
+    await behave("app", { hang: true });
+    let settled = false;
+    const pending = rawRefresh(tokens.refresh_token ?? "").then((r) => {
+      settled = true;
+      return r;
+    });
+    await new Promise((r) => setTimeout(r, 300));
+    expect(settled).toBe(false);
+    await behave("app", { hang: false });
+    expect((await pending).status).toBe(200);
+  });
+
+  it("hang + close: pending requests are destroyed and close resolves promptly", async () => {
+    const own = await startOAuthServer();
+    await fetch(`${own.url}/admin/behavior`, {
+      method: "PUT",
+      body: JSON.stringify({ hang: true, tokenDelayMs: 60_000 }),
+    });
+    const pending = fetch(own.tokenEndpoint, {
+      method: "POST",
+      headers: { "content-type": "application/x-www-form-urlencoded" },
+      body: "grant_type=refresh_token&refresh_token=x&client_id=a&client_secret=b",
+    }).then(
+      () => "answered",
+      () => "failed",
+    );
+    await new Promise((r) => setTimeout(r, 100));
+    const t0 = performance.now();
+    await own.close();
+    expect(performance.now() - t0).toBeLessThan(1000);
+    expect(await pending).toBe("failed");
+    // a delayed (not hanging) request is also cut off and its timer cleared
+    const own2 = await startOAuthServer();
+    await fetch(`${own2.url}/admin/behavior`, { method: "PUT", body: JSON.stringify({ tokenDelayMs: 60_000 }) });
+    const p2 = fetch(own2.tokenEndpoint, {
+      method: "POST",
+      headers: { "content-type": "application/x-www-form-urlencoded" },
+      body: "grant_type=x",
+    }).then(
+      () => "answered",
+      () => "failed",
+    );
+    await new Promise((r) => setTimeout(r, 100));
+    await own2.close();
+    expect(await p2).toBe("failed");
+  });
+
+  it("behaviour is per client, with a global default that per-client overrides win over", async () => {
+    const a = await codeFlow();
+    const o = await codeFlow("other", "other-secret");
+    await behave("app", { failNext: { status: 500 } });
+    expect((await rawRefresh(o.refresh_token ?? "", "other", "other-secret")).status).toBe(200);
+    expect((await rawRefresh(a.refresh_token ?? "")).status).toBe(500);
+    await admin("PUT", "/admin/behavior", { accessTokenTtlSeconds: 42, failNext: { status: 429, count: 1 } });
+    // "app" has its own failNext override (500) which wins; its TTL comes from the default.
+    expect((await rawRefresh(a.refresh_token ?? "")).status).toBe(500);
+    expect((await rawRefresh(o.refresh_token ?? "", "other", "other-secret")).status).toBe(429);
+    const r = await refresh(o.refresh_token ?? "", "other", "other-secret");
+    expect(r.expires_in).toBe(42);
+    await behave("app", { failNext: null });
+    expect((await refresh(a.refresh_token ?? "")).expires_in).toBe(42);
+    // DELETE clears the overrides
+    await behave("app", { accessTokenTtlSeconds: 7 });
+    expect((await refresh(a.refresh_token ?? "")).expires_in).toBe(7);
+    await admin("DELETE", "/admin/clients/app/behavior");
+    expect((await refresh(a.refresh_token ?? "")).expires_in).toBe(42);
+  });
+
+  it("validates behaviour payloads", async () => {
+    expect((await behave("app", { hang: "yes" })).status).toBe(400);
+    expect((await behave("app", { failNext: { status: 99 } })).status).toBe(400);
+    expect((await behave("app", { bogus: 1 })).status).toBe(400);
+    expect((await behave("nobody", { hang: false })).status).toBe(404);
+  });
+});
+
+describe("stats and admin", () => {
+  it("counts per client and in total", async () => {
+    const tokens = await codeFlow();
+    await refresh(tokens.refresh_token ?? "");
+    await expectOAuthError(refresh("rt_unknown"), "invalid_grant");
+    await oauth.revocationRequest(as, clientOf("app"), basic("s3cret"), tokens.access_token, insecure);
+    await codeFlow("other", "other-secret");
+    expect(await stats("app")).toEqual({
+      tokenRequests: 3,
+      authorizationCodeGrants: 1,
+      refreshGrants: 1,
+      failedRequests: 1,
+      revocations: 1,
+      activeAccessTokens: 1,
+      activeRefreshTokens: 1,
+    });
+    expect(await stats()).toEqual({
+      tokenRequests: 4,
+      authorizationCodeGrants: 2,
+      refreshGrants: 1,
+      failedRequests: 1,
+      revocations: 1,
+      activeAccessTokens: 2,
+      activeRefreshTokens: 2,
+    });
+    expect((await admin("GET", "/admin/clients/nobody/stats")).status).toBe(404);
+  });
+
+  it("reset clears clients, tokens and stats", async () => {
+    const tokens = await codeFlow();
+    await admin("POST", "/admin/reset");
+    expect(await stats()).toMatchObject({ tokenRequests: 0, activeAccessTokens: 0 });
+    await register("app", "s3cret");
+    expect((await introspect(tokens.access_token)).active).toBe(false);
+  });
+
+  it("rejects malformed client registrations", async () => {
+    expect(
+      (await admin("POST", "/admin/clients", { client_id: "x", client_secret: "y", redirect_uris: [] })).status,
+    ).toBe(400);
+    expect(
+      (await admin("POST", "/admin/clients", { client_id: "x", client_secret: "y", redirect_uris: ["/relative"] }))
+        .status,
+    ).toBe(400);
+    expect(
+      (await admin("POST", "/admin/clients", { client_id: "", client_secret: "y", redirect_uris: [REDIRECT] })).status,
+    ).toBe(400);
+  });
+});
+
+describe("manual consent (autoApprove: false)", () => {
+  it("renders a consent page; approve yields a code, deny yields access_denied", async () => {
+    const manual = await startOAuthServer({ autoApprove: false });
+    try {
+      await fetch(`${manual.url}/admin/clients`, {
+        method: "POST",
+        body: JSON.stringify({ client_id: "app", client_secret: "s", redirect_uris: [REDIRECT] }),
+      });
+      const challenge = await oauth.calculatePKCECodeChallenge(oauth.generateRandomCodeVerifier());
+      const q = new URLSearchParams({
+        response_type: "code",
+        client_id: "app",
+        redirect_uri: REDIRECT,
+        state: "st",
+        code_challenge: challenge,
+        code_challenge_method: "S256",
+      });
+      for (const decision of ["approve", "deny"]) {
+        const page = await fetch(`${manual.authorizationEndpoint}?${q}`);
+        expect(page.status).toBe(200);
+        const html = await page.text();
+        expect(html).toContain("Approve");
+        const requestId = /name="request_id" value="([^"]+)"/.exec(html)?.[1] ?? "";
+        const res = await fetch(`${manual.url}/authorize/decision`, {
+          method: "POST",
+          redirect: "manual",
+          headers: { "content-type": "application/x-www-form-urlencoded" },
+          body: new URLSearchParams({ request_id: requestId, decision }),
+        });
+        expect(res.status).toBe(302);
+        const loc = new URL(res.headers.get("location") ?? "");
+        expect(loc.searchParams.get("state")).toBe("st");
+        if (decision === "approve") expect(loc.searchParams.get("code")).toMatch(/^code_/);
+        else expect(loc.searchParams.get("error")).toBe("access_denied");
+      }
+    } finally {
+      await manual.close();
+    }
+  });
+});
