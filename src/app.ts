@@ -7,8 +7,12 @@ import type { AppEnv } from "./context";
 import { createDb } from "./db/client";
 import { parseEnv } from "./env";
 import { AppError, problemResponse, toAppError } from "./errors";
+import { loadKeyring } from "./lib/crypto";
 import { describeError, logError } from "./lib/log";
+import { providerFromConfig } from "./oauth/provider";
+import { registerClientRoutes } from "./routes/clients";
 import { registerHealthRoutes } from "./routes/health";
+import { registerOAuthRoutes } from "./routes/oauth";
 
 export const BASE_PATH = "/token-management";
 const MAX_BODY_BYTES = 64 * 1024;
@@ -21,14 +25,18 @@ export function createApp(): App {
 
   app.use(async (c, next) => {
     c.set("requestId", c.req.header("cf-ray") ?? crypto.randomUUID());
-    c.set("config", parseEnv(c.env));
+    const config = parseEnv(c.env);
+    c.set("config", config);
     c.set(
       "db",
       createDb({
-        databaseUrl: c.var.config.TOKEN_MANAGEMENT_DATABASE_URL,
-        localFetchEndpoint: c.var.config.NEON_LOCAL_FETCH_ENDPOINT,
+        databaseUrl: config.TOKEN_MANAGEMENT_DATABASE_URL,
+        localFetchEndpoint: config.NEON_LOCAL_FETCH_ENDPOINT,
       }),
     );
+    c.set("keyring", await loadKeyring(config.TOKEN_ENCRYPTION_KEY, config.TOKEN_ENCRYPTION_PREVIOUS_KEYS));
+    c.set("provider", providerFromConfig(config));
+    c.set("baseUrl", `${new URL(c.req.url).origin}${BASE_PATH}`);
     await next();
   });
   app.use(
@@ -41,6 +49,8 @@ export function createApp(): App {
   );
 
   registerHealthRoutes(app);
+  registerClientRoutes(app);
+  registerOAuthRoutes(app);
 
   app.doc31("/openapi.json", {
     openapi: "3.1.0",

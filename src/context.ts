@@ -1,6 +1,8 @@
 import type { Context } from "hono";
 import type { Db } from "./db/client";
 import type { Config } from "./env";
+import type { Keyring } from "./lib/crypto";
+import type { Provider } from "./oauth/provider";
 
 export interface AppEnv {
   Bindings: Env;
@@ -8,6 +10,10 @@ export interface AppEnv {
     requestId: string;
     config: Config;
     db: Db;
+    keyring: Keyring;
+    provider: Provider;
+    /** Absolute URL of the API root, for links we hand out. */
+    baseUrl: string;
   };
 }
 

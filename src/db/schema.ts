@@ -1,6 +1,9 @@
 import { sql } from "drizzle-orm";
 import { boolean, index, integer, pgTable, serial, text, timestamp, uniqueIndex } from "drizzle-orm/pg-core";
 
+export const TOKEN_STATUSES = ["active", "needs_reauth", "revoked"] as const;
+export type TokenStatus = (typeof TOKEN_STATUSES)[number];
+
 /** One OAuth client per branch: the credentials this service uses at the provider. */
 export const clients = pgTable("clients", {
   id: serial("id").primaryKey(),
@@ -11,7 +14,11 @@ export const clients = pgTable("clients", {
   branchId: text("branch_id").notNull().unique(),
   workspaceEmail: text("workspace_email").notNull(),
   workspaceName: text("workspace_name").notNull(),
+  /** Space-separated scopes for this client; null means OAUTH_SCOPES. */
+  scopes: text("scopes"),
   isActive: boolean("is_active").notNull().default(true),
+  /** Set when the provider answered `invalid_client`: the stored credentials need fixing. */
+  credentialsRejectedAt: timestamp("credentials_rejected_at", { withTimezone: true }),
   createdAt: timestamp("created_at", { withTimezone: true }).notNull().defaultNow(),
   updatedAt: timestamp("updated_at", { withTimezone: true }).notNull().defaultNow(),
 });
@@ -34,9 +41,23 @@ export const tokens = pgTable(
     isValid: boolean("is_valid").notNull().default(true),
     createdAt: timestamp("created_at", { withTimezone: true }).notNull().defaultNow(),
     lastRefreshedAt: timestamp("last_refreshed_at", { withTimezone: true }),
+    /** `active`, `needs_reauth` (the grant is dead) or `revoked` (by an operator). */
+    status: text("status", { enum: TOKEN_STATUSES }).notNull().default("active"),
+    /** Lifetime the provider granted at the last issue, for the refresh-ahead rule. */
+    lifetimeSeconds: integer("lifetime_seconds"),
+    /** Single-flight refresh: whoever holds an unexpired lease is the one refreshing. */
+    leaseOwner: text("lease_owner"),
+    leaseExpiresAt: timestamp("lease_expires_at", { withTimezone: true }),
+    /** Transient refresh failures (429, 5xx, timeouts) and the backoff they imply. */
+    failureCount: integer("failure_count").notNull().default(0),
+    lastError: text("last_error"),
+    nextAttemptAt: timestamp("next_attempt_at", { withTimezone: true }),
+    /** Nonce of the authorization state that created the row: a state is usable once. */
+    stateNonce: text("state_nonce").unique(),
   },
   (t) => [
     index("tokens_client_id_id_idx").on(t.clientId, t.id),
+    index("tokens_refresh_due_idx").on(t.expiresAt).where(sql`${t.isValid} and ${t.status} = 'active'`),
     uniqueIndex("tokens_one_valid_per_client_idx").on(t.clientId).where(sql`${t.isValid}`),
   ],
 );

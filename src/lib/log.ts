@@ -16,8 +16,17 @@ export function logError(event: string, fields: LogFields = {}): void {
   console.error(JSON.stringify({ level: "error", event, ...fields }));
 }
 
-/** The error's class and message, without stack or cause (which may carry request data). */
+/**
+ * The innermost error's class and message, without stack. drizzle's "Failed query" wrapper is
+ * skipped: its message lists the query parameters, which may include sealed secrets.
+ */
 export function describeError(error: unknown): string {
-  if (error instanceof Error) return `${error.name}: ${error.message}`.slice(0, 500);
-  return String(error).slice(0, 500);
+  let inner = error;
+  for (let depth = 0; depth < 5; depth++) {
+    const cause = (inner as { cause?: unknown } | null)?.cause;
+    if (!(cause instanceof Error)) break;
+    inner = cause;
+  }
+  if (inner instanceof Error) return `${inner.name}: ${inner.message}`.slice(0, 500);
+  return String(inner).slice(0, 500);
 }

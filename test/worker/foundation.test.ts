@@ -1,4 +1,4 @@
-import { createScheduledController, createExecutionContext, waitOnExecutionContext } from "cloudflare:test";
+import { createExecutionContext, createScheduledController, waitOnExecutionContext } from "cloudflare:test";
 import { describe, expect, it, vi } from "vitest";
 import worker from "../../src/index";
 import { TEST_ENCRYPTION_KEY } from "./bindings";

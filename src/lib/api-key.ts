@@ -1,0 +1,37 @@
+import { createMiddleware } from "hono/factory";
+import type { AppEnv } from "../context";
+import { AppError } from "../errors";
+import { matchesAny } from "./crypto";
+
+export type KeyRole = "admin" | "service";
+
+const CHALLENGE = { "WWW-Authenticate": 'Bearer realm="token-management"' };
+
+/**
+ * API keys come as `Authorization: Bearer <key>` (or `X-API-Key`). The admin key opens every
+ * route; the service key opens only service routes (reading tokens).
+ */
+export function requireKey(role: KeyRole) {
+  return createMiddleware<AppEnv>(async (c, next) => {
+    const presented = bearer(c.req.header("authorization")) ?? c.req.header("x-api-key");
+    if (!presented) {
+      throw new AppError("unauthorized", "An API key is required (Authorization: Bearer <key>).", {
+        headers: CHALLENGE,
+      });
+    }
+    const { ADMIN_API_KEY, SERVICE_API_KEY } = c.var.config;
+    if (await matchesAny(presented, ADMIN_API_KEY)) return next();
+    if (await matchesAny(presented, SERVICE_API_KEY)) {
+      if (role === "service") return next();
+      throw new AppError("forbidden", "This route needs the admin API key; the service key cannot use it.");
+    }
+    throw new AppError("unauthorized", "The API key is not valid.", {
+      headers: { "WWW-Authenticate": 'Bearer realm="token-management", error="invalid_token"' },
+    });
+  });
+}
+
+function bearer(header: string | undefined): string | undefined {
+  const match = header ? /^Bearer\s+(\S+)\s*$/i.exec(header) : null;
+  return match?.[1];
+}

@@ -1,0 +1,260 @@
+import * as oauth from "oauth4webapi";
+import type { Config } from "../env";
+
+/**
+ * The provider side of the protocol, through oauth4webapi: each request builder paired with its
+ * response processor, every call bounded by a timeout, every failure classified so callers can
+ * tell a dead grant from an outage.
+ */
+
+export interface Provider {
+  as: oauth.AuthorizationServer;
+  authorizationUrl: string;
+  defaultScopes: string;
+  extraAuthorizationParams: URLSearchParams;
+  authMethod: Config["OAUTH_CLIENT_AUTH_METHOD"];
+  timeoutMs: number;
+  allowInsecureHttp: boolean;
+  fetch: typeof fetch;
+}
+
+export interface ClientCredentials {
+  clientId: string;
+  clientSecret: string;
+}
+
+export interface IssuedTokens {
+  accessToken: string;
+  refreshToken: string | undefined;
+  tokenType: string;
+  scope: string | undefined;
+  /** Seconds; undefined when the provider did not say. */
+  expiresIn: number | undefined;
+}
+
+export type ProviderFailureKind =
+  | "invalid_grant"
+  | "invalid_client"
+  | "rate_limited"
+  | "server_error"
+  | "timeout"
+  | "network"
+  | "rejected"
+  | "invalid_response";
+
+export class ProviderError extends Error {
+  override readonly name = "ProviderError";
+  constructor(
+    readonly kind: ProviderFailureKind,
+    message: string,
+    readonly status?: number,
+    readonly retryAfterSeconds?: number,
+  ) {
+    super(message);
+  }
+
+  /** The grant is still good: trying again later may succeed. */
+  get transient(): boolean {
+    return ["rate_limited", "server_error", "timeout", "network"].includes(this.kind);
+  }
+}
+
+export function providerFromConfig(config: Config, fetchImpl: typeof fetch = fetch): Provider {
+  const tokenUrl = new URL(config.OAUTH_TOKEN_URL);
+  return {
+    as: {
+      issuer: tokenUrl.origin,
+      authorization_endpoint: config.OAUTH_AUTHORIZATION_URL,
+      token_endpoint: config.OAUTH_TOKEN_URL,
+      ...(config.OAUTH_REVOCATION_URL ? { revocation_endpoint: config.OAUTH_REVOCATION_URL } : {}),
+    },
+    authorizationUrl: config.OAUTH_AUTHORIZATION_URL,
+    defaultScopes: config.OAUTH_SCOPES,
+    extraAuthorizationParams: new URLSearchParams(config.OAUTH_EXTRA_AUTHORIZATION_PARAMS),
+    authMethod: config.OAUTH_CLIENT_AUTH_METHOD,
+    timeoutMs: config.OAUTH_TIMEOUT_MS,
+    allowInsecureHttp: config.OAUTH_ALLOW_INSECURE_HTTP,
+    fetch: fetchImpl,
+  };
+}
+
+export interface AuthorizationRequest {
+  clientId: string;
+  redirectUri: string;
+  scopes: string;
+  state: string;
+  codeChallenge: string;
+}
+
+export function buildAuthorizationUrl(provider: Provider, request: AuthorizationRequest): URL {
+  const url = new URL(provider.authorizationUrl);
+  for (const [name, value] of provider.extraAuthorizationParams) url.searchParams.set(name, value);
+  url.searchParams.set("response_type", "code");
+  url.searchParams.set("client_id", request.clientId);
+  url.searchParams.set("redirect_uri", request.redirectUri);
+  url.searchParams.set("scope", request.scopes);
+  url.searchParams.set("state", request.state);
+  url.searchParams.set("code_challenge", request.codeChallenge);
+  url.searchParams.set("code_challenge_method", "S256");
+  return url;
+}
+
+export async function createPkcePair(): Promise<{ verifier: string; challenge: string }> {
+  const verifier = oauth.generateRandomCodeVerifier();
+  return { verifier, challenge: await oauth.calculatePKCECodeChallenge(verifier) };
+}
+
+export async function exchangeCode(
+  provider: Provider,
+  credentials: ClientCredentials,
+  callbackParams: URLSearchParams,
+  expectedState: string,
+  redirectUri: string,
+  codeVerifier: string,
+): Promise<IssuedTokens> {
+  const client: oauth.Client = { client_id: credentials.clientId };
+  let params: URLSearchParams;
+  try {
+    params = oauth.validateAuthResponse(provider.as, client, callbackParams, expectedState);
+  } catch (error) {
+    throw new ProviderError("rejected", `the authorization response was rejected: ${errorText(error)}`);
+  }
+  return callTokenEndpoint(provider, async (options) => {
+    const response = await oauth.authorizationCodeGrantRequest(
+      provider.as,
+      client,
+      clientAuth(provider, credentials),
+      params,
+      redirectUri,
+      codeVerifier,
+      options,
+    );
+    return oauth.processAuthorizationCodeResponse(provider.as, client, response);
+  });
+}
+
+export async function refreshGrant(
+  provider: Provider,
+  credentials: ClientCredentials,
+  refreshToken: string,
+): Promise<IssuedTokens> {
+  const client: oauth.Client = { client_id: credentials.clientId };
+  return callTokenEndpoint(provider, async (options) => {
+    const response = await oauth.refreshTokenGrantRequest(
+      provider.as,
+      client,
+      clientAuth(provider, credentials),
+      refreshToken,
+      options,
+    );
+    return oauth.processRefreshTokenResponse(provider.as, client, response);
+  });
+}
+
+/** RFC 7009. Best effort: callers decide whether a failure matters. */
+export async function revokeToken(
+  provider: Provider,
+  credentials: ClientCredentials,
+  token: string,
+  hint: "refresh_token" | "access_token",
+): Promise<void> {
+  if (!provider.as.revocation_endpoint) return;
+  const client: oauth.Client = { client_id: credentials.clientId };
+  await callTokenEndpoint(provider, async (options) => {
+    const response = await oauth.revocationRequest(provider.as, client, clientAuth(provider, credentials), token, {
+      ...options,
+      additionalParameters: { token_type_hint: hint },
+    });
+    await oauth.processRevocationResponse(response);
+    return { access_token: "unused", token_type: "bearer" } as oauth.TokenEndpointResponse;
+  });
+}
+
+function clientAuth(provider: Provider, credentials: ClientCredentials): oauth.ClientAuth {
+  return provider.authMethod === "client_secret_basic"
+    ? oauth.ClientSecretBasic(credentials.clientSecret)
+    : oauth.ClientSecretPost(credentials.clientSecret);
+}
+
+type RequestOptions = oauth.TokenEndpointRequestOptions;
+
+async function callTokenEndpoint(
+  provider: Provider,
+  run: (options: RequestOptions) => Promise<oauth.TokenEndpointResponse>,
+): Promise<IssuedTokens> {
+  const options: RequestOptions = {
+    signal: AbortSignal.timeout(provider.timeoutMs),
+    [oauth.allowInsecureRequests]: provider.allowInsecureHttp,
+    [oauth.customFetch]: provider.fetch,
+  };
+  let result: oauth.TokenEndpointResponse;
+  try {
+    result = await run(options);
+  } catch (error) {
+    throw classify(error, provider.timeoutMs);
+  }
+  return {
+    accessToken: result.access_token,
+    refreshToken: result.refresh_token,
+    tokenType: result.token_type,
+    scope: result.scope,
+    expiresIn: result.expires_in,
+  };
+}
+
+export function classify(error: unknown, timeoutMs: number): ProviderError {
+  if (error instanceof ProviderError) return error;
+  if (error instanceof oauth.ResponseBodyError) {
+    return fromOAuthError(error.error, error.status, error.response);
+  }
+  if (error instanceof oauth.WWWAuthenticateChallengeError) {
+    const challengeError = error.cause[0]?.parameters.error;
+    return fromOAuthError(challengeError ?? "invalid_client", error.status, error.response);
+  }
+  const name = (error as { name?: string } | null)?.name;
+  if (name === "TimeoutError" || name === "AbortError") {
+    return new ProviderError("timeout", `the provider did not answer within ${timeoutMs} ms`);
+  }
+  if (error instanceof oauth.OperationProcessingError) {
+    const response = (error.cause as { status?: number; headers?: Headers } | undefined) ?? {};
+    const status = typeof response.status === "number" ? response.status : undefined;
+    if (status === 429)
+      return new ProviderError("rate_limited", "the provider is rate limiting", 429, retryAfter(response.headers));
+    if (status !== undefined && status >= 500) {
+      return new ProviderError(
+        "server_error",
+        `the provider answered HTTP ${status}`,
+        status,
+        retryAfter(response.headers),
+      );
+    }
+    return new ProviderError("invalid_response", `the provider's answer was not valid: ${error.message}`, status);
+  }
+  if (error instanceof TypeError) return new ProviderError("network", `the provider is unreachable: ${error.message}`);
+  return new ProviderError("network", `the provider call failed: ${errorText(error)}`);
+}
+
+function fromOAuthError(code: string, status: number, response: Response): ProviderError {
+  if (code === "invalid_grant")
+    return new ProviderError("invalid_grant", "the provider rejected the grant (invalid_grant)", status);
+  if (code === "invalid_client" || code === "unauthorized_client") {
+    return new ProviderError("invalid_client", `the provider rejected the client credentials (${code})`, status);
+  }
+  if (status === 429 || code === "slow_down" || code === "temporarily_unavailable") {
+    return new ProviderError("rate_limited", `the provider is busy (${code})`, status, retryAfter(response.headers));
+  }
+  if (status >= 500 || code === "server_error")
+    return new ProviderError("server_error", `the provider failed (${code})`, status, retryAfter(response.headers));
+  return new ProviderError("rejected", `the provider rejected the request (${code})`, status);
+}
+
+function retryAfter(headers: Headers | undefined): number | undefined {
+  const value = headers?.get("retry-after");
+  if (!value) return undefined;
+  const seconds = Number(value);
+  return Number.isFinite(seconds) && seconds >= 0 ? seconds : undefined;
+}
+
+function errorText(error: unknown): string {
+  return error instanceof Error ? error.message : String(error);
+}

@@ -1,0 +1,380 @@
+import { createRoute, z } from "@hono/zod-openapi";
+import type { App } from "../app";
+import type { AppContext } from "../context";
+import type { ClientRow, TokenRow } from "../db/schema";
+import { requireKey } from "../lib/api-key";
+import {
+  type ClientWithToken,
+  connectionStatus,
+  createClient,
+  deleteClient,
+  getClient,
+  listClients,
+  updateClient,
+} from "../services/clients";
+import { createLoginLink } from "../services/login-links";
+import { problemContent } from "./schemas";
+
+const LIMITS = { id: 255, secret: 1024, url: 2048, branch: 128, email: 320, name: 255, scopes: 2048 } as const;
+
+const text = (max: number) =>
+  z.string().trim().min(1, "must not be empty").max(max, `must be at most ${max} characters`);
+
+const redirectUri = z
+  .string()
+  .max(LIMITS.url)
+  .refine(isAllowedRedirectUri, "must be an https URL (http is allowed only for localhost and 127.0.0.1)");
+
+const ClientBody = z
+  .object({
+    client_id: text(LIMITS.id),
+    client_secret: text(LIMITS.secret),
+    redirect_uri: redirectUri,
+    branch_id: text(LIMITS.branch),
+    workspace_email: z.email("must be an email address").max(LIMITS.email),
+    workspace_name: text(LIMITS.name),
+    scopes: text(LIMITS.scopes).optional(),
+  })
+  .strict()
+  .openapi("NewClient");
+
+const ClientPatch = z
+  .object({
+    client_secret: text(LIMITS.secret),
+    redirect_uri: redirectUri,
+    workspace_email: z.email("must be an email address").max(LIMITS.email),
+    workspace_name: text(LIMITS.name),
+    scopes: text(LIMITS.scopes).nullable(),
+    is_active: z.boolean(),
+  })
+  .partial()
+  .strict()
+  .refine((body) => Object.keys(body).length > 0, "give at least one field to change")
+  .openapi("ClientChanges");
+
+const Connection = z.object({
+  status: z.enum(["never_connected", "connected", "needs_reauth", "revoked"]),
+  expires_at: z.string().nullable(),
+  last_refreshed_at: z.string().nullable(),
+  last_error: z.string().nullable(),
+  credentials_rejected: z.boolean(),
+});
+
+const ClientView = z
+  .object({
+    client_id: z.number().int().describe("Internal id (the old service's client_id)."),
+    client_oauth_id: z.string(),
+    branch_id: z.string(),
+    branch_identifier: z.string(),
+    email: z.string(),
+    workspace_name: z.string(),
+    redirect_uri: z.string(),
+    scopes: z.string().nullable(),
+    is_active: z.boolean(),
+    created_at: z.string(),
+    updated_at: z.string(),
+    connection: Connection,
+  })
+  .openapi("Client");
+
+const IdParam = z.object({
+  id: z.coerce
+    .number()
+    .int()
+    .positive()
+    .max(2_147_483_647)
+    .openapi({ param: { name: "id", in: "path" }, example: 1 }),
+});
+
+const security = [{ apiKey: [] }];
+const json = <T extends z.ZodType>(schema: T) => ({ "application/json": { schema } });
+const errors = {
+  400: { description: "Malformed request", content: problemContent },
+  401: { description: "Missing or wrong API key", content: problemContent },
+  403: { description: "Service key on an admin route", content: problemContent },
+  422: { description: "Invalid fields", content: problemContent },
+};
+
+const create = createRoute({
+  method: "post",
+  path: "/clients",
+  tags: ["clients"],
+  summary: "Register a branch's OAuth client",
+  security,
+  middleware: [requireKey("admin")] as const,
+  request: { body: { required: true, content: json(ClientBody) } },
+  responses: {
+    201: {
+      description: "Registered. The secret is never returned.",
+      content: json(
+        ClientView.extend({
+          success: z.literal(true),
+          message: z.string(),
+          login_url: z.string(),
+          login_url_expires_at: z.string(),
+        }),
+      ),
+    },
+    ...errors,
+    409: { description: "client_id or branch_id already registered", content: problemContent },
+  },
+});
+
+const list = createRoute({
+  method: "get",
+  path: "/clients",
+  tags: ["clients"],
+  summary: "List clients, a page at a time",
+  security,
+  middleware: [requireKey("admin")] as const,
+  request: {
+    query: z
+      .object({
+        is_active: z.enum(["true", "false"]).optional(),
+        limit: z.coerce.number().int().min(1).max(100).default(50),
+        cursor: z.coerce.number().int().min(0).max(2_147_483_647).optional(),
+      })
+      .strict(),
+  },
+  responses: {
+    200: {
+      description: "A page of clients; pass next_cursor as cursor for the next one.",
+      content: json(
+        z.object({
+          success: z.literal(true),
+          message: z.string(),
+          clients: z.array(ClientView),
+          next_cursor: z.number().nullable(),
+        }),
+      ),
+    },
+    ...errors,
+  },
+});
+
+const show = createRoute({
+  method: "get",
+  path: "/clients/{id}",
+  tags: ["clients"],
+  summary: "A client and its connection status",
+  security,
+  middleware: [requireKey("admin")] as const,
+  request: { params: IdParam },
+  responses: {
+    200: {
+      description: "The client",
+      content: json(ClientView.extend({ success: z.literal(true), message: z.string() })),
+    },
+    ...errors,
+    404: { description: "No such client", content: problemContent },
+  },
+});
+
+const patch = createRoute({
+  method: "patch",
+  path: "/clients/{id}",
+  tags: ["clients"],
+  summary: "Rotate the secret, change redirect URI, scopes or names, (de)activate",
+  security,
+  middleware: [requireKey("admin")] as const,
+  request: { params: IdParam, body: { required: true, content: json(ClientPatch) } },
+  responses: {
+    200: {
+      description: "Updated",
+      content: json(ClientView.extend({ success: z.literal(true), message: z.string() })),
+    },
+    ...errors,
+    404: { description: "No such client", content: problemContent },
+  },
+});
+
+const remove = createRoute({
+  method: "delete",
+  path: "/clients/{id}",
+  tags: ["clients"],
+  summary: "Revoke the client's tokens at the provider (best effort) and delete it",
+  security,
+  middleware: [requireKey("admin")] as const,
+  request: { params: IdParam },
+  responses: {
+    200: {
+      description: "Deleted",
+      content: json(
+        z.object({
+          success: z.literal(true),
+          message: z.string(),
+          client_id: z.number(),
+          tokens_revoked: z.number(),
+          revocation_failures: z.number(),
+        }),
+      ),
+    },
+    ...errors,
+    404: { description: "No such client", content: problemContent },
+  },
+});
+
+const loginUrl = createRoute({
+  method: "get",
+  path: "/clients/{id}/login-url",
+  tags: ["clients"],
+  summary: "A fresh signed login link to send to the branch",
+  security,
+  middleware: [requireKey("admin")] as const,
+  request: { params: IdParam },
+  responses: {
+    200: {
+      description: "The link",
+      content: json(
+        z.object({
+          success: z.literal(true),
+          message: z.string(),
+          client_id: z.number(),
+          login_url: z.string(),
+          expires_at: z.string(),
+        }),
+      ),
+    },
+    ...errors,
+    404: { description: "No such client", content: problemContent },
+  },
+});
+
+export function registerClientRoutes(app: App): void {
+  app.openapi(create, async (c) => {
+    const body = c.req.valid("json");
+    const row = await createClient(c.var.db, c.var.keyring, {
+      clientId: body.client_id,
+      clientSecret: body.client_secret,
+      redirectUri: body.redirect_uri,
+      branchId: body.branch_id,
+      workspaceEmail: body.workspace_email,
+      workspaceName: body.workspace_name,
+      scopes: body.scopes,
+    });
+    const link = await freshLoginLink(c, row.id);
+    return c.json(
+      {
+        success: true as const,
+        message: "Client registered. Send login_url to the branch to connect it.",
+        ...clientView({ client: row, token: null }),
+        login_url: link.url,
+        login_url_expires_at: link.expiresAt.toISOString(),
+      },
+      201,
+    );
+  });
+
+  app.openapi(list, async (c) => {
+    const query = c.req.valid("query");
+    const rows = await listClients(c.var.db, {
+      isActive: query.is_active === undefined ? undefined : query.is_active === "true",
+      limit: query.limit,
+      after: query.cursor,
+    });
+    const last = rows.at(-1);
+    return c.json(
+      {
+        success: true as const,
+        message: `${rows.length} client(s).`,
+        clients: rows.map(clientView),
+        next_cursor: rows.length === query.limit && last ? last.client.id : null,
+      },
+      200,
+    );
+  });
+
+  app.openapi(show, async (c) => {
+    const found = await getClient(c.var.db, c.req.valid("param").id);
+    return c.json({ success: true as const, message: "Client found.", ...clientView(found) }, 200);
+  });
+
+  app.openapi(patch, async (c) => {
+    const { id } = c.req.valid("param");
+    const body = c.req.valid("json");
+    await updateClient(c.var.db, c.var.keyring, id, {
+      clientSecret: body.client_secret,
+      redirectUri: body.redirect_uri,
+      workspaceEmail: body.workspace_email,
+      workspaceName: body.workspace_name,
+      scopes: body.scopes,
+      isActive: body.is_active,
+    });
+    return c.json(
+      { success: true as const, message: "Client updated.", ...clientView(await getClient(c.var.db, id)) },
+      200,
+    );
+  });
+
+  app.openapi(remove, async (c) => {
+    const { id } = c.req.valid("param");
+    const result = await deleteClient(c.var.db, c.var.keyring, c.var.provider, id);
+    return c.json(
+      {
+        success: true as const,
+        message: "Client deleted.",
+        client_id: id,
+        tokens_revoked: result.revoked,
+        revocation_failures: result.revocationFailures,
+      },
+      200,
+    );
+  });
+
+  app.openapi(loginUrl, async (c) => {
+    const { id } = c.req.valid("param");
+    const { client } = await getClient(c.var.db, id);
+    const link = await freshLoginLink(c, client.id);
+    return c.json(
+      {
+        success: true as const,
+        message: "Login link created.",
+        client_id: id,
+        login_url: link.url,
+        expires_at: link.expiresAt.toISOString(),
+      },
+      200,
+    );
+  });
+}
+
+function freshLoginLink(c: AppContext, clientId: number) {
+  return createLoginLink(c.var.keyring, c.var.baseUrl, clientId, new Date(), c.var.config.LOGIN_LINK_TTL_SECONDS);
+}
+
+export function clientView({ client, token }: { client: ClientRow; token: TokenRow | null }) {
+  return {
+    client_id: client.id,
+    client_oauth_id: client.clientId,
+    branch_id: client.branchId,
+    branch_identifier: client.branchId,
+    email: client.workspaceEmail,
+    workspace_name: client.workspaceName,
+    redirect_uri: client.redirectUri,
+    scopes: client.scopes,
+    is_active: client.isActive,
+    created_at: client.createdAt.toISOString(),
+    updated_at: client.updatedAt.toISOString(),
+    connection: {
+      status: connectionStatus(token),
+      expires_at: token?.expiresAt.toISOString() ?? null,
+      last_refreshed_at: token?.lastRefreshedAt?.toISOString() ?? null,
+      last_error: token?.lastError ?? null,
+      credentials_rejected: client.credentialsRejectedAt !== null,
+    },
+  };
+}
+
+function isAllowedRedirectUri(value: string): boolean {
+  let url: URL;
+  try {
+    url = new URL(value);
+  } catch {
+    return false;
+  }
+  if (url.hash || url.username || url.password) return false;
+  if (url.protocol === "https:") return true;
+  return url.protocol === "http:" && ["localhost", "127.0.0.1", "[::1]"].includes(url.hostname);
+}
+
+export type { ClientWithToken };

@@ -1,0 +1,231 @@
+import { and, eq, sql } from "drizzle-orm";
+import type { Db } from "../db/client";
+import { type ClientRow, clients, tokens } from "../db/schema";
+import { AppError, sqlState } from "../errors";
+import { CryptoError, type Keyring, open, seal } from "../lib/crypto";
+import { toBase64Url, utf8 } from "../lib/encoding";
+import {
+  buildAuthorizationUrl,
+  createPkcePair,
+  exchangeCode,
+  type IssuedTokens,
+  type Provider,
+  ProviderError,
+} from "../oauth/provider";
+import { clientCredentials, clientNotFound } from "./clients";
+
+/**
+ * The authorization-code flow with PKCE. The `state` is sealed (AES-GCM), carries the client, the
+ * PKCE verifier and an expiry, and is bound to the browser that started the flow by a cookie.
+ */
+
+export const STATE_TTL_SECONDS = 10 * 60;
+export const BINDING_COOKIE = "tm_oauth_binding";
+
+interface StatePayload {
+  /** Internal client id. */
+  c: number;
+  /** PKCE code verifier. */
+  v: string;
+  /** SHA-256 of the browser-binding cookie. */
+  b: string;
+  /** Single-use nonce, stored with the tokens it produced. */
+  n: string;
+  /** Expiry, Unix milliseconds. */
+  e: number;
+}
+
+export interface LoginStart {
+  redirectTo: string;
+  bindingCookie: string;
+}
+
+export async function startLogin(
+  db: Db,
+  keyring: Keyring,
+  provider: Provider,
+  clientId: number,
+  existingBinding: string | undefined,
+  now: Date,
+): Promise<LoginStart> {
+  const [client] = await db.select().from(clients).where(eq(clients.id, clientId));
+  if (!client || !client.isActive) throw clientNotFound(clientId);
+  // Reusing the browser's binding lets one operator connect several branches in parallel tabs.
+  const binding = existingBinding && /^[A-Za-z0-9_-]{32,64}$/.test(existingBinding) ? existingBinding : randomToken();
+  const pkce = await createPkcePair();
+  const payload: StatePayload = {
+    c: client.id,
+    v: pkce.verifier,
+    b: await sha256(binding),
+    n: randomToken(),
+    e: now.getTime() + STATE_TTL_SECONDS * 1000,
+  };
+  const state = await seal(keyring, JSON.stringify(payload), "oauth.state");
+  const url = buildAuthorizationUrl(provider, {
+    clientId: client.clientId,
+    redirectUri: client.redirectUri,
+    scopes: client.scopes ?? provider.defaultScopes,
+    state,
+    codeChallenge: pkce.challenge,
+  });
+  return { redirectTo: url.toString(), bindingCookie: binding };
+}
+
+export interface CallbackResult {
+  client: ClientRow;
+  expiresAt: Date;
+  scope: string | null;
+  hasRefreshToken: boolean;
+}
+
+export async function completeLogin(
+  db: Db,
+  keyring: Keyring,
+  provider: Provider,
+  params: URLSearchParams,
+  binding: string | undefined,
+  now: Date,
+): Promise<CallbackResult> {
+  const state = params.get("state");
+  if (!state) throw new AppError("invalid_state", "The callback has no state. Start again from your login link.");
+  const payload = await openState(keyring, state);
+  if (payload.e <= now.getTime()) {
+    throw new AppError("invalid_state", "This sign-in took too long and expired. Start again from your login link.");
+  }
+  if (!binding || (await sha256(binding)) !== payload.b) {
+    throw new AppError(
+      "invalid_state",
+      "This sign-in was started in another browser (or cookies are blocked). Open the login link again in this browser.",
+    );
+  }
+  const providerError = params.get("error");
+  if (providerError) {
+    const description = params.get("error_description");
+    throw new AppError(
+      "authorization_denied",
+      `The provider did not grant access (${providerError}${description ? `: ${description}` : ""}). Start again from your login link to retry.`,
+    );
+  }
+  const [used] = await db.select({ id: tokens.id }).from(tokens).where(eq(tokens.stateNonce, payload.n));
+  if (used)
+    throw new AppError("invalid_state", "This sign-in was already completed. Start again from your login link.");
+
+  const [client] = await db.select().from(clients).where(eq(clients.id, payload.c));
+  if (!client || !client.isActive) throw clientNotFound(payload.c);
+
+  let issued: IssuedTokens;
+  try {
+    issued = await exchangeCode(
+      provider,
+      await clientCredentials(keyring, client),
+      params,
+      state,
+      client.redirectUri,
+      payload.v,
+    );
+  } catch (error) {
+    throw exchangeFailure(error);
+  }
+  const expiresAt = expiryOf(issued, now);
+  await storeTokens(db, keyring, client.id, issued, expiresAt, now, payload.n);
+  return { client, expiresAt, scope: issued.scope ?? null, hasRefreshToken: issued.refreshToken !== undefined };
+}
+
+/** Without `expires_in` the provider promises nothing: assume an hour, Google's lifetime. */
+export const DEFAULT_ACCESS_TOKEN_LIFETIME_SECONDS = 60 * 60;
+
+export function expiryOf(issued: IssuedTokens, requestSentAt: Date): Date {
+  return new Date(requestSentAt.getTime() + lifetimeOf(issued) * 1000);
+}
+
+export function lifetimeOf(issued: IssuedTokens): number {
+  return issued.expiresIn ?? DEFAULT_ACCESS_TOKEN_LIFETIME_SECONDS;
+}
+
+/**
+ * One batch (one transaction): the previous token stops being current, the new one is inserted.
+ * When the provider sent no refresh token, the previous one is carried over.
+ */
+async function storeTokens(
+  db: Db,
+  keyring: Keyring,
+  clientId: number,
+  issued: IssuedTokens,
+  expiresAt: Date,
+  now: Date,
+  stateNonce: string,
+): Promise<void> {
+  const [accessToken, refreshToken] = await Promise.all([
+    seal(keyring, issued.accessToken, "tokens.access_token"),
+    issued.refreshToken === undefined ? undefined : seal(keyring, issued.refreshToken, "tokens.refresh_token"),
+  ]);
+  const previousRefreshToken = sql`(select ${tokens.refreshToken} from ${tokens} where ${tokens.clientId} = ${clientId} order by ${tokens.id} desc limit 1)`;
+  try {
+    await db.batch([
+      db
+        .update(tokens)
+        .set({ isValid: false, leaseOwner: null, leaseExpiresAt: null })
+        .where(and(eq(tokens.clientId, clientId), eq(tokens.isValid, true))),
+      db.insert(tokens).values({
+        clientId,
+        accessToken,
+        refreshToken: refreshToken ?? previousRefreshToken,
+        tokenType: issued.tokenType,
+        scope: issued.scope ?? null,
+        expiresAt,
+        lifetimeSeconds: lifetimeOf(issued),
+        lastRefreshedAt: now,
+        status: "active",
+        stateNonce,
+      }),
+    ]);
+  } catch (error) {
+    if (sqlState(error) === "23505") {
+      throw new AppError("invalid_state", "This sign-in was already completed. Start again from your login link.");
+    }
+    throw error;
+  }
+}
+
+async function openState(keyring: Keyring, state: string): Promise<StatePayload> {
+  try {
+    const payload = JSON.parse(await open(keyring, state, "oauth.state")) as StatePayload;
+    if (typeof payload.c !== "number" || typeof payload.e !== "number") throw new CryptoError("bad payload");
+    return payload;
+  } catch {
+    throw new AppError(
+      "invalid_state",
+      "The sign-in state is not valid (altered or not issued here). Start again from your login link.",
+    );
+  }
+}
+
+function exchangeFailure(error: unknown): unknown {
+  if (!(error instanceof ProviderError)) return error;
+  switch (error.kind) {
+    case "invalid_grant":
+    case "rejected":
+      return new AppError(
+        "authorization_denied",
+        `The provider refused the authorization code (${error.message}). Start again from your login link.`,
+      );
+    case "invalid_client":
+      return new AppError(
+        "provider_error",
+        "The provider rejected this branch's client credentials. An administrator must fix the client secret or redirect URI.",
+      );
+    default:
+      return new AppError(
+        "provider_error",
+        `Could not complete sign-in with the provider: ${error.message}. Try again shortly.`,
+      );
+  }
+}
+
+function randomToken(): string {
+  return toBase64Url(crypto.getRandomValues(new Uint8Array(32)));
+}
+
+async function sha256(value: string): Promise<string> {
+  return toBase64Url(await crypto.subtle.digest("SHA-256", utf8(value)));
+}

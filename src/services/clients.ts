@@ -1,0 +1,221 @@
+import { and, asc, eq, gt, sql } from "drizzle-orm";
+import type { Db } from "../db/client";
+import { type ClientRow, clients, type TokenRow, tokens } from "../db/schema";
+import { AppError, constraintName, sqlState } from "../errors";
+import { type Keyring, open, seal } from "../lib/crypto";
+import { describeError, logWarn } from "../lib/log";
+import { type ClientCredentials, type Provider, revokeToken } from "../oauth/provider";
+
+/** The client registry: one OAuth client per branch, its secret sealed at rest. */
+
+export interface NewClient {
+  clientId: string;
+  clientSecret: string;
+  redirectUri: string;
+  branchId: string;
+  workspaceEmail: string;
+  workspaceName: string;
+  scopes?: string | undefined;
+}
+
+export interface ClientChanges {
+  clientSecret?: string | undefined;
+  redirectUri?: string | undefined;
+  workspaceEmail?: string | undefined;
+  workspaceName?: string | undefined;
+  scopes?: string | null | undefined;
+  isActive?: boolean | undefined;
+}
+
+export type ConnectionStatus = "never_connected" | "connected" | "needs_reauth" | "revoked";
+
+export interface ClientWithToken {
+  client: ClientRow;
+  token: TokenRow | null;
+}
+
+export function connectionStatus(token: TokenRow | null): ConnectionStatus {
+  if (!token) return "never_connected";
+  if (token.status === "active" && token.isValid) return "connected";
+  return token.status === "revoked" ? "revoked" : "needs_reauth";
+}
+
+export async function createClient(db: Db, keyring: Keyring, input: NewClient): Promise<ClientRow> {
+  try {
+    const [row] = await db
+      .insert(clients)
+      .values({
+        ...input,
+        scopes: input.scopes ?? null,
+        clientSecret: await seal(keyring, input.clientSecret, "clients.client_secret"),
+      })
+      .returning();
+    return row!;
+  } catch (error) {
+    throw duplicateOr(error);
+  }
+}
+
+export interface ListOptions {
+  isActive?: boolean | undefined;
+  limit: number;
+  /** Internal id of the last client of the previous page. */
+  after?: number | undefined;
+}
+
+export async function listClients(db: Db, options: ListOptions): Promise<ClientWithToken[]> {
+  const conditions = [
+    options.isActive === undefined ? undefined : eq(clients.isActive, options.isActive),
+    options.after === undefined ? undefined : gt(clients.id, options.after),
+  ].filter((c) => c !== undefined);
+  const rows = await db
+    .select({ client: clients, token: latestToken() })
+    .from(clients)
+    .where(conditions.length ? and(...conditions) : undefined)
+    .orderBy(asc(clients.id))
+    .limit(options.limit);
+  return rows.map(toClientWithToken);
+}
+
+export async function getClient(db: Db, id: number): Promise<ClientWithToken> {
+  const [row] = await db.select({ client: clients, token: latestToken() }).from(clients).where(eq(clients.id, id));
+  if (!row) throw clientNotFound(id);
+  return toClientWithToken(row);
+}
+
+export async function updateClient(db: Db, keyring: Keyring, id: number, changes: ClientChanges): Promise<ClientRow> {
+  const values: Partial<typeof clients.$inferInsert> = { updatedAt: new Date() };
+  if (changes.clientSecret !== undefined) {
+    values.clientSecret = await seal(keyring, changes.clientSecret, "clients.client_secret");
+    // New credentials: whatever the provider said about the old ones no longer applies.
+    values.credentialsRejectedAt = null;
+  }
+  if (changes.redirectUri !== undefined) values.redirectUri = changes.redirectUri;
+  if (changes.workspaceEmail !== undefined) values.workspaceEmail = changes.workspaceEmail;
+  if (changes.workspaceName !== undefined) values.workspaceName = changes.workspaceName;
+  if (changes.scopes !== undefined) values.scopes = changes.scopes;
+  if (changes.isActive !== undefined) values.isActive = changes.isActive;
+  try {
+    const [row] = await db.update(clients).set(values).where(eq(clients.id, id)).returning();
+    if (!row) throw clientNotFound(id);
+    return row;
+  } catch (error) {
+    throw duplicateOr(error);
+  }
+}
+
+/**
+ * Revokes the client's tokens at the provider (best effort: the provider may be down or the grant
+ * already dead), then deletes the client and, by cascade, its tokens.
+ */
+export async function deleteClient(
+  db: Db,
+  keyring: Keyring,
+  provider: Provider,
+  id: number,
+): Promise<{ revoked: number; revocationFailures: number }> {
+  const { client } = await getClient(db, id);
+  const live = await db
+    .select()
+    .from(tokens)
+    .where(and(eq(tokens.clientId, id), eq(tokens.isValid, true)));
+  let revoked = 0;
+  let revocationFailures = 0;
+  if (live.length > 0) {
+    const credentials = await clientCredentials(keyring, client);
+    for (const token of live) {
+      try {
+        await revokeGrant(keyring, provider, credentials, token);
+        revoked++;
+      } catch (error) {
+        revocationFailures++;
+        logWarn("revocation_failed", { client: id, error: describeError(error) });
+      }
+    }
+  }
+  await db.delete(clients).where(eq(clients.id, id));
+  return { revoked, revocationFailures };
+}
+
+/** Revokes the refresh token when there is one (which revokes its access tokens), else the access token. */
+export async function revokeGrant(
+  keyring: Keyring,
+  provider: Provider,
+  credentials: ClientCredentials,
+  token: TokenRow,
+): Promise<void> {
+  if (token.refreshToken) {
+    await revokeToken(
+      provider,
+      credentials,
+      await open(keyring, token.refreshToken, "tokens.refresh_token"),
+      "refresh_token",
+    );
+  } else {
+    await revokeToken(
+      provider,
+      credentials,
+      await open(keyring, token.accessToken, "tokens.access_token"),
+      "access_token",
+    );
+  }
+}
+
+export async function clientCredentials(keyring: Keyring, client: ClientRow): Promise<ClientCredentials> {
+  return { clientId: client.clientId, clientSecret: await open(keyring, client.clientSecret, "clients.client_secret") };
+}
+
+export function clientNotFound(id: number | string): AppError {
+  return new AppError("not_found", `No client with id ${id}.`);
+}
+
+/** The most recent token row of the client in the outer query (one round trip with the client). */
+function latestToken() {
+  return sql<TokenRow | null>`(
+    select row_to_json(t) from (
+      select * from ${tokens} where ${tokens.clientId} = ${clients.id} order by ${tokens.id} desc limit 1
+    ) t
+  )`.mapWith((value: unknown) => (value == null ? null : tokenFromJson(value)));
+}
+
+function tokenFromJson(value: unknown): TokenRow {
+  const raw = (typeof value === "string" ? JSON.parse(value) : value) as Record<string, unknown>;
+  const date = (v: unknown) => (v == null ? null : new Date(String(v)));
+  return {
+    id: Number(raw.id),
+    clientId: Number(raw.client_id),
+    accessToken: String(raw.access_token),
+    refreshToken: (raw.refresh_token as string | null) ?? null,
+    tokenType: String(raw.token_type),
+    scope: (raw.scope as string | null) ?? null,
+    expiresAt: date(raw.expires_at)!,
+    isValid: Boolean(raw.is_valid),
+    createdAt: date(raw.created_at)!,
+    lastRefreshedAt: date(raw.last_refreshed_at),
+    status: raw.status as TokenRow["status"],
+    lifetimeSeconds: raw.lifetime_seconds == null ? null : Number(raw.lifetime_seconds),
+    leaseOwner: (raw.lease_owner as string | null) ?? null,
+    leaseExpiresAt: date(raw.lease_expires_at),
+    failureCount: Number(raw.failure_count ?? 0),
+    lastError: (raw.last_error as string | null) ?? null,
+    nextAttemptAt: date(raw.next_attempt_at),
+    stateNonce: (raw.state_nonce as string | null) ?? null,
+  };
+}
+
+function toClientWithToken(row: { client: ClientRow; token: TokenRow | null }): ClientWithToken {
+  return { client: row.client, token: row.token ?? null };
+}
+
+function duplicateOr(error: unknown): unknown {
+  if (sqlState(error) !== "23505") return error;
+  const constraint = constraintName(error) ?? "";
+  if (constraint.includes("branch_id")) {
+    return new AppError("conflict", "A client is already registered for this branch_id.", {
+      errors: [{ field: "branch_id", message: "already registered" }],
+    });
+  }
+  return new AppError("conflict", "This client_id is already registered.", {
+    errors: [{ field: "client_id", message: "already registered" }],
+  });
+}
