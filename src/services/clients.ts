@@ -1,4 +1,4 @@
-import { and, asc, eq, gt, sql } from "drizzle-orm";
+import { and, asc, eq, gt } from "drizzle-orm";
 import type { Db } from "../db/client";
 import { latestToken } from "../db/queries";
 import { type ClientRow, clients, type TokenRow, tokens } from "../db/schema";
