@@ -9,6 +9,9 @@ export default defineConfig({
     cloudflareTest(({ inject }) => ({
       wrangler: { configPath: "./wrangler.toml" },
       miniflare: {
+        // The optional growth-path queue (see wrangler.toml), consumed by this same Worker.
+        queueProducers: { REFRESH_QUEUE: { queueName: "token-refresh" } },
+        queueConsumers: { "token-refresh": { maxBatchSize: 10, maxBatchTimeout: 0.1 } },
         bindings: {
           ...TEST_BINDINGS,
           TOKEN_MANAGEMENT_DATABASE_URL: inject<string>("databaseUrl"),

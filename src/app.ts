@@ -13,6 +13,7 @@ import { providerFromConfig } from "./oauth/provider";
 import { registerClientRoutes } from "./routes/clients";
 import { registerHealthRoutes } from "./routes/health";
 import { registerOAuthRoutes } from "./routes/oauth";
+import { registerTokenRoutes } from "./routes/tokens";
 
 export const BASE_PATH = "/token-management";
 const MAX_BODY_BYTES = 64 * 1024;
@@ -51,6 +52,7 @@ export function createApp(): App {
   registerHealthRoutes(app);
   registerClientRoutes(app);
   registerOAuthRoutes(app);
+  registerTokenRoutes(app);
 
   app.doc31("/openapi.json", {
     openapi: "3.1.0",

@@ -1,5 +1,5 @@
 import { createApp, handleError } from "./app";
-import { runScheduledRefresh } from "./services/scheduled";
+import { consumeRefreshBatch, type RefreshMessage, runScheduledRefresh, type SchedulerEnv } from "./services/scheduled";
 
 const app = createApp();
 
@@ -12,7 +12,10 @@ export default {
       return handleError(error, undefined);
     }
   },
-  async scheduled(controller, env, ctx) {
-    await runScheduledRefresh(env, new Date(controller.scheduledTime), ctx);
+  async scheduled(controller, env) {
+    await runScheduledRefresh(env, new Date(controller.scheduledTime));
   },
-} satisfies ExportedHandler<Env>;
+  async queue(batch, env) {
+    await consumeRefreshBatch(env, batch, new Date());
+  },
+} satisfies ExportedHandler<SchedulerEnv, RefreshMessage>;

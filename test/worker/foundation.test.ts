@@ -82,7 +82,7 @@ describe("scheduled handler", () => {
     const log = vi.spyOn(console, "log");
     const controller = createScheduledController({ scheduledTime: Date.UTC(1999, 0, 1), cron: "*/5 * * * *" });
     const ctx = createExecutionContext();
-    await worker.scheduled(controller, testEnv, ctx);
+    await worker.scheduled(controller, testEnv);
     await waitOnExecutionContext(ctx);
     const lines = log.mock.calls.map((args) => String(args[0])).filter((line) => line.includes("scheduled_refresh"));
     expect(lines).toHaveLength(1);

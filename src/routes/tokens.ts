@@ -1,0 +1,164 @@
+import { createRoute, z } from "@hono/zod-openapi";
+import type { App } from "../app";
+import type { AppContext } from "../context";
+import { requireKey } from "../lib/api-key";
+import { forceRefresh, getBranchToken, revokeBranchToken, type ServedToken, type TokenDeps } from "../services/tokens";
+import { problemContent } from "./schemas";
+
+const BranchParam = z.object({
+  branch_id: z
+    .string()
+    .min(1)
+    .max(128)
+    .openapi({ param: { name: "branch_id", in: "path" }, example: "branch-001" }),
+});
+
+const TokenView = z
+  .object({
+    success: z.literal(true),
+    message: z.string(),
+    client_id: z.number().int(),
+    branch_id: z.string(),
+    access_token: z.string(),
+    expires_at: z.string(),
+    expires_in: z.number().int(),
+    token_type: z.string(),
+    scope: z.string().nullable(),
+    refreshed: z.boolean(),
+  })
+  .openapi("AccessToken");
+
+const RefreshBody = z
+  .union([
+    z.object({ client_id: z.number().int().positive().max(2_147_483_647) }).strict(),
+    z.object({ branch_id: z.string().min(1).max(128) }).strict(),
+  ])
+  .openapi("RefreshTarget", { description: "The internal client id (as before) or the branch id." });
+
+const security = [{ apiKey: [] }];
+const noStore = { "Cache-Control": "no-store" };
+const tokenErrors = {
+  401: { description: "Missing or wrong API key", content: problemContent },
+  404: { description: "Unknown branch", content: problemContent },
+  409: {
+    description: "Never connected, revoked, reauthorization_required, or client credentials rejected",
+    content: problemContent,
+  },
+  502: { description: "The provider refused the refresh", content: problemContent },
+  503: { description: "The provider or database is unavailable (see Retry-After)", content: problemContent },
+};
+
+const get = createRoute({
+  method: "get",
+  path: "/tokens/{branch_id}",
+  tags: ["tokens"],
+  summary: "A valid access token for the branch, refreshed first when close to expiry",
+  security,
+  middleware: [requireKey("service")] as const,
+  request: { params: BranchParam },
+  responses: {
+    200: { description: "The token", content: { "application/json": { schema: TokenView } } },
+    ...tokenErrors,
+  },
+});
+
+const refresh = createRoute({
+  method: "post",
+  path: "/tokens/refresh",
+  tags: ["tokens"],
+  summary: "Refresh a branch's token now",
+  security,
+  middleware: [requireKey("admin")] as const,
+  request: { body: { required: true, content: { "application/json": { schema: RefreshBody } } } },
+  responses: {
+    200: { description: "The refreshed token", content: { "application/json": { schema: TokenView } } },
+    ...tokenErrors,
+    403: { description: "Service key on an admin route", content: problemContent },
+    422: { description: "Invalid body", content: problemContent },
+  },
+});
+
+const revoke = createRoute({
+  method: "delete",
+  path: "/tokens/{branch_id}",
+  tags: ["tokens"],
+  summary: "Revoke the branch's grant at the provider (best effort) and here",
+  security,
+  middleware: [requireKey("admin")] as const,
+  request: { params: BranchParam },
+  responses: {
+    200: {
+      description: "Revoked",
+      content: {
+        "application/json": {
+          schema: z.object({
+            success: z.literal(true),
+            message: z.string(),
+            client_id: z.number(),
+            branch_id: z.string(),
+            revoked_at_provider: z.boolean(),
+          }),
+        },
+      },
+    },
+    ...tokenErrors,
+    403: { description: "Service key on an admin route", content: problemContent },
+  },
+});
+
+export function registerTokenRoutes(app: App): void {
+  app.openapi(get, async (c) => {
+    const served = await getBranchToken(tokenDeps(c), c.req.valid("param").branch_id, new Date());
+    return c.json(tokenView(served, new Date()), 200, noStore);
+  });
+
+  app.openapi(refresh, async (c) => {
+    const body = c.req.valid("json");
+    const target = "client_id" in body ? { clientId: body.client_id } : { branchId: body.branch_id };
+    const served = await forceRefresh(tokenDeps(c), target, new Date());
+    return c.json(tokenView(served, new Date()), 200, noStore);
+  });
+
+  app.openapi(revoke, async (c) => {
+    const { branch_id: branchId } = c.req.valid("param");
+    const result = await revokeBranchToken(tokenDeps(c), branchId);
+    return c.json(
+      {
+        success: true as const,
+        message: result.revokedAtProvider
+          ? "Token revoked at the provider and here."
+          : "Token revoked here; the provider could not be reached or had nothing to revoke.",
+        client_id: result.client.id,
+        branch_id: result.client.branchId,
+        revoked_at_provider: result.revokedAtProvider,
+      },
+      200,
+      noStore,
+    );
+  });
+}
+
+export function tokenDeps(c: AppContext): TokenDeps {
+  return {
+    db: c.var.db,
+    keyring: c.var.keyring,
+    provider: c.var.provider,
+    refreshAheadSeconds: c.var.config.REFRESH_AHEAD_SECONDS,
+  };
+}
+
+function tokenView(served: ServedToken, now: Date) {
+  const expiresIn = Math.max(0, Math.floor((served.token.expiresAt.getTime() - now.getTime()) / 1000));
+  return {
+    success: true as const,
+    message: served.refreshed ? "Token refreshed." : "Token is valid.",
+    client_id: served.client.id,
+    branch_id: served.client.branchId,
+    access_token: served.accessToken,
+    expires_at: served.token.expiresAt.toISOString(),
+    expires_in: expiresIn,
+    token_type: served.token.tokenType,
+    scope: served.token.scope,
+    refreshed: served.refreshed,
+  };
+}

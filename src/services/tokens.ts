@@ -1,0 +1,408 @@
+import { and, eq, isNull, lte, or } from "drizzle-orm";
+import type { Db } from "../db/client";
+import { latestToken } from "../db/queries";
+import { type ClientRow, clients, type TokenRow, tokens } from "../db/schema";
+import { AppError } from "../errors";
+import { type Keyring, open, seal } from "../lib/crypto";
+import { describeError, logError, logInfo, logWarn } from "../lib/log";
+import { type IssuedTokens, type Provider, ProviderError, refreshGrant } from "../oauth/provider";
+import { lifetimeOf } from "./authorization";
+import { clientCredentials, revokeGrant } from "./clients";
+import { inBackoff, isServable, LEASE_SECONDS, needsRefresh, nextAttemptAt } from "./refresh-policy";
+
+/**
+ * Serving and refreshing tokens. A refresh is single-flight across isolates: the refresher holds a
+ * lease on the token row, taken with one conditional UPDATE … RETURNING; the others re-read until
+ * the new token lands, or serve the current one while it is still good.
+ */
+
+export interface TokenDeps {
+  db: Db;
+  keyring: Keyring;
+  provider: Provider;
+  refreshAheadSeconds: number;
+  /** Waiting between re-reads while another isolate refreshes; replaceable in tests. */
+  sleep?: (ms: number) => Promise<void>;
+}
+
+export interface ServedToken {
+  client: ClientRow;
+  token: TokenRow;
+  accessToken: string;
+  refreshed: boolean;
+}
+
+/** Re-read interval and total patience of a request waiting on another isolate's refresh. */
+export const LEASE_POLL_MS = 50;
+export const LEASE_WAIT_MS = 15_000;
+/** A rotated refresh token exists nowhere else: its write is retried this many times. */
+export const PERSIST_ATTEMPTS = 4;
+const PERSIST_RETRY_BASE_MS = 100;
+
+const defaultSleep = (ms: number) => new Promise<void>((resolve) => setTimeout(resolve, ms));
+
+/** GET /tokens/{branch_id}: one database round trip when the token is fresh. */
+export async function getBranchToken(deps: TokenDeps, branchId: string, now: Date): Promise<ServedToken> {
+  const { client, token } = requireGrant(await findByBranch(deps.db, branchId), branchId);
+  if (!needsRefresh(token, now, deps.refreshAheadSeconds)) return serve(deps, client, token, false);
+  return refreshOrServe(deps, client, token, now, false);
+}
+
+/** POST /tokens/refresh: refresh now, whatever the expiry and backoff say (still single-flight). */
+export async function forceRefresh(
+  deps: TokenDeps,
+  target: { clientId: number } | { branchId: string },
+  now: Date,
+): Promise<ServedToken> {
+  const found =
+    "branchId" in target ? await findByBranch(deps.db, target.branchId) : await findByClient(deps.db, target.clientId);
+  const { client, token } = requireGrant(found, "branchId" in target ? target.branchId : `client ${target.clientId}`);
+  return refreshOrServe(deps, client, token, now, true);
+}
+
+/** DELETE /tokens/{branch_id}: revoke at the provider (best effort), then mark the token revoked. */
+export async function revokeBranchToken(
+  deps: TokenDeps,
+  branchId: string,
+): Promise<{ client: ClientRow; revokedAtProvider: boolean }> {
+  const found = await findByBranch(deps.db, branchId);
+  if (!found.client) throw new AppError("not_found", `No client is registered for branch ${branchId}.`);
+  const { client, token } = found;
+  if (!token) throw new AppError("not_found", `Branch ${branchId} has no token to revoke.`);
+  let revokedAtProvider = false;
+  if (token.isValid) {
+    try {
+      await revokeGrant(deps.keyring, deps.provider, await clientCredentials(deps.keyring, client), token);
+      revokedAtProvider = true;
+    } catch (error) {
+      logWarn("revocation_failed", { client: client.id, error: describeError(error) });
+    }
+  }
+  await deps.db
+    .update(tokens)
+    .set({ isValid: false, status: "revoked", leaseOwner: null, leaseExpiresAt: null })
+    .where(eq(tokens.id, token.id));
+  return { client, revokedAtProvider };
+}
+
+interface Found {
+  client: ClientRow | undefined;
+  token: TokenRow | null;
+}
+
+async function findByBranch(db: Db, branchId: string): Promise<Found> {
+  const [row] = await db
+    .select({ client: clients, token: latestToken() })
+    .from(clients)
+    .where(eq(clients.branchId, branchId));
+  return { client: row?.client, token: row?.token ?? null };
+}
+
+async function findByClient(db: Db, clientId: number): Promise<Found> {
+  const [row] = await db
+    .select({ client: clients, token: latestToken() })
+    .from(clients)
+    .where(eq(clients.id, clientId));
+  return { client: row?.client, token: row?.token ?? null };
+}
+
+function requireGrant(found: Found, label: string): { client: ClientRow; token: TokenRow } {
+  const { client, token } = found;
+  if (!client || !client.isActive) throw new AppError("not_found", `No active client is registered for ${label}.`);
+  if (!token) {
+    throw new AppError(
+      "not_connected",
+      `Branch ${client.branchId} was never connected. Send its login link (GET /token-management/clients/${client.id}/login-url) to someone at the branch.`,
+      {
+        fields: {
+          client_id: client.id,
+          branch_id: client.branchId,
+          login_hint: `/token-management/clients/${client.id}/login-url`,
+        },
+      },
+    );
+  }
+  if (token.status === "revoked") {
+    throw new AppError(
+      "not_connected",
+      `Branch ${client.branchId}'s token was revoked. Connect it again with a new login link.`,
+      {
+        fields: {
+          client_id: client.id,
+          branch_id: client.branchId,
+          login_hint: `/token-management/clients/${client.id}/login-url`,
+        },
+      },
+    );
+  }
+  if (token.status === "needs_reauth" || !token.isValid) throw reauthorizationRequired(client);
+  return { client, token };
+}
+
+function reauthorizationRequired(client: ClientRow): AppError {
+  return new AppError(
+    "reauthorization_required",
+    `The provider no longer accepts branch ${client.branchId}'s grant. Someone at the branch must sign in again with a new login link.`,
+    {
+      fields: {
+        client_id: client.id,
+        branch_id: client.branchId,
+        login_hint: `/token-management/clients/${client.id}/login-url`,
+      },
+    },
+  );
+}
+
+async function refreshOrServe(
+  deps: TokenDeps,
+  client: ClientRow,
+  seen: TokenRow,
+  now: Date,
+  force: boolean,
+): Promise<ServedToken> {
+  const started = Date.now();
+  const at = () => new Date(now.getTime() + (Date.now() - started));
+  const sleep = deps.sleep ?? defaultSleep;
+  const owner = crypto.randomUUID();
+  let current = seen;
+  for (;;) {
+    if (!force) {
+      const blocked = refreshBlocked(client, current, at());
+      if (blocked) {
+        if (isServable(current, at())) return serve(deps, client, current, false);
+        throw blocked;
+      }
+    }
+    const leased = await tryLease(deps.db, current.id, owner, at(), force ? undefined : seen.expiresAt);
+    if (leased) return refreshHeld(deps, client, leased, owner, at);
+
+    // Someone else holds the lease, or refreshed since we looked.
+    const latest = await readToken(deps.db, current.id);
+    if (!latest || latest.status !== "active" || !latest.isValid) {
+      requireGrant({ client, token: latest ?? null }, client.branchId);
+      throw reauthorizationRequired(client);
+    }
+    if (latest.expiresAt.getTime() > seen.expiresAt.getTime()) return serve(deps, client, latest, true);
+    if (!force && isServable(latest, at())) return serve(deps, client, latest, false);
+    if (Date.now() - started > LEASE_WAIT_MS) {
+      throw new AppError("provider_unavailable", "The token is being refreshed and no fresh token arrived in time.", {
+        retryAfterSeconds: 1,
+      });
+    }
+    current = latest;
+    await sleep(LEASE_POLL_MS);
+  }
+}
+
+/** Why an automatic refresh must not be attempted now, if it must not. */
+function refreshBlocked(client: ClientRow, token: TokenRow, now: Date): AppError | undefined {
+  if (client.credentialsRejectedAt) {
+    return new AppError(
+      "client_credentials_rejected",
+      `The provider rejected branch ${client.branchId}'s client credentials. An administrator must update the client secret (PATCH /token-management/clients/${client.id}).`,
+    );
+  }
+  if (inBackoff(token, now)) {
+    return new AppError("provider_unavailable", "The provider is failing; the next refresh attempt is scheduled.", {
+      retryAfterSeconds: Math.max(1, secondsLeftUntil(token.nextAttemptAt!, now)),
+    });
+  }
+  return undefined;
+}
+
+function secondsLeftUntil(when: Date, now: Date): number {
+  return Math.ceil((when.getTime() - now.getTime()) / 1000);
+}
+
+async function tryLease(
+  db: Db,
+  tokenId: number,
+  owner: string,
+  now: Date,
+  unrefreshedSince: Date | undefined,
+): Promise<TokenRow | undefined> {
+  const [row] = await db
+    .update(tokens)
+    .set({ leaseOwner: owner, leaseExpiresAt: new Date(now.getTime() + LEASE_SECONDS * 1000) })
+    .where(
+      and(
+        eq(tokens.id, tokenId),
+        eq(tokens.isValid, true),
+        eq(tokens.status, "active"),
+        or(isNull(tokens.leaseExpiresAt), lte(tokens.leaseExpiresAt, now)),
+        unrefreshedSince ? lte(tokens.expiresAt, unrefreshedSince) : undefined,
+      ),
+    )
+    .returning();
+  return row;
+}
+
+async function readToken(db: Db, tokenId: number): Promise<TokenRow | undefined> {
+  const [row] = await db.select().from(tokens).where(eq(tokens.id, tokenId));
+  return row;
+}
+
+/** We hold the lease on `row`: refresh at the provider and record the outcome. */
+async function refreshHeld(
+  deps: TokenDeps,
+  client: ClientRow,
+  row: TokenRow,
+  owner: string,
+  at: () => Date,
+): Promise<ServedToken> {
+  if (!row.refreshToken) {
+    await recordDead(deps.db, row.id, "no refresh token was ever issued");
+    throw reauthorizationRequired(client);
+  }
+  const sentAt = at();
+  let issued: IssuedTokens;
+  try {
+    issued = await refreshGrant(
+      deps.provider,
+      await clientCredentials(deps.keyring, client),
+      await open(deps.keyring, row.refreshToken, "tokens.refresh_token"),
+    );
+  } catch (error) {
+    if (!(error instanceof ProviderError)) {
+      await releaseLease(deps.db, row.id, owner).catch(() => undefined);
+      throw error;
+    }
+    return handleRefreshFailure(deps, client, row, error, at());
+  }
+  const update = await refreshedValues(deps.keyring, issued, sentAt);
+  const stored = await persistWithRetry(deps.db, row.id, update, deps.sleep ?? defaultSleep);
+  logInfo("token_refreshed", {
+    client: client.id,
+    expires_in: lifetimeOf(issued),
+    rotated: issued.refreshToken !== undefined,
+  });
+  // If every write failed, the caller still gets the fresh token; the error was logged loudly.
+  const token = stored ?? { ...row, ...update, expiresAt: update.expiresAt };
+  return { client, token, accessToken: issued.accessToken, refreshed: true };
+}
+
+export interface RefreshedValues {
+  accessToken: string;
+  refreshToken?: string;
+  tokenType: string;
+  scope: string | null;
+  expiresAt: Date;
+  lifetimeSeconds: number;
+  lastRefreshedAt: Date;
+  failureCount: 0;
+  lastError: null;
+  nextAttemptAt: null;
+  leaseOwner: null;
+  leaseExpiresAt: null;
+}
+
+/** Column values after a successful refresh. Expiry counts from when the request was sent. */
+export async function refreshedValues(keyring: Keyring, issued: IssuedTokens, sentAt: Date): Promise<RefreshedValues> {
+  const lifetime = lifetimeOf(issued);
+  return {
+    accessToken: await seal(keyring, issued.accessToken, "tokens.access_token"),
+    // No refresh token in the answer: keep the one we have (the column is left out of the update).
+    ...(issued.refreshToken === undefined
+      ? {}
+      : { refreshToken: await seal(keyring, issued.refreshToken, "tokens.refresh_token") }),
+    tokenType: issued.tokenType,
+    scope: issued.scope ?? null,
+    expiresAt: new Date(sentAt.getTime() + lifetime * 1000),
+    lifetimeSeconds: lifetime,
+    lastRefreshedAt: sentAt,
+    failureCount: 0,
+    lastError: null,
+    nextAttemptAt: null,
+    leaseOwner: null,
+    leaseExpiresAt: null,
+  };
+}
+
+async function persistWithRetry(
+  db: Db,
+  tokenId: number,
+  values: RefreshedValues,
+  sleep: (ms: number) => Promise<void>,
+): Promise<TokenRow | undefined> {
+  for (let attempt = 1; attempt <= PERSIST_ATTEMPTS; attempt++) {
+    try {
+      const [row] = await db.update(tokens).set(values).where(eq(tokens.id, tokenId)).returning();
+      return row;
+    } catch (error) {
+      const lost = attempt === PERSIST_ATTEMPTS;
+      (lost ? logError : logWarn)(lost ? "refreshed_token_not_persisted" : "refreshed_token_write_retry", {
+        token: tokenId,
+        attempt,
+        rotated: values.refreshToken !== undefined,
+        error: describeError(error),
+      });
+      if (!lost) await sleep(PERSIST_RETRY_BASE_MS * 2 ** (attempt - 1));
+    }
+  }
+  return undefined;
+}
+
+/** Column values recording a failed refresh, by kind of failure. */
+export function failureValues(token: Pick<TokenRow, "failureCount">, error: ProviderError, now: Date) {
+  const failureCount = token.failureCount + 1;
+  const common = { failureCount, lastError: error.message.slice(0, 500), leaseOwner: null, leaseExpiresAt: null };
+  if (error.kind === "invalid_grant") return { ...common, isValid: false, status: "needs_reauth" as const };
+  return { ...common, nextAttemptAt: nextAttemptAt(failureCount, now, error.retryAfterSeconds) };
+}
+
+async function handleRefreshFailure(
+  deps: TokenDeps,
+  client: ClientRow,
+  row: TokenRow,
+  error: ProviderError,
+  now: Date,
+): Promise<ServedToken> {
+  logWarn("token_refresh_failed", {
+    client: client.id,
+    kind: error.kind,
+    status: error.status,
+    failures: row.failureCount + 1,
+  });
+  const values = failureValues(row, error, now);
+  const updateToken = deps.db.update(tokens).set(values).where(eq(tokens.id, row.id));
+  if (error.kind === "invalid_client") {
+    await deps.db.batch([
+      updateToken,
+      deps.db.update(clients).set({ credentialsRejectedAt: now }).where(eq(clients.id, client.id)),
+    ]);
+  } else {
+    await updateToken;
+  }
+  if (error.kind === "invalid_grant") throw reauthorizationRequired(client);
+  if (isServable(row, now)) return serve(deps, client, row, false);
+  if (error.kind === "invalid_client") throw refreshBlocked({ ...client, credentialsRejectedAt: now }, row, now)!;
+  if (error.transient) {
+    const retryAt = nextAttemptAt(row.failureCount + 1, now, error.retryAfterSeconds);
+    throw new AppError(
+      "provider_unavailable",
+      `The token expired and the provider could not refresh it: ${error.message}.`,
+      {
+        retryAfterSeconds: Math.max(1, secondsLeftUntil(retryAt, now)),
+      },
+    );
+  }
+  throw new AppError("provider_error", `The provider refused to refresh the token: ${error.message}.`);
+}
+
+async function recordDead(db: Db, tokenId: number, reason: string): Promise<void> {
+  await db
+    .update(tokens)
+    .set({ isValid: false, status: "needs_reauth", lastError: reason, leaseOwner: null, leaseExpiresAt: null })
+    .where(eq(tokens.id, tokenId));
+}
+
+async function releaseLease(db: Db, tokenId: number, owner: string): Promise<void> {
+  await db
+    .update(tokens)
+    .set({ leaseOwner: null, leaseExpiresAt: null })
+    .where(and(eq(tokens.id, tokenId), eq(tokens.leaseOwner, owner)));
+}
+
+async function serve(deps: TokenDeps, client: ClientRow, token: TokenRow, refreshed: boolean): Promise<ServedToken> {
+  return { client, token, accessToken: await open(deps.keyring, token.accessToken, "tokens.access_token"), refreshed };
+}
