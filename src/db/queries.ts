@@ -1,13 +1,15 @@
 import { sql } from "drizzle-orm";
-import { clients, type TokenRow, tokens } from "./schema";
+import type { TokenRow } from "./schema";
 
 /** Query pieces shared by several services. */
 
 /** The most recent token row of the client in the outer query (one round trip with the client). */
 export function latestToken() {
+  // Written out in full: drizzle renders columns unqualified inside sql``, and here the inner
+  // "id" and the outer "clients"."id" must not be confused.
   return sql<TokenRow | null>`(
     select row_to_json(t) from (
-      select * from ${tokens} where ${tokens.clientId} = ${clients.id} order by ${tokens.id} desc limit 1
+      select * from "tokens" where "tokens"."client_id" = "clients"."id" order by "tokens"."id" desc limit 1
     ) t
   )`.mapWith((value: unknown) => (value == null ? null : tokenFromJson(value)));
 }
