@@ -196,7 +196,8 @@ async function callTokenEndpoint(
   return {
     accessToken: result.access_token,
     refreshToken: result.refresh_token,
-    tokenType: result.token_type,
+    // oauth4webapi lower-cases it; callers put it in an Authorization header, where "Bearer" is the norm.
+    tokenType: result.token_type.toLowerCase() === "bearer" ? "Bearer" : result.token_type,
     scope: result.scope,
     expiresIn: result.expires_in,
   };
