@@ -1,0 +1,505 @@
+import { describe, expect, it } from "vitest";
+import { createDb } from "../../src/db/client";
+import { parseEnv } from "../../src/env";
+import { AppError } from "../../src/errors";
+import { loadKeyring, seal } from "../../src/lib/crypto";
+import { toBase64Url, utf8 } from "../../src/lib/encoding";
+import { providerFromConfig } from "../../src/oauth/provider";
+import { completeLogin } from "../../src/services/authorization";
+import { createLoginLink } from "../../src/services/login-links";
+import { TEST_ENCRYPTION_KEY, TEST_SERVICE_KEY } from "./bindings";
+import { BASE, call, expectProblem, json, testEnv } from "./helpers";
+import {
+  authorizeAtProvider,
+  BINDING_COOKIE_NAME,
+  callCallback,
+  clientRow,
+  connectBranch,
+  currentTokens,
+  introspect,
+  postJson,
+  providerStats,
+  reconnectBranch,
+  registerBranch,
+  registerProviderClient,
+  runBrowserFlow,
+  setProviderBehavior,
+  sql,
+  startLogin,
+  tokenRows,
+  unseal,
+} from "./oauth-helpers";
+
+const keyring = () => loadKeyring(TEST_ENCRYPTION_KEY);
+
+async function expectHtmlPage(response: Response, status: number, contains?: RegExp): Promise<string> {
+  const text = await response.text();
+  expect(response.status, text).toBe(status);
+  expect(response.headers.get("content-type")).toContain("text/html");
+  expect(response.headers.get("cache-control")).toBe("no-store");
+  expect(response.headers.get("content-security-policy")).toContain("frame-ancestors 'none'");
+  expect(text).toMatch(/^<!doctype html>/);
+  if (contains) expect(text).toMatch(contains);
+  return text;
+}
+
+async function sha256(value: string): Promise<string> {
+  return toBase64Url(await crypto.subtle.digest("SHA-256", utf8(value)));
+}
+
+describe("login link", () => {
+  it("redirects a valid link to the provider with every authorization parameter", async () => {
+    const branch = await registerBranch({ scopes: "scope.a scope.b" });
+    const { response, authorizeUrl } = await startLogin(branch.loginUrl);
+    expect(response.status).toBe(302);
+    expect(`${authorizeUrl.origin}${authorizeUrl.pathname}`).toBe(`${testEnv.OAUTH_SERVER_URL}/authorize`);
+    const p = authorizeUrl.searchParams;
+    expect(p.get("response_type")).toBe("code");
+    expect(p.get("client_id")).toBe(branch.oauthClientId);
+    expect(p.get("redirect_uri")).toBe(branch.redirectUri);
+    expect(p.get("scope")).toBe("scope.a scope.b");
+    expect(p.get("access_type")).toBe("offline");
+    expect(p.get("prompt")).toBe("consent");
+    expect(p.get("state")).toMatch(/^v1\./);
+    expect(p.get("code_challenge")).toMatch(/^[A-Za-z0-9_-]{43}$/);
+    expect(p.get("code_challenge_method")).toBe("S256");
+    // The state is sealed (it carries the PKCE verifier): it opens only with the state sub-key.
+    const state = JSON.parse(await unseal(p.get("state") as string, "oauth.state"));
+    expect(state.c).toBe(branch.clientId);
+    expect(typeof state.v).toBe("string");
+    await expect(unseal(p.get("state") as string, "tokens.access_token")).rejects.toThrow();
+    expect(response.headers.get("cache-control")).toBe("no-store");
+    expect(response.headers.get("referrer-policy")).toBe("no-referrer");
+  });
+
+  it("uses the default scopes when the client has none", async () => {
+    const branch = await registerBranch();
+    const { authorizeUrl } = await startLogin(branch.loginUrl);
+    expect(authorizeUrl.searchParams.get("scope")).toBe(testEnv.OAUTH_SCOPES);
+  });
+
+  it("sets an HttpOnly, Secure, SameSite=Lax binding cookie scoped to the callback", async () => {
+    const branch = await registerBranch();
+    const { setCookie, cookie } = await startLogin(branch.loginUrl);
+    expect(cookie).toMatch(new RegExp(`^${BINDING_COOKIE_NAME}=[A-Za-z0-9_-]{43}$`));
+    const attributes = setCookie.split(";").map((a) => a.trim().toLowerCase());
+    expect(attributes).toContain("httponly");
+    expect(attributes).toContain("secure");
+    expect(attributes).toContain("samesite=lax");
+    expect(attributes).toContain("path=/token-management/auth/callback");
+    expect(attributes).toContain("max-age=600");
+  });
+
+  it("gives every flow a fresh state and PKCE challenge", async () => {
+    const branch = await registerBranch();
+    const a = await startLogin(branch.loginUrl);
+    const b = await startLogin(branch.loginUrl);
+    expect(a.authorizeUrl.searchParams.get("state")).not.toBe(b.authorizeUrl.searchParams.get("state"));
+    expect(a.authorizeUrl.searchParams.get("code_challenge")).not.toBe(
+      b.authorizeUrl.searchParams.get("code_challenge"),
+    );
+  });
+
+  it("reuses a well-formed binding cookie the browser already has", async () => {
+    const branch = await registerBranch();
+    const first = await startLogin(branch.loginUrl);
+    const second = await startLogin(branch.loginUrl, { headers: { cookie: first.cookie } });
+    expect(second.cookie).toBe(first.cookie);
+  });
+
+  it("answers 401 HTML when the signature is missing", async () => {
+    const branch = await registerBranch();
+    const url = new URL(branch.loginUrl);
+    url.searchParams.delete("signature");
+    const response = await call(url.toString());
+    await expectHtmlPage(response, 401, /needs a login link/);
+    expect(response.headers.get("set-cookie")).toBeNull();
+    await expectHtmlPage(await call(`/oauth/login/${branch.clientId}`), 401, /needs a login link/);
+  });
+
+  it("answers 401 HTML when the link has expired", async () => {
+    const branch = await registerBranch();
+    const link = await createLoginLink(
+      await keyring(),
+      BASE,
+      branch.clientId,
+      new Date(Date.now() - 2 * 3600_000),
+      3600,
+    );
+    const response = await call(link.url);
+    await expectHtmlPage(response, 401, /expired/);
+    expect(response.headers.get("location")).toBeNull();
+  });
+
+  it("answers 401 HTML when the signature or expiry was tampered with", async () => {
+    const branch = await registerBranch();
+    const url = new URL(branch.loginUrl);
+    const signature = url.searchParams.get("signature") as string;
+
+    const badSignature = new URL(url);
+    badSignature.searchParams.set("signature", `${signature.slice(0, -2)}${signature.endsWith("AA") ? "BB" : "AA"}`);
+    await expectHtmlPage(await call(badSignature.toString()), 401, /not valid/);
+
+    const laterExpiry = new URL(url);
+    laterExpiry.searchParams.set("expires", String(Number(url.searchParams.get("expires")) + 3600));
+    await expectHtmlPage(await call(laterExpiry.toString()), 401, /not valid/);
+
+    const garbage = new URL(url);
+    garbage.searchParams.set("signature", "!!!not base64!!!");
+    await expectHtmlPage(await call(garbage.toString()), 401, /not valid/);
+  });
+
+  it("does not accept one client's link for another client", async () => {
+    const a = await registerBranch();
+    const b = await registerBranch();
+    const url = new URL(a.loginUrl);
+    url.pathname = `/token-management/oauth/login/${b.clientId}`;
+    await expectHtmlPage(await call(url.toString()), 401, /not valid/);
+  });
+
+  it("accepts the admin key in the Authorization header instead of a link", async () => {
+    const branch = await registerBranch();
+    const { authorizeUrl } = await startLogin(`/oauth/login/${branch.clientId}`, { key: "admin" });
+    expect(authorizeUrl.searchParams.get("client_id")).toBe(branch.oauthClientId);
+  });
+
+  it("does not accept the service key instead of a link", async () => {
+    const branch = await registerBranch();
+    await expectHtmlPage(await call(`/oauth/login/${branch.clientId}`, { key: TEST_SERVICE_KEY }), 401);
+  });
+
+  it("answers 404 HTML for an unknown client", async () => {
+    await expectHtmlPage(await call("/oauth/login/2147483100", { key: "admin" }), 404, /No client/);
+    const link = await createLoginLink(await keyring(), BASE, 2147483101, new Date(), 3600);
+    await expectHtmlPage(await call(link.url), 404);
+  });
+
+  it("answers 404 HTML for an inactive client, even with a valid link", async () => {
+    const branch = await registerBranch();
+    expect((await postJson(`/clients/${branch.clientId}`, { is_active: false }, { method: "PATCH" })).status).toBe(200);
+    await expectHtmlPage(await call(branch.loginUrl), 404);
+  });
+
+  it("answers problem+json to API clients that accept only JSON", async () => {
+    const branch = await registerBranch();
+    const url = new URL(branch.loginUrl);
+    url.searchParams.delete("signature");
+    await expectProblem(await call(url.toString(), { headers: { accept: "application/json" } }), 401, "unauthorized");
+  });
+});
+
+describe("callback: success", () => {
+  it("stores the tokens sealed: no plaintext token or secret anywhere in the tables", async () => {
+    const branch = await connectBranch();
+    const rows = await tokenRows(branch.clientId);
+    expect(rows).toHaveLength(1);
+    const row = rows[0]!;
+    expect(row).toMatchObject({ is_valid: true, status: "active" });
+    expect(row.access_token).toMatch(/^v1\./);
+    expect(row.refresh_token).toMatch(/^v1\./);
+
+    const { accessToken, refreshToken } = await currentTokens(branch.clientId);
+    // They are the real tokens: the provider knows them.
+    expect((await introspect(accessToken, branch)).active).toBe(true);
+    expect(await introspect(refreshToken as string, branch)).toMatchObject({
+      active: true,
+      token_type: "refresh_token",
+    });
+
+    const client = await clientRow(branch.clientId);
+    expect(String(client?.client_secret)).toMatch(/^v1\./);
+    expect(await unseal(String(client?.client_secret), "clients.client_secret")).toBe(branch.clientSecret);
+
+    const dump =
+      JSON.stringify(await sql("select row_to_json(t)::text from tokens t")) +
+      JSON.stringify(await sql("select row_to_json(c)::text from clients c"));
+    expect(dump).not.toContain(accessToken);
+    expect(dump).not.toContain(refreshToken as string);
+    expect(dump).not.toContain(branch.clientSecret);
+  });
+
+  it("answers JSON to Accept: application/json, without any token", async () => {
+    const branch = await registerBranch();
+    const { callback } = await runBrowserFlow(branch.loginUrl, "json");
+    const text = await callback.text();
+    expect(callback.status, text).toBe(200);
+    expect(callback.headers.get("content-type")).toContain("application/json");
+    expect(callback.headers.get("cache-control")).toBe("no-store");
+    const body = JSON.parse(text);
+    expect(body).toEqual({
+      success: true,
+      message: expect.stringContaining(branch.branchId),
+      client_id: branch.clientId,
+      branch_id: branch.branchId,
+      expires_at: expect.any(String),
+      scope: testEnv.OAUTH_SCOPES,
+      refresh_token_received: true,
+    });
+    const expiresAt = Date.parse(body.expires_at);
+    expect(expiresAt).toBeGreaterThan(Date.now() + 3500_000);
+    expect(expiresAt).toBeLessThan(Date.now() + 3700_000);
+    const { accessToken, refreshToken } = await currentTokens(branch.clientId);
+    expect(text).not.toContain(accessToken);
+    expect(text).not.toContain(refreshToken as string);
+    expect(text).not.toContain(branch.clientSecret);
+  });
+
+  it("answers an HTML page to a browser, without any token", async () => {
+    const branch = await registerBranch({ workspaceName: "Café <Main>" });
+    const { callback } = await runBrowserFlow(branch.loginUrl, "html");
+    const text = await expectHtmlPage(callback, 200, /is now connected/);
+    expect(text).toContain("Café &#60;Main&#62;");
+    expect(text).not.toContain("<Main>");
+    const { accessToken, refreshToken } = await currentTokens(branch.clientId);
+    expect(text).not.toContain(accessToken);
+    expect(text).not.toContain(refreshToken as string);
+    expect(text).not.toContain("at_");
+    expect(text).not.toContain("rt_");
+  });
+
+  it("records the provider's expiry as the token's expiry", async () => {
+    const branch = await connectBranch({ providerBehavior: { accessTokenTtlSeconds: 120 } });
+    const { row } = await currentTokens(branch.clientId);
+    const expiresAt = Date.parse(row.expires_at);
+    expect(expiresAt).toBeGreaterThan(Date.now() + 60_000);
+    expect(expiresAt).toBeLessThan(Date.now() + 130_000);
+    expect(Date.parse(branch.callbackBody.expires_at)).toBe(expiresAt);
+  });
+
+  it("sends the PKCE verifier and the client's credentials: the provider issued one code grant", async () => {
+    const branch = await connectBranch();
+    expect(await providerStats(branch.oauthClientId)).toMatchObject({
+      authorizationCodeGrants: 1,
+      failedRequests: 0,
+      activeRefreshTokens: 1,
+    });
+  });
+
+  it("a second flow invalidates the previous token and keeps the old refresh token when none is sent", async () => {
+    const branch = await connectBranch();
+    const first = await currentTokens(branch.clientId);
+    await setProviderBehavior(branch.oauthClientId, { issueRefreshToken: false });
+
+    const second = await reconnectBranch(branch);
+    expect(second.refresh_token_received).toBe(false);
+
+    const rows = await tokenRows(branch.clientId);
+    expect(rows).toHaveLength(2);
+    expect(rows.filter((r) => r.is_valid)).toHaveLength(1);
+    expect(rows[0]?.is_valid).toBe(false);
+    expect(rows[1]?.is_valid).toBe(true);
+    const now = await currentTokens(branch.clientId);
+    expect(now.row.id).toBe(rows[1]?.id);
+    expect(now.accessToken).not.toBe(first.accessToken);
+    expect(now.refreshToken).toBe(first.refreshToken);
+    expect((await introspect(now.refreshToken as string, branch)).active).toBe(true);
+  });
+
+  it("a second flow with a new refresh token stores the new one", async () => {
+    const branch = await connectBranch();
+    const first = await currentTokens(branch.clientId);
+    const second = await reconnectBranch(branch);
+    expect(second.refresh_token_received).toBe(true);
+    const now = await currentTokens(branch.clientId);
+    expect(now.refreshToken).not.toBe(first.refreshToken);
+    expect((await tokenRows(branch.clientId)).filter((r) => r.is_valid)).toHaveLength(1);
+  });
+
+  it("lets one browser connect two branches in parallel tabs", async () => {
+    const a = await registerBranch();
+    const b = await registerBranch();
+    const startA = await startLogin(a.loginUrl);
+    const startB = await startLogin(b.loginUrl, { headers: { cookie: startA.cookie } });
+    const backA = await authorizeAtProvider(startA.authorizeUrl);
+    const backB = await authorizeAtProvider(startB.authorizeUrl);
+    expect((await callCallback(backB, startB.cookie)).status).toBe(200);
+    expect((await callCallback(backA, startA.cookie)).status).toBe(200);
+    expect(await tokenRows(a.clientId)).toHaveLength(1);
+    expect(await tokenRows(b.clientId)).toHaveLength(1);
+  });
+});
+
+describe("callback: rejected", () => {
+  it("answers 400 to a tampered state and stores nothing", async () => {
+    const branch = await registerBranch();
+    const start = await startLogin(branch.loginUrl);
+    const back = await authorizeAtProvider(start.authorizeUrl);
+    const state = back.searchParams.get("state") as string;
+    const last = state.at(-1) === "A" ? "B" : "A";
+    back.searchParams.set("state", `${state.slice(0, -1)}${last}`);
+    const html = await expectHtmlPage(await callCallback(back, start.cookie, "html"), 400, /not valid/);
+    expect(html).not.toContain(state);
+    await expectProblem(await callCallback(back, start.cookie, "json"), 400, "invalid_state");
+    expect(await tokenRows(branch.clientId)).toEqual([]);
+    expect((await providerStats(branch.oauthClientId)).tokenRequests).toBe(0);
+  });
+
+  it("answers 400 to a callback without state or with garbage state", async () => {
+    await expectProblem(await callCallback(`${BASE}/auth/callback?code=abc`, null), 400, "invalid_state");
+    await expectProblem(
+      await callCallback(`${BASE}/auth/callback?code=abc&state=v1.nope.nope.nope`, null),
+      400,
+      "invalid_state",
+    );
+  });
+
+  it("answers 400 to a state that expired (sealed with a past expiry)", async () => {
+    const branch = await registerBranch();
+    const start = await startLogin(branch.loginUrl);
+    const back = await authorizeAtProvider(start.authorizeUrl);
+    const binding = start.cookie.split("=")[1] as string;
+    const expired = await seal(
+      await keyring(),
+      JSON.stringify({
+        c: branch.clientId,
+        v: "x".repeat(43),
+        b: await sha256(binding),
+        n: crypto.randomUUID(),
+        e: Date.now() - 1000,
+      }),
+      "oauth.state",
+    );
+    back.searchParams.set("state", expired);
+    const problem = await expectProblem(await callCallback(back, start.cookie), 400, "invalid_state");
+    expect(problem.detail).toMatch(/expired/);
+    expect(await tokenRows(branch.clientId)).toEqual([]);
+  });
+
+  it("completeLogin refuses a genuine state 11 minutes after it was issued", async () => {
+    const branch = await registerBranch();
+    const start = await startLogin(branch.loginUrl);
+    const back = await authorizeAtProvider(start.authorizeUrl);
+    const config = parseEnv(testEnv);
+    const db = createDb({
+      databaseUrl: config.TOKEN_MANAGEMENT_DATABASE_URL,
+      localFetchEndpoint: config.NEON_LOCAL_FETCH_ENDPOINT,
+    });
+    const later = new Date(Date.now() + 11 * 60_000);
+    const attempt = completeLogin(
+      db,
+      await keyring(),
+      providerFromConfig(config),
+      back.searchParams,
+      start.cookie.split("=")[1],
+      later,
+    );
+    await expect(attempt).rejects.toBeInstanceOf(AppError);
+    await expect(attempt).rejects.toMatchObject({ code: "invalid_state", message: expect.stringMatching(/expired/) });
+    expect(await tokenRows(branch.clientId)).toEqual([]);
+
+    // Within the ten minutes the same callback still works.
+    expect((await callCallback(back, start.cookie)).status).toBe(200);
+  });
+
+  it("answers 400 to a replayed callback and stores nothing new", async () => {
+    const branch = await registerBranch();
+    const flow = await runBrowserFlow(branch.loginUrl);
+    expect(flow.callback.status).toBe(200);
+    const before = await tokenRows(branch.clientId);
+    const statsBefore = await providerStats(branch.oauthClientId);
+
+    const replay = await callCallback(flow.providerRedirect, flow.start.cookie);
+    const problem = await expectProblem(replay, 400, "invalid_state");
+    expect(problem.detail).toMatch(/already completed/);
+    expect(await tokenRows(branch.clientId)).toEqual(before);
+    // The code was not sent again (a replayed code would make the provider revoke the grant).
+    expect((await providerStats(branch.oauthClientId)).tokenRequests).toBe(statsBefore.tokenRequests);
+    expect((await currentTokens(branch.clientId)).row.id).toBe(before[0]?.id);
+  });
+
+  it("answers 400 when the binding cookie is missing", async () => {
+    const branch = await registerBranch();
+    const start = await startLogin(branch.loginUrl);
+    const back = await authorizeAtProvider(start.authorizeUrl);
+    await expectHtmlPage(await callCallback(back, null, "html"), 400, /another browser/);
+    expect(await tokenRows(branch.clientId)).toEqual([]);
+  });
+
+  it("answers 400 when the binding cookie is another browser's", async () => {
+    const branch = await registerBranch();
+    const mine = await startLogin(branch.loginUrl);
+    const theirs = await startLogin(branch.loginUrl);
+    const back = await authorizeAtProvider(mine.authorizeUrl);
+    await expectProblem(await callCallback(back, theirs.cookie), 400, "invalid_state");
+    await expectProblem(await callCallback(back, `${BINDING_COOKIE_NAME}=x`), 400, "invalid_state");
+    expect(await tokenRows(branch.clientId)).toEqual([]);
+    // The right browser can still finish.
+    expect((await callCallback(back, mine.cookie)).status).toBe(200);
+  });
+
+  it("answers 400 with a page when the user denies access at the provider", async () => {
+    const branch = await registerBranch({ providerBehavior: { authorizeError: "access_denied" } });
+    const start = await startLogin(branch.loginUrl);
+    const back = await authorizeAtProvider(start.authorizeUrl);
+    expect(back.searchParams.get("error")).toBe("access_denied");
+    expect(back.searchParams.get("code")).toBeNull();
+    const html = await expectHtmlPage(await callCallback(back, start.cookie, "html"), 400, /access_denied/);
+    expect(html).toContain("Could not connect");
+    await expectProblem(await callCallback(back, start.cookie), 400, "authorization_denied");
+    expect(await tokenRows(branch.clientId)).toEqual([]);
+    expect((await providerStats(branch.oauthClientId)).tokenRequests).toBe(0);
+  });
+
+  it("answers 502 with a page when the provider fails the exchange, and stores nothing", async () => {
+    const branch = await registerBranch({ providerBehavior: { failNext: { status: 500, count: 1 } } });
+    const { callback, providerRedirect, start } = await runBrowserFlow(branch.loginUrl, "html");
+    await expectHtmlPage(callback, 502, /Something went wrong/);
+    expect(await tokenRows(branch.clientId)).toEqual([]);
+    expect((await providerStats(branch.oauthClientId)).failedRequests).toBe(1);
+    // The flow can be finished once the provider is back.
+    expect((await callCallback(providerRedirect, start.cookie)).status).toBe(200);
+  });
+
+  it("answers 502 when the provider times out", async () => {
+    const branch = await registerBranch({ providerBehavior: { tokenDelayMs: 5_000 } });
+    const start = await startLogin(branch.loginUrl);
+    const back = await authorizeAtProvider(start.authorizeUrl);
+    const response = await call(`${BASE}/auth/callback${back.search}`, {
+      headers: { cookie: start.cookie, accept: "application/json" },
+      envOverrides: { OAUTH_TIMEOUT_MS: "300" },
+    });
+    await expectProblem(response, 502, "provider_error");
+    expect(await tokenRows(branch.clientId)).toEqual([]);
+  });
+
+  it("answers 502 when the provider rejects the stored client secret (invalid_client)", async () => {
+    const branch = await registerBranch();
+    // The provider knows another secret than the one registered here.
+    await registerProviderClient(branch.oauthClientId, "a-different-secret-value", [branch.redirectUri]);
+    const { callback } = await runBrowserFlow(branch.loginUrl);
+    const problem = await expectProblem(callback, 502, "provider_error");
+    expect(problem.detail).toMatch(/client credentials/);
+    expect(JSON.stringify(problem)).not.toContain(branch.clientSecret);
+    expect(await tokenRows(branch.clientId)).toEqual([]);
+  });
+
+  it("answers 400 when the provider refuses the code (invalid_grant)", async () => {
+    const branch = await registerBranch();
+    const start = await startLogin(branch.loginUrl);
+    const back = await authorizeAtProvider(start.authorizeUrl);
+    back.searchParams.set("code", "code_forged");
+    await expectProblem(await callCallback(back, start.cookie), 400, "authorization_denied");
+    expect(await tokenRows(branch.clientId)).toEqual([]);
+  });
+
+  it("answers 404 when the client was deactivated during the flow", async () => {
+    const branch = await registerBranch();
+    const start = await startLogin(branch.loginUrl);
+    const back = await authorizeAtProvider(start.authorizeUrl);
+    await postJson(`/clients/${branch.clientId}`, { is_active: false }, { method: "PATCH" });
+    await expectHtmlPage(await callCallback(back, start.cookie, "html"), 404);
+    expect(await tokenRows(branch.clientId)).toEqual([]);
+  });
+});
+
+describe("callback: connection status", () => {
+  it("shows each client's own token only", async () => {
+    const connected = await connectBranch();
+    const idle = await registerBranch({ atProvider: false });
+    const view = async (id: number) =>
+      (await json<{ connection: { status: string } }>(await call(`/clients/${id}`, { key: "admin" }))).connection
+        .status;
+    expect(await view(connected.clientId)).toBe("connected");
+    expect(await view(idle.clientId)).toBe("never_connected");
+  });
+});
