@@ -1,0 +1,95 @@
+/**
+ * `npm run dev:seed` (with `npm run dev` running): registers a demo client at the local OAuth server
+ * and at the Worker, and prints the login link to open in a browser. Running it again re-registers the
+ * client at the OAuth server (whose state is in memory) and prints a fresh link.
+ */
+import { existsSync, mkdirSync, readFileSync, writeFileSync } from "node:fs";
+import { dirname } from "node:path";
+import { readDevVars } from "../scripts/migrate.ts";
+import { SEEDED_OAUTH_CLIENTS } from "./dev.ts";
+
+const port = process.env.PORT || "8787";
+const worker = `http://127.0.0.1:${port}/token-management`;
+const vars = readDevVars(new URL("../.dev.vars", import.meta.url).pathname);
+const adminKey = vars.ADMIN_API_KEY?.split(",")[0]?.trim();
+if (!adminKey || !vars.OAUTH_TOKEN_URL) {
+  console.error("ADMIN_API_KEY / OAUTH_TOKEN_URL missing from .dev.vars: run `npm run dev` first.");
+  process.exit(1);
+}
+
+const demo = {
+  client_id: process.env.DEMO_CLIENT_ID || "demo-client",
+  client_secret: "demo-secret-0123456789",
+  redirect_uri: `${worker}/auth/callback`,
+  branch_id: process.env.DEMO_BRANCH_ID || "demo-branch",
+  workspace_email: "demo@example.com",
+  workspace_name: "Demo workspace",
+};
+
+interface Answer {
+  login_url?: string;
+  client_id?: number;
+  clients?: { client_id: number; client_oauth_id: string }[];
+}
+
+async function call(
+  method: string,
+  url: string,
+  body?: unknown,
+): Promise<{ status: number; json: Answer | undefined }> {
+  const response = await fetch(url, {
+    method,
+    headers: { authorization: `Bearer ${adminKey}`, "content-type": "application/json" },
+    body: body === undefined ? undefined : JSON.stringify(body),
+  });
+  const text = await response.text();
+  try {
+    return { status: response.status, json: JSON.parse(text) as Answer };
+  } catch {
+    return { status: response.status, json: { detail: text } as Answer };
+  }
+}
+
+// 1. The authorization server (and remember the client so `npm run dev` registers it again after a restart).
+const oauthClient = {
+  client_id: demo.client_id,
+  client_secret: demo.client_secret,
+  redirect_uris: [demo.redirect_uri],
+};
+const asUrl = new URL(vars.OAUTH_TOKEN_URL).origin;
+const registered = await call("POST", `${asUrl}/admin/clients`, oauthClient);
+if (registered.status !== 201) {
+  console.error(`OAuth server ${asUrl}: ${registered.status} ${JSON.stringify(registered.json)}`);
+  process.exit(1);
+}
+const seeded = existsSync(SEEDED_OAUTH_CLIENTS)
+  ? (JSON.parse(readFileSync(SEEDED_OAUTH_CLIENTS, "utf8")) as (typeof oauthClient)[])
+  : [];
+mkdirSync(dirname(SEEDED_OAUTH_CLIENTS), { recursive: true });
+writeFileSync(
+  SEEDED_OAUTH_CLIENTS,
+  JSON.stringify([...seeded.filter((c) => c.client_id !== demo.client_id), oauthClient], null, 2),
+);
+console.log(`registered ${demo.client_id} at the OAuth server ${asUrl}`);
+
+// 2. The Worker.
+let created = await call("POST", `${worker}/clients`, demo);
+let loginUrl: string | undefined = created.json?.login_url;
+if (created.status === 409) {
+  const list = await call("GET", `${worker}/clients?limit=100`);
+  const existing = (list.json?.clients ?? []).find((c) => c.client_oauth_id === demo.client_id);
+  if (!existing) {
+    console.error(`Worker: 409 but ${demo.client_id} not found: ${JSON.stringify(created.json)}`);
+    process.exit(1);
+  }
+  created = await call("GET", `${worker}/clients/${existing.client_id}/login-url`);
+  loginUrl = created.json?.login_url;
+  console.log(`${demo.client_id} already registered at the Worker (id ${existing.client_id})`);
+} else if (created.status === 201) {
+  console.log(`registered ${demo.client_id} at the Worker (id ${created.json?.client_id})`);
+}
+if (!loginUrl) {
+  console.error(`Worker ${worker}: ${created.status} ${JSON.stringify(created.json)}`);
+  process.exit(1);
+}
+console.log(`\nOpen in a browser to connect the demo client:\n  ${loginUrl}\n`);
