@@ -1,4 +1,4 @@
-import { and, asc, eq, gt } from "drizzle-orm";
+import { and, asc, desc, eq, gt } from "drizzle-orm";
 import type { Db } from "../db/client";
 import { latestToken } from "../db/queries";
 import { type ClientRow, clients, type TokenRow, tokens } from "../db/schema";
@@ -106,8 +106,10 @@ export async function updateClient(db: Db, keyring: Keyring, id: number, changes
 }
 
 /**
- * Revokes the client's tokens at the provider (best effort: the provider may be down or the grant
- * already dead), then deletes the client and, by cascade, its tokens.
+ * Revokes at the provider (best effort: the provider may be down or the grant already dead) every
+ * grant this service still holds a token of: the current one and any earlier refresh token that a
+ * later consent replaced. Then deletes the client and, by cascade, its tokens. Deletion never
+ * depends on the provider, nor on the stored values still opening.
  */
 export async function deleteClient(
   db: Db,
@@ -116,21 +118,33 @@ export async function deleteClient(
   id: number,
 ): Promise<{ revoked: number; revocationFailures: number }> {
   const { client } = await getClient(db, id);
-  const live = await db
-    .select()
-    .from(tokens)
-    .where(and(eq(tokens.clientId, id), eq(tokens.isValid, true)));
+  const held = await db.select().from(tokens).where(eq(tokens.clientId, id)).orderBy(desc(tokens.id));
+  // Each refresh token once (a row without a new one carries the previous one over); an access
+  // token only when it is current and has no refresh token (older ones expire on their own).
+  const toRevoke = held.filter((token) => token.refreshToken !== null || token.isValid);
   let revoked = 0;
   let revocationFailures = 0;
-  if (live.length > 0) {
-    const credentials = await clientCredentials(keyring, client);
-    for (const token of live) {
+  if (toRevoke.length > 0) {
+    let credentials: ClientCredentials | undefined;
+    try {
+      credentials = await clientCredentials(keyring, client);
+    } catch (error) {
+      logWarn("revocation_failed", { client: id, error: describeError(error) });
+    }
+    const seen = new Set<string>();
+    for (const token of toRevoke) {
       try {
-        await revokeGrant(keyring, provider, credentials, token);
+        if (!credentials) throw new Error("the client secret cannot be opened");
+        const value = token.refreshToken
+          ? await open(keyring, token.refreshToken, "tokens.refresh_token")
+          : await open(keyring, token.accessToken, "tokens.access_token");
+        if (seen.has(value)) continue;
+        seen.add(value);
+        await revokeToken(provider, credentials, value, token.refreshToken ? "refresh_token" : "access_token");
         revoked++;
       } catch (error) {
         revocationFailures++;
-        logWarn("revocation_failed", { client: id, error: describeError(error) });
+        logWarn("revocation_failed", { client: id, token: token.id, error: describeError(error) });
       }
     }
   }
