@@ -9,6 +9,7 @@ import {
   newClientBody,
   postJson,
   providerStats,
+  reconnectBranch,
   registerBranch,
   registerProviderClient,
   runBrowserFlow,
@@ -229,6 +230,30 @@ describe("POST /clients", () => {
     expect(JSON.stringify(problem.errors)).toContain("is_admin");
   });
 
+  it("names each unknown field in errors[].field", async () => {
+    const problem = await expectProblem(
+      await postJson("/clients", { ...newClientBody(), is_admin: true }),
+      422,
+      "validation_failed",
+    );
+    expect(problem.errors?.map((e) => e.field)).toEqual(["is_admin"]);
+  });
+
+  it("rejects a body that is not JSON with 415", async () => {
+    const response = await call("/clients", {
+      method: "POST",
+      key: "admin",
+      headers: { "content-type": "text/plain" },
+      body: JSON.stringify(newClientBody()),
+    });
+    await expectProblem(response, 415, "unsupported_media_type");
+  });
+
+  it("rejects a body without Content-Type with 415", async () => {
+    const response = await call("/clients", { method: "POST", key: "admin", body: JSON.stringify(newClientBody()) });
+    await expectProblem(response, 415, "unsupported_media_type");
+  });
+
   it("rejects malformed JSON with a 400 problem", async () => {
     await expectProblem(await postJson("/clients", '{"client_id": "x",'), 400, "bad_request");
   });
@@ -300,10 +325,10 @@ describe("GET /clients", () => {
     ["limit=abc", "limit"],
     ["cursor=-1", "cursor"],
     ["is_active=yes", "is_active"],
-    ["colour=blue", ""],
+    ["colour=blue", "colour"],
   ])("rejects the query %s with 422", async (query, field) => {
     const problem = await expectProblem(await call(`/clients?${query}`, { key: "admin" }), 422, "validation_failed");
-    if (field) expect(problem.errors?.map((e) => e.field)).toContain(field);
+    expect(problem.errors?.map((e) => e.field)).toContain(field);
   });
 });
 
@@ -524,6 +549,47 @@ describe("DELETE /clients/{id}", () => {
     } finally {
       await setProviderBehavior(branch.oauthClientId, { hang: false });
     }
+  });
+
+  it("also revokes an earlier grant that a later consent replaced", async () => {
+    const branch = await connectBranch();
+    const first = await currentTokens(branch.clientId);
+    await reconnectBranch(branch);
+    const second = await currentTokens(branch.clientId);
+    expect(second.refreshToken).not.toBe(first.refreshToken);
+    expect((await introspect(first.refreshToken as string, branch)).active).toBe(true);
+
+    const response = await call(`/clients/${branch.clientId}`, { method: "DELETE", key: "admin" });
+    expect(await json(response)).toMatchObject({ tokens_revoked: 2, revocation_failures: 0 });
+    expect((await introspect(first.refreshToken as string, branch)).active).toBe(false);
+    expect((await introspect(second.refreshToken as string, branch)).active).toBe(false);
+  });
+
+  it("revokes a refresh token carried over to a newer row only once", async () => {
+    const branch = await connectBranch();
+    await setProviderBehavior(branch.oauthClientId, { issueRefreshToken: false });
+    await reconnectBranch(branch);
+    const { refreshToken } = await currentTokens(branch.clientId);
+    const before = (await providerStats(branch.oauthClientId)).revocations;
+
+    const response = await call(`/clients/${branch.clientId}`, { method: "DELETE", key: "admin" });
+    expect(await json(response)).toMatchObject({ tokens_revoked: 1, revocation_failures: 0 });
+    expect((await providerStats(branch.oauthClientId)).revocations).toBe(before + 1);
+    expect((await introspect(refreshToken as string, branch)).active).toBe(false);
+  });
+
+  it("still deletes when the stored values no longer open (encryption key lost), and reports it", async () => {
+    const branch = await connectBranch();
+    const otherKey = btoa(String.fromCharCode(...Array.from({ length: 32 }, (_, i) => 200 + i)));
+    const response = await call(`/clients/${branch.clientId}`, {
+      method: "DELETE",
+      key: "admin",
+      envOverrides: { TOKEN_ENCRYPTION_KEY: otherKey },
+    });
+    expect(response.status).toBe(200);
+    expect(await json(response)).toMatchObject({ tokens_revoked: 0, revocation_failures: 1 });
+    expect(await clientRow(branch.clientId)).toBeUndefined();
+    expect(await tokenRows(branch.clientId)).toEqual([]);
   });
 
   it("answers 404 for an unknown id", async () => {
