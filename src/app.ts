@@ -86,15 +86,19 @@ export function handleError(error: unknown, requestId: string | undefined): Resp
 function fromHttpException(error: HTTPException): AppError {
   if (error.status === 400) return new AppError("bad_request", error.message || "Malformed request.");
   if (error.status === 413) return new AppError("payload_too_large", error.message);
+  if (error.status === 415) {
+    return new AppError("unsupported_media_type", "Send the request body as JSON (Content-Type: application/json).");
+  }
   return new AppError("internal_error", "An unexpected error occurred.", { cause: error });
 }
 
 /** zod-openapi's hook: a failed validation becomes a 422 that names each field. */
 function throwValidationError(result: { success: boolean; error?: ZodError }): void {
   if (result.success || !result.error) return;
-  const errors = result.error.issues.map((issue) => ({
-    field: issue.path.join(".") || "(body)",
-    message: issue.message,
-  }));
+  const errors = result.error.issues.flatMap((issue) =>
+    issue.code === "unrecognized_keys"
+      ? issue.keys.map((key) => ({ field: [...issue.path, key].join("."), message: "unknown field" }))
+      : [{ field: issue.path.join(".") || "(body)", message: issue.message }],
+  );
   throw new AppError("validation_failed", errors.map((e) => `${e.field}: ${e.message}`).join("; "), { errors });
 }

@@ -13,6 +13,7 @@ import {
   ProviderError,
 } from "../oauth/provider";
 import { clientCredentials, clientNotFound } from "./clients";
+import { expiryOf, lifetimeOf } from "./refresh-policy";
 
 /**
  * The authorization-code flow with PKCE. The `state` is sealed (AES-GCM), carries the client, the
@@ -86,6 +87,7 @@ export async function completeLogin(
   binding: string | undefined,
   now: Date,
 ): Promise<CallbackResult> {
+  const started = Date.now();
   const state = params.get("state");
   if (!state) throw new AppError("invalid_state", "The callback has no state. Start again from your login link.");
   const payload = await openState(keyring, state);
@@ -114,6 +116,7 @@ export async function completeLogin(
   if (!client || !client.isActive) throw clientNotFound(payload.c);
 
   let issued: IssuedTokens;
+  const sentAt = new Date(now.getTime() + (Date.now() - started));
   try {
     issued = await exchangeCode(
       provider,
@@ -124,22 +127,14 @@ export async function completeLogin(
       payload.v,
     );
   } catch (error) {
+    if (error instanceof ProviderError && error.kind === "invalid_client") {
+      await db.update(clients).set({ credentialsRejectedAt: now }).where(eq(clients.id, client.id));
+    }
     throw exchangeFailure(error);
   }
-  const expiresAt = expiryOf(issued, now);
+  const expiresAt = expiryOf(issued, sentAt);
   await storeTokens(db, keyring, client.id, issued, expiresAt, now, payload.n);
   return { client, expiresAt, scope: issued.scope ?? null, hasRefreshToken: issued.refreshToken !== undefined };
-}
-
-/** Without `expires_in` the provider promises nothing: assume an hour, Google's lifetime. */
-export const DEFAULT_ACCESS_TOKEN_LIFETIME_SECONDS = 60 * 60;
-
-export function expiryOf(issued: IssuedTokens, requestSentAt: Date): Date {
-  return new Date(requestSentAt.getTime() + lifetimeOf(issued) * 1000);
-}
-
-export function lifetimeOf(issued: IssuedTokens): number {
-  return issued.expiresIn ?? DEFAULT_ACCESS_TOKEN_LIFETIME_SECONDS;
 }
 
 /**
@@ -166,6 +161,8 @@ async function storeTokens(
         .update(tokens)
         .set({ isValid: false, leaseOwner: null, leaseExpiresAt: null })
         .where(and(eq(tokens.clientId, clientId), eq(tokens.isValid, true))),
+      // The exchange just proved the credentials good.
+      db.update(clients).set({ credentialsRejectedAt: null }).where(eq(clients.id, clientId)),
       db.insert(tokens).values({
         clientId,
         accessToken,

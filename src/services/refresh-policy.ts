@@ -1,4 +1,5 @@
 import type { TokenRow } from "../db/schema";
+import type { IssuedTokens } from "../oauth/provider";
 
 /**
  * Pure rules of when to refresh and how long to back off. No I/O: every function takes `now`.
@@ -47,4 +48,15 @@ export function nextAttemptAt(failureCount: number, now: Date, retryAfterSeconds
 
 export function inBackoff(token: Pick<TokenRow, "nextAttemptAt">, now: Date): boolean {
   return token.nextAttemptAt !== null && token.nextAttemptAt.getTime() > now.getTime();
+}
+
+/** Without `expires_in` the provider promises nothing: assume an hour, Google's lifetime. */
+export const DEFAULT_ACCESS_TOKEN_LIFETIME_SECONDS = 60 * 60;
+
+export function expiryOf(issued: IssuedTokens, requestSentAt: Date): Date {
+  return new Date(requestSentAt.getTime() + lifetimeOf(issued) * 1000);
+}
+
+export function lifetimeOf(issued: IssuedTokens): number {
+  return issued.expiresIn ?? DEFAULT_ACCESS_TOKEN_LIFETIME_SECONDS;
 }

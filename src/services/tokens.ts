@@ -6,9 +6,16 @@ import { AppError } from "../errors";
 import { type Keyring, open, seal } from "../lib/crypto";
 import { describeError, logError, logInfo, logWarn } from "../lib/log";
 import { type IssuedTokens, type Provider, ProviderError, refreshGrant } from "../oauth/provider";
-import { lifetimeOf } from "./authorization";
 import { clientCredentials, revokeGrant } from "./clients";
-import { inBackoff, isServable, LEASE_SECONDS, needsRefresh, nextAttemptAt } from "./refresh-policy";
+import {
+  expiryOf,
+  inBackoff,
+  isServable,
+  LEASE_SECONDS,
+  lifetimeOf,
+  needsRefresh,
+  nextAttemptAt,
+} from "./refresh-policy";
 
 /**
  * Serving and refreshing tokens. A refresh is single-flight across isolates: the refresher holds a
@@ -307,7 +314,7 @@ export async function refreshedValues(keyring: Keyring, issued: IssuedTokens, se
       : { refreshToken: await seal(keyring, issued.refreshToken, "tokens.refresh_token") }),
     tokenType: issued.tokenType,
     scope: issued.scope ?? null,
-    expiresAt: new Date(sentAt.getTime() + lifetime * 1000),
+    expiresAt: expiryOf(issued, sentAt),
     lifetimeSeconds: lifetime,
     lastRefreshedAt: sentAt,
     failureCount: 0,

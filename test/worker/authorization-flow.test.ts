@@ -471,6 +471,17 @@ describe("callback: rejected", () => {
     expect(problem.detail).toMatch(/client credentials/);
     expect(JSON.stringify(problem)).not.toContain(branch.clientSecret);
     expect(await tokenRows(branch.clientId)).toEqual([]);
+    // The client is flagged until a flow succeeds with good credentials.
+    const view = async () =>
+      (
+        await json<{ connection: { credentials_rejected: boolean } }>(
+          await call(`/clients/${branch.clientId}`, { key: "admin" }),
+        )
+      ).connection.credentials_rejected;
+    expect(await view()).toBe(true);
+    await registerProviderClient(branch.oauthClientId, branch.clientSecret, [branch.redirectUri]);
+    expect((await runBrowserFlow(branch.loginUrl)).callback.status).toBe(200);
+    expect(await view()).toBe(false);
   });
 
   it("answers 400 when the provider refuses the code (invalid_grant)", async () => {
