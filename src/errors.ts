@@ -117,8 +117,9 @@ export function problemResponse(error: AppError, requestId?: string): Response {
 }
 
 /**
- * Turns anything thrown into an AppError. Database connectivity failures become 503s; every other
- * unknown error becomes a generic 500 (its details go to the log only).
+ * Turns anything thrown into an AppError. Database connectivity failures become 503s, text the
+ * database cannot store a 422; every other unknown error becomes a generic 500 (its details go to
+ * the log only).
  */
 export function toAppError(error: unknown): AppError {
   if (error instanceof AppError) return error;
@@ -128,7 +129,23 @@ export function toAppError(error: unknown): AppError {
       cause: error,
     });
   }
+  if (isUnstorableText(error)) {
+    return new AppError(
+      "validation_failed",
+      "A value in the request contains a character that cannot be stored (such as NUL, U+0000).",
+      { cause: error },
+    );
+  }
   return new AppError("internal_error", "An unexpected error occurred.", { cause: error });
+}
+
+/**
+ * PostgreSQL refuses text it cannot encode (22021: a NUL character; 22P05: untranslatable): the
+ * value came from the request, so this is the caller's input, not a server failure.
+ */
+function isUnstorableText(error: unknown): boolean {
+  const state = sqlState(error);
+  return state === "22021" || state === "22P05";
 }
 
 /** SQLSTATE of a PostgreSQL error somewhere in the cause chain, if any. */
