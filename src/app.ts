@@ -6,7 +6,7 @@ import type { ZodError } from "zod";
 import type { AppEnv } from "./context";
 import { createDb } from "./db/client";
 import { parseEnv } from "./env";
-import { AppError, problemResponse, toAppError } from "./errors";
+import { AppError, problemResponse, toAppError, validationFailed } from "./errors";
 import { loadKeyring } from "./lib/crypto";
 import { describeError, logError } from "./lib/log";
 import { providerFromConfig } from "./oauth/provider";
@@ -95,10 +95,5 @@ function fromHttpException(error: HTTPException): AppError {
 /** zod-openapi's hook: a failed validation becomes a 422 that names each field. */
 function throwValidationError(result: { success: boolean; error?: ZodError }): void {
   if (result.success || !result.error) return;
-  const errors = result.error.issues.flatMap((issue) =>
-    issue.code === "unrecognized_keys"
-      ? issue.keys.map((key) => ({ field: [...issue.path, key].join("."), message: "unknown field" }))
-      : [{ field: issue.path.join(".") || "(body)", message: issue.message }],
-  );
-  throw new AppError("validation_failed", errors.map((e) => `${e.field}: ${e.message}`).join("; "), { errors });
+  throw validationFailed(result.error);
 }

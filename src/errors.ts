@@ -1,3 +1,5 @@
+import type { ZodError } from "zod";
+
 /**
  * One error type with a fixed list of codes; `problemResponse` is the only place an error becomes a
  * response. Anything thrown that is not an AppError is a 500 whose details are logged, never echoed.
@@ -114,6 +116,16 @@ export function problemResponse(error: AppError, requestId?: string): Response {
     headers.set("Retry-After", String(Math.ceil(error.extra.retryAfterSeconds)));
   }
   return new Response(JSON.stringify(problemBody(error, requestId)), { status: error.status, headers });
+}
+
+/** A failed request validation: a 422 that names each field. */
+export function validationFailed(error: ZodError): AppError {
+  const errors = error.issues.flatMap((issue) =>
+    issue.code === "unrecognized_keys"
+      ? issue.keys.map((key) => ({ field: [...issue.path, key].join("."), message: "unknown field" }))
+      : [{ field: issue.path.join(".") || "(body)", message: issue.message }],
+  );
+  return new AppError("validation_failed", errors.map((e) => `${e.field}: ${e.message}`).join("; "), { errors });
 }
 
 /**

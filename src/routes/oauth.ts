@@ -1,8 +1,9 @@
 import { createRoute, z } from "@hono/zod-openapi";
 import { getCookie, setCookie } from "hono/cookie";
+import type { ZodError } from "zod";
 import type { App } from "../app";
 import type { AppContext } from "../context";
-import { AppError, toAppError } from "../errors";
+import { AppError, toAppError, validationFailed } from "../errors";
 import { matchesAny } from "../lib/crypto";
 import { PAGE_HEADERS, page } from "../lib/html";
 import { describeError, logError, logInfo } from "../lib/log";
@@ -55,77 +56,85 @@ const callback = createRoute({
 });
 
 export function registerOAuthRoutes(app: App): void {
-  app.openapi(login, async (c) => {
-    try {
-      const { client_id: clientId } = c.req.valid("param");
-      const { expires, signature } = c.req.valid("query");
-      const now = new Date();
-      await authorizeLogin(c, clientId, expires, signature, now);
-      const start = await startLogin(
-        c.var.db,
-        c.var.keyring,
-        c.var.provider,
-        clientId,
-        getCookie(c, BINDING_COOKIE),
-        now,
-      );
-      setCookie(c, BINDING_COOKIE, start.bindingCookie, {
-        httpOnly: true,
-        secure: true,
-        sameSite: "Lax",
-        path: `${new URL(c.var.baseUrl).pathname}/auth/callback`,
-        maxAge: STATE_TTL_SECONDS,
-      });
-      c.header("Cache-Control", "no-store");
-      c.header("Referrer-Policy", "no-referrer");
-      return c.redirect(start.redirectTo, 302);
-    } catch (error) {
-      return browserError(c, error);
-    }
-  });
+  app.openapi(
+    login,
+    async (c) => {
+      try {
+        const { client_id: clientId } = c.req.valid("param");
+        const { expires, signature } = c.req.valid("query");
+        const now = new Date();
+        await authorizeLogin(c, clientId, expires, signature, now);
+        const start = await startLogin(
+          c.var.db,
+          c.var.keyring,
+          c.var.provider,
+          clientId,
+          getCookie(c, BINDING_COOKIE),
+          now,
+        );
+        setCookie(c, BINDING_COOKIE, start.bindingCookie, {
+          httpOnly: true,
+          secure: true,
+          sameSite: "Lax",
+          path: `${new URL(c.var.baseUrl).pathname}/auth/callback`,
+          maxAge: STATE_TTL_SECONDS,
+        });
+        c.header("Cache-Control", "no-store");
+        c.header("Referrer-Policy", "no-referrer");
+        return c.redirect(start.redirectTo, 302);
+      } catch (error) {
+        return browserError(c, error);
+      }
+    },
+    browserValidation,
+  );
 
-  app.openapi(callback, async (c) => {
-    try {
-      const url = new URL(c.req.url);
-      const result = await completeLogin(
-        c.var.db,
-        c.var.keyring,
-        c.var.provider,
-        url.searchParams,
-        getCookie(c, BINDING_COOKIE),
-        new Date(),
-      );
-      logInfo("branch_connected", {
-        request_id: c.var.requestId,
-        client: result.client.id,
-        branch: result.client.branchId,
-      });
-      const body = {
-        success: true as const,
-        message: `Branch ${result.client.branchId} is connected.`,
-        client_id: result.client.id,
-        branch_id: result.client.branchId,
-        expires_at: result.expiresAt.toISOString(),
-        scope: result.scope,
-        refresh_token_received: result.hasRefreshToken,
-      };
-      if (wantsJson(c)) return c.json(body, 200, { "Cache-Control": "no-store" });
-      return c.body(
-        page(
-          "Connected",
-          [
-            `${result.client.workspaceName} (branch ${result.client.branchId}) is now connected.`,
-            "You can close this window.",
-          ],
-          "ok",
-        ),
-        200,
-        PAGE_HEADERS,
-      );
-    } catch (error) {
-      return browserError(c, error);
-    }
-  });
+  app.openapi(
+    callback,
+    async (c) => {
+      try {
+        const url = new URL(c.req.url);
+        const result = await completeLogin(
+          c.var.db,
+          c.var.keyring,
+          c.var.provider,
+          url.searchParams,
+          getCookie(c, BINDING_COOKIE),
+          new Date(),
+        );
+        logInfo("branch_connected", {
+          request_id: c.var.requestId,
+          client: result.client.id,
+          branch: result.client.branchId,
+        });
+        const body = {
+          success: true as const,
+          message: `Branch ${result.client.branchId} is connected.`,
+          client_id: result.client.id,
+          branch_id: result.client.branchId,
+          expires_at: result.expiresAt.toISOString(),
+          scope: result.scope,
+          refresh_token_received: result.hasRefreshToken,
+        };
+        if (wantsJson(c)) return c.json(body, 200, { "Cache-Control": "no-store" });
+        return c.body(
+          page(
+            "Connected",
+            [
+              `${result.client.workspaceName} (branch ${result.client.branchId}) is now connected.`,
+              "You can close this window.",
+            ],
+            "ok",
+          ),
+          200,
+          PAGE_HEADERS,
+        );
+      } catch (error) {
+        return browserError(c, error);
+      }
+    },
+    browserValidation,
+  );
 }
 
 async function authorizeLogin(
@@ -150,6 +159,11 @@ async function authorizeLogin(
 function wantsJson(c: AppContext): boolean {
   const accept = c.req.header("accept") ?? "";
   return accept.includes("application/json") && !accept.includes("text/html");
+}
+
+/** Invalid path or query parameters: a page for browsers too, not only problem+json. */
+function browserValidation(result: { success: boolean; error?: ZodError }, c: AppContext): Response | undefined {
+  return result.success || !result.error ? undefined : browserError(c, validationFailed(result.error));
 }
 
 /** Browsers get a page saying what went wrong and what to do; API clients get problem+json. */
