@@ -12,18 +12,20 @@ function fail(message: string): never {
   process.exit(2);
 }
 
+const OPTIONS = {
+  port: { type: "string" },
+  host: { type: "string" },
+  "data-dir": { type: "string" },
+  memory: { type: "boolean" },
+  "database-url": { type: "string" },
+  help: { type: "boolean", short: "h" },
+} as const;
+
 function parse() {
-  let values;
+  let values: ReturnType<typeof parseArgs<{ options: typeof OPTIONS; strict: true }>>["values"];
   try {
     ({ values } = parseArgs({
-      options: {
-        port: { type: "string" },
-        host: { type: "string" },
-        "data-dir": { type: "string" },
-        memory: { type: "boolean" },
-        "database-url": { type: "string" },
-        help: { type: "boolean", short: "h" },
-      },
+      options: OPTIONS,
       strict: true,
     }));
   } catch (error) {

@@ -2,7 +2,14 @@
 import { mkdir, readFile, rm, writeFile } from "node:fs/promises";
 import { join } from "node:path";
 import { PGlite, type QueryOptions, type Results, type Transaction } from "@electric-sql/pglite";
-import { fieldDescription, type BatchOptions, type QueryResult, type SqlBackend, type SqlQuery, transactionModes } from "./server.ts";
+import {
+  type BatchOptions,
+  fieldDescription,
+  type QueryResult,
+  type SqlBackend,
+  type SqlQuery,
+  transactionModes,
+} from "./server.ts";
 
 /** Marks a data directory as open: PGlite itself does not stop a second process from opening it. */
 const LOCK_FILE = "neon-local.pid";

@@ -1,6 +1,13 @@
 // A real PostgreSQL (through `pg`) behind the Neon HTTP protocol.
 import pg from "pg";
-import { fieldDescription, type BatchOptions, type QueryResult, type SqlBackend, type SqlQuery, transactionModes } from "./server.ts";
+import {
+  type BatchOptions,
+  fieldDescription,
+  type QueryResult,
+  type SqlBackend,
+  type SqlQuery,
+  transactionModes,
+} from "./server.ts";
 
 /** The session Neon's proxy gives: UTC and ISO dates, so drizzle parses timestamps itself. */
 const SESSION_OPTIONS = "-c TimeZone=UTC -c DateStyle=ISO,MDY";

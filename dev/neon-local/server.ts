@@ -66,7 +66,9 @@ export function transactionModes(options: BatchOptions): string {
 }
 
 /** Fills what a backend lacks (PGlite reports only name and type OID) with what Neon sends. */
-export function fieldDescription(field: { name: string; dataTypeID: number } & Partial<FieldDescription>): FieldDescription {
+export function fieldDescription(
+  field: { name: string; dataTypeID: number } & Partial<FieldDescription>,
+): FieldDescription {
   return {
     name: field.name,
     dataTypeID: field.dataTypeID,
@@ -81,7 +83,9 @@ export function fieldDescription(field: { name: string; dataTypeID: number } & P
 // ---------------------------------------------------------------------------------------------
 // Public API.
 
-export type BackendOptions = { kind: "pglite"; dataDir?: string /* undefined = in memory */ } | { kind: "postgres"; url: string };
+export type BackendOptions =
+  | { kind: "pglite"; dataDir?: string /* undefined = in memory */ }
+  | { kind: "postgres"; url: string };
 
 export interface NeonLocalOptions {
   backend?: BackendOptions;
@@ -253,7 +257,10 @@ async function handleSql(state: ServerState, req: IncomingMessage, res: ServerRe
   state.stats.requests++;
   const body = await readBody(req, state.maxBodyBytes);
   if (body === "too-large") {
-    return sendText(res, 413, `request body too large (limit ${state.maxBodyBytes} bytes)`, { ...cors(), Connection: "close" });
+    return sendText(res, 413, `request body too large (limit ${state.maxBodyBytes} bytes)`, {
+      ...cors(),
+      Connection: "close",
+    });
   }
   if (state.down) return sendText(res, 503, "neon-local: database is down (fault injection)", cors());
 

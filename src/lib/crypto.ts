@@ -133,12 +133,19 @@ export async function verify(keyring: Keyring, message: string, signature: strin
 
 /** Constant-time membership test: compares SHA-256 digests so length differences leak nothing. */
 export async function matchesAny(candidate: string, accepted: readonly string[]): Promise<boolean> {
-  const candidateDigest = await crypto.subtle.digest("SHA-256", utf8(candidate));
+  const candidateDigest = new Uint8Array(await crypto.subtle.digest("SHA-256", utf8(candidate)));
   let found = false;
   for (const key of accepted) {
-    const digest = await crypto.subtle.digest("SHA-256", utf8(key));
+    const digest = new Uint8Array(await crypto.subtle.digest("SHA-256", utf8(key)));
     // Every key is compared, match or not, so timing does not reveal which one matched.
-    if (crypto.subtle.timingSafeEqual(candidateDigest, digest)) found = true;
+    if (equalDigests(candidateDigest, digest)) found = true;
   }
   return found;
+}
+
+/** Equal-length byte comparison whose time does not depend on where the bytes differ. */
+function equalDigests(a: Uint8Array, b: Uint8Array): boolean {
+  let difference = a.length ^ b.length;
+  for (let i = 0; i < a.length; i++) difference |= a[i]! ^ (b[i] ?? 0);
+  return difference === 0;
 }

@@ -50,7 +50,7 @@ export async function startLogin(
   now: Date,
 ): Promise<LoginStart> {
   const [client] = await db.select().from(clients).where(eq(clients.id, clientId));
-  if (!client || !client.isActive) throw clientNotFound(clientId);
+  if (!client?.isActive) throw clientNotFound(clientId);
   // Reusing the browser's binding lets one operator connect several branches in parallel tabs.
   const binding = existingBinding && /^[A-Za-z0-9_-]{32,64}$/.test(existingBinding) ? existingBinding : randomToken();
   const pkce = await createPkcePair();
@@ -113,7 +113,7 @@ export async function completeLogin(
     throw new AppError("invalid_state", "This sign-in was already completed. Start again from your login link.");
 
   const [client] = await db.select().from(clients).where(eq(clients.id, payload.c));
-  if (!client || !client.isActive) throw clientNotFound(payload.c);
+  if (!client?.isActive) throw clientNotFound(payload.c);
 
   let issued: IssuedTokens;
   const sentAt = new Date(now.getTime() + (Date.now() - started));

@@ -1,4 +1,4 @@
-import { and, eq, isNull, lte, or } from "drizzle-orm";
+import { and, eq, isNull, lt, lte, or } from "drizzle-orm";
 import type { Db } from "../db/client";
 import { latestToken } from "../db/queries";
 import { type ClientRow, clients, type TokenRow, tokens } from "../db/schema";
@@ -115,7 +115,7 @@ async function findByClient(db: Db, clientId: number): Promise<Found> {
 
 function requireGrant(found: Found, label: string): { client: ClientRow; token: TokenRow } {
   const { client, token } = found;
-  if (!client || !client.isActive) throw new AppError("not_found", `No active client is registered for ${label}.`);
+  if (!client?.isActive) throw new AppError("not_found", `No active client is registered for ${label}.`);
   if (!token) {
     throw new AppError(
       "not_connected",
@@ -185,7 +185,7 @@ async function refreshOrServe(
 
     // Someone else holds the lease, or refreshed since we looked.
     const latest = await readToken(deps.db, current.id);
-    if (!latest || latest.status !== "active" || !latest.isValid) {
+    if (latest?.status !== "active" || !latest.isValid) {
       requireGrant({ client, token: latest ?? null }, client.branchId);
       throw reauthorizationRequired(client);
     }
@@ -237,7 +237,9 @@ async function tryLease(
         eq(tokens.isValid, true),
         eq(tokens.status, "active"),
         or(isNull(tokens.leaseExpiresAt), lte(tokens.leaseExpiresAt, now)),
-        unrefreshedSince ? lte(tokens.expiresAt, unrefreshedSince) : undefined,
+        // Nobody refreshed since we read it. The database keeps microseconds and JS dates keep
+        // milliseconds, so compare against the next millisecond.
+        unrefreshedSince ? lt(tokens.expiresAt, new Date(unrefreshedSince.getTime() + 1)) : undefined,
       ),
     )
     .returning();

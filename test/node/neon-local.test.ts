@@ -3,8 +3,8 @@
 import { mkdtemp, rm } from "node:fs/promises";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
-import { neon, neonConfig, type NeonQueryFunction } from "@neondatabase/serverless";
-import { eq, sql as dsql } from "drizzle-orm";
+import { type NeonQueryFunction, neon, neonConfig } from "@neondatabase/serverless";
+import { sql as dsql, eq } from "drizzle-orm";
 import { drizzle, type NeonHttpDatabase } from "drizzle-orm/neon-http";
 import { bigint, boolean, customType, integer, jsonb, numeric, pgSchema, text, timestamp } from "drizzle-orm/pg-core";
 import { afterAll, beforeAll, beforeEach, describe, expect, it } from "vitest";
@@ -14,8 +14,23 @@ import { type BackendOptions, type NeonLocal, startNeonLocal } from "../../dev/n
 neonConfig.fetchEndpoint = (host, port) => `http://${host}:${port}/sql`;
 
 const ERROR_KEYS = [
-  "message", "code", "detail", "hint", "position", "internalPosition", "internalQuery", "severity", "where",
-  "table", "column", "schema", "dataType", "constraint", "file", "line", "routine",
+  "message",
+  "code",
+  "detail",
+  "hint",
+  "position",
+  "internalPosition",
+  "internalQuery",
+  "severity",
+  "where",
+  "table",
+  "column",
+  "schema",
+  "dataType",
+  "constraint",
+  "file",
+  "line",
+  "routine",
 ].sort();
 
 const TEST_DATABASE_URL = process.env.TEST_DATABASE_URL;
@@ -23,7 +38,11 @@ if (!TEST_DATABASE_URL) console.log("neon-local: skipping the PostgreSQL backend
 
 const backends: { name: string; backend: () => BackendOptions; enabled: boolean }[] = [
   { name: "pglite (memory)", backend: () => ({ kind: "pglite" }), enabled: true },
-  { name: "postgres", backend: () => ({ kind: "postgres", url: TEST_DATABASE_URL ?? "" }), enabled: !!TEST_DATABASE_URL },
+  {
+    name: "postgres",
+    backend: () => ({ kind: "postgres", url: TEST_DATABASE_URL ?? "" }),
+    enabled: !!TEST_DATABASE_URL,
+  },
 ];
 
 const bytea = customType<{ data: Uint8Array; driverData: Uint8Array }>({ dataType: () => "bytea" });
@@ -33,7 +52,12 @@ async function postSql(local: NeonLocal, body: string, headers: Record<string, s
   return fetch(local.sqlEndpoint, {
     method: "POST",
     body,
-    headers: { "Neon-Connection-String": local.connectionString, "Neon-Array-Mode": "true", "Neon-Raw-Text-Output": "true", ...headers },
+    headers: {
+      "Neon-Connection-String": local.connectionString,
+      "Neon-Array-Mode": "true",
+      "Neon-Raw-Text-Output": "true",
+      ...headers,
+    },
   });
 }
 
@@ -102,18 +126,21 @@ describe.each(backends)("neon-local on $name", ({ backend, enabled }) => {
     it("round-trips every common type exactly through neon()", async () => {
       const created = new Date("2024-02-29T23:59:58.123Z");
       const tricky = `quote " backslash \\ comma , brace { } unicode é 😀 newline\n`;
-      await sql.query(`INSERT INTO ${schemaName}.accounts VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10), (2,'null@x',NULL,NULL,NULL,NULL,NULL,NULL,NULL,NULL)`, [
-        1,
-        tricky,
-        9007199254740993n,
-        "12345678901234567890.000000000000000001",
-        false,
-        created,
-        { nested: { a: [1, "two", null], b: true }, "k\"ey": "v" },
-        new Uint8Array([0, 1, 127, 128, 255]),
-        ["a\"b", null, "c,d", "", "NULL"],
-        [1, -2, 2147483647],
-      ]);
+      await sql.query(
+        `INSERT INTO ${schemaName}.accounts VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10), (2,'null@x',NULL,NULL,NULL,NULL,NULL,NULL,NULL,NULL)`,
+        [
+          1,
+          tricky,
+          9007199254740993n,
+          "12345678901234567890.000000000000000001",
+          false,
+          created,
+          { nested: { a: [1, "two", null], b: true }, 'k"ey': "v" },
+          new Uint8Array([0, 1, 127, 128, 255]),
+          ['a"b', null, "c,d", "", "NULL"],
+          [1, -2, 2147483647],
+        ],
+      );
       const rows = await sql.query(`SELECT * FROM ${schemaName}.accounts ORDER BY id`);
       expect(rows[0]).toMatchObject({
         id: 1,
@@ -124,34 +151,67 @@ describe.each(backends)("neon-local on $name", ({ backend, enabled }) => {
         // drizzle-orm/neon-http, once constructed, globally sets the driver's date/time parsers to
         // pass-through (it parses them itself), so neon() hands back PostgreSQL's text here.
         created_at: "2024-02-29 23:59:58.123+00",
-        profile: { nested: { a: [1, "two", null], b: true }, "k\"ey": "v" },
-        tags: ["a\"b", null, "c,d", "", "NULL"],
+        profile: { nested: { a: [1, "two", null], b: true }, 'k"ey': "v" },
+        tags: ['a"b', null, "c,d", "", "NULL"],
         scores: [1, -2, 2147483647],
       });
-      expect([...(rows[0]?.secret as Uint8Array)]).toEqual([0, 1, 127, 128, 255]);
+      expect([...(rows[0]!.secret as Uint8Array)]).toEqual([0, 1, 127, 128, 255]);
       expect(rows[1]).toEqual({
-        id: 2, email: "null@x", balance: null, rate: null, active: null, created_at: null, profile: null,
-        secret: null, tags: null, scores: null,
+        id: 2,
+        email: "null@x",
+        balance: null,
+        rate: null,
+        active: null,
+        created_at: null,
+        profile: null,
+        secret: null,
+        tags: null,
+        scores: null,
       });
     });
 
     it("sends PostgreSQL's text output with real type OIDs, in a UTC ISO session", async () => {
       const response = await postSql(
         local,
-        JSON.stringify({ query: "SELECT $1::timestamptz AS t, true AS b, '{1,2}'::int[] AS a, '\\x0102'::bytea AS x, NULL::text AS n, current_setting('DateStyle') AS ds", params: ["2024-01-01T00:00:00.000Z"] }),
+        JSON.stringify({
+          query:
+            "SELECT $1::timestamptz AS t, true AS b, '{1,2}'::int[] AS a, '\\x0102'::bytea AS x, NULL::text AS n, current_setting('DateStyle') AS ds",
+          params: ["2024-01-01T00:00:00.000Z"],
+        }),
       );
       expect(response.status).toBe(200);
       expect(response.headers.get("content-type")).toMatch(/^application\/json/);
-      const body = (await response.json()) as { fields: { name: string; dataTypeID: number }[]; rows: unknown[][] } & Record<string, unknown>;
-      expect(body.fields.map((f) => [f.name, f.dataTypeID])).toEqual([["t", 1184], ["b", 16], ["a", 1007], ["x", 17], ["n", 25], ["ds", 25]]);
+      const body = (await response.json()) as {
+        fields: { name: string; dataTypeID: number }[];
+        rows: unknown[][];
+      } & Record<string, unknown>;
+      expect(body.fields.map((f) => [f.name, f.dataTypeID])).toEqual([
+        ["t", 1184],
+        ["b", 16],
+        ["a", 1007],
+        ["x", 17],
+        ["n", 25],
+        ["ds", 25],
+      ]);
       expect(body.rows).toEqual([["2024-01-01 00:00:00+00", "t", "{1,2}", "\\x0102", null, "ISO, MDY"]]);
       expect(body).toMatchObject({ command: "SELECT", rowCount: 1, rowAsArray: true });
-      for (const field of body.fields) expect(Object.keys(field).sort()).toEqual(["columnID", "dataTypeID", "dataTypeModifier", "dataTypeSize", "format", "name", "tableID"]);
+      for (const field of body.fields)
+        expect(Object.keys(field).sort()).toEqual([
+          "columnID",
+          "dataTypeID",
+          "dataTypeModifier",
+          "dataTypeSize",
+          "format",
+          "name",
+          "tableID",
+        ]);
     });
 
     it("reports the command word and row count, with fullResults", async () => {
       const full = neon(local.connectionString, { fullResults: true });
-      const inserted = await full.query(`INSERT INTO ${schemaName}.accounts (id, email) VALUES (1,'a'),(2,'b'),(3,'c')`);
+      const inserted = await full.query(
+        `INSERT INTO ${schemaName}.accounts (id, email) VALUES (1,'a'),(2,'b'),(3,'c')`,
+      );
       expect(inserted).toMatchObject({ command: "INSERT", rowCount: 3, fields: [] });
       const updated = await full.query(`UPDATE ${schemaName}.accounts SET active = true WHERE id > $1`, [1]);
       expect(updated).toMatchObject({ command: "UPDATE", rowCount: 2 });
@@ -164,16 +224,40 @@ describe.each(backends)("neon-local on $name", ({ backend, enabled }) => {
       const [row] = await db
         .insert(accounts)
         .values({
-          id: 7, email: "d@x", balance: -(2n ** 62n), rate: "0.10", active: true, createdAt,
-          profile: { scopes: ["read", "write"] }, secret: new Uint8Array([222, 173, 190, 239]), tags: ["x", "y z"], scores: [3, 4],
+          id: 7,
+          email: "d@x",
+          balance: -(2n ** 62n),
+          rate: "0.10",
+          active: true,
+          createdAt,
+          profile: { scopes: ["read", "write"] },
+          secret: new Uint8Array([222, 173, 190, 239]),
+          tags: ["x", "y z"],
+          scores: [3, 4],
         })
         .returning();
-      expect(row).toMatchObject({ id: 7, email: "d@x", balance: -(2n ** 62n), rate: "0.10", active: true, createdAt, profile: { scopes: ["read", "write"] }, tags: ["x", "y z"], scores: [3, 4] });
+      expect(row).toMatchObject({
+        id: 7,
+        email: "d@x",
+        balance: -(2n ** 62n),
+        rate: "0.10",
+        active: true,
+        createdAt,
+        profile: { scopes: ["read", "write"] },
+        tags: ["x", "y z"],
+        scores: [3, 4],
+      });
       expect([...(row?.secret ?? [])]).toEqual([222, 173, 190, 239]);
 
-      const updated = await db.update(accounts).set({ active: false }).where(eq(accounts.id, 7)).returning({ active: accounts.active });
+      const updated = await db
+        .update(accounts)
+        .set({ active: false })
+        .where(eq(accounts.id, 7))
+        .returning({ active: accounts.active });
       expect(updated).toEqual([{ active: false }]);
-      const selected = await db.select({ createdAt: accounts.createdAt, n: dsql<number>`count(*) over ()`.mapWith(Number) }).from(accounts);
+      const selected = await db
+        .select({ createdAt: accounts.createdAt, n: dsql<number>`count(*) over ()`.mapWith(Number) })
+        .from(accounts);
       expect(selected).toEqual([{ createdAt, n: 1 }]);
     });
 
@@ -181,12 +265,21 @@ describe.each(backends)("neon-local on $name", ({ backend, enabled }) => {
       await db.insert(accounts).values({ id: 1, email: "dup@x" });
       const error = await rejection(db.insert(accounts).values({ id: 2, email: "dup@x" }));
       const cause = (error.cause ?? error) as Record<string, unknown>;
-      expect(cause).toMatchObject({ code: "23505", constraint: "accounts_email_unique", table: "accounts", schema: schemaName, severity: "ERROR" });
+      expect(cause).toMatchObject({
+        code: "23505",
+        constraint: "accounts_email_unique",
+        table: "accounts",
+        schema: schemaName,
+        severity: "ERROR",
+      });
       expect(cause.detail).toMatch(/dup@x/);
     });
 
     it("rolls a failing drizzle batch back entirely and commits a good one", async () => {
-      await db.batch([db.insert(accounts).values({ id: 1, email: "one@x" }), db.insert(accounts).values({ id: 2, email: "two@x" })]);
+      await db.batch([
+        db.insert(accounts).values({ id: 1, email: "one@x" }),
+        db.insert(accounts).values({ id: 2, email: "two@x" }),
+      ]);
       const error = await rejection(
         db.batch([
           db.insert(accounts).values({ id: 3, email: "three@x" }),
@@ -196,7 +289,10 @@ describe.each(backends)("neon-local on $name", ({ backend, enabled }) => {
       );
       expect(((error.cause ?? error) as Record<string, unknown>).code).toBe("23505");
       const rows = await db.select({ id: accounts.id, active: accounts.active }).from(accounts).orderBy(accounts.id);
-      expect(rows).toEqual([{ id: 1, active: null }, { id: 2, active: null }]);
+      expect(rows).toEqual([
+        { id: 1, active: null },
+        { id: 2, active: null },
+      ]);
     });
 
     it("honours the batch isolation, read-only and deferrable headers", async () => {
@@ -204,18 +300,30 @@ describe.each(backends)("neon-local on $name", ({ backend, enabled }) => {
         [sql`SHOW transaction_isolation`, sql`SHOW transaction_read_only`, sql`SHOW transaction_deferrable`],
         { isolationLevel: "Serializable", readOnly: true, deferrable: true },
       );
-      expect([level, readOnly, deferrable]).toEqual([[{ transaction_isolation: "serializable" }], [{ transaction_read_only: "on" }], [{ transaction_deferrable: "on" }]]);
+      expect([level, readOnly, deferrable]).toEqual([
+        [{ transaction_isolation: "serializable" }],
+        [{ transaction_read_only: "on" }],
+        [{ transaction_deferrable: "on" }],
+      ]);
       const [plain] = await sql.transaction([sql`SHOW transaction_isolation`]);
       expect(plain).toEqual([{ transaction_isolation: "read committed" }]);
-      const error = await rejection(sql.transaction([sql`INSERT INTO ${sql.unsafe(schemaName)}.accounts (id, email) VALUES (1, 'ro')`], { readOnly: true }));
+      const error = await rejection(
+        sql.transaction([sql`INSERT INTO ${sql.unsafe(schemaName)}.accounts (id, email) VALUES (1, 'ro')`], {
+          readOnly: true,
+        }),
+      );
       expect(error.code).toBe("25006");
-      const bad = await postSql(local, JSON.stringify({ queries: [{ query: "SELECT 1" }] }), { "Neon-Batch-Isolation-Level": "Chaos" });
+      const bad = await postSql(local, JSON.stringify({ queries: [{ query: "SELECT 1" }] }), {
+        "Neon-Batch-Isolation-Level": "Chaos",
+      });
       expect(bad.status).toBe(400);
       expect(await bad.json()).toMatchObject({ code: "", severity: "" });
     });
 
     it("refuses two statements in one query, as Neon does", async () => {
-      const error = await rejection(sql.query(`INSERT INTO ${schemaName}.accounts (id, email) VALUES (1, 'a'); SELECT 1`));
+      const error = await rejection(
+        sql.query(`INSERT INTO ${schemaName}.accounts (id, email) VALUES (1, 'a'); SELECT 1`),
+      );
       expect(error.code).toBe("42601");
       expect(await sql.query(`SELECT count(*)::int AS n FROM ${schemaName}.accounts`)).toEqual([{ n: 0 }]);
       await expect(sql.query("SELECT 1; SELECT 2")).rejects.toMatchObject({ code: "42601" });
@@ -226,7 +334,14 @@ describe.each(backends)("neon-local on $name", ({ backend, enabled }) => {
       expect(response.status).toBe(400);
       const body = (await response.json()) as Record<string, unknown>;
       expect(Object.keys(body).sort()).toEqual(ERROR_KEYS);
-      expect(body).toMatchObject({ code: "42P01", severity: "ERROR", position: "18", hint: null, detail: null, constraint: null });
+      expect(body).toMatchObject({
+        code: "42P01",
+        severity: "ERROR",
+        position: "18",
+        hint: null,
+        detail: null,
+        constraint: null,
+      });
       expect(body.message).toMatch(/nowhere/);
       const error = await rejection(sql.query("SELECT nope FROM nowhere"));
       expect(error).toMatchObject({ code: "42P01", position: "18" });
@@ -285,7 +400,10 @@ describe.each(backends)("neon-local on $name", ({ backend, enabled }) => {
         await fetch(`${local.url}/admin/fail`, { method: "POST", body: JSON.stringify({ mode: "ok" }) });
       }
       expect(await sql`SELECT 1 AS one`).toEqual([{ one: 1 }]);
-      const bad = await fetch(`${local.url}/admin/fail`, { method: "POST", body: JSON.stringify({ mode: "sideways" }) });
+      const bad = await fetch(`${local.url}/admin/fail`, {
+        method: "POST",
+        body: JSON.stringify({ mode: "sideways" }),
+      });
       expect(bad.status).toBe(400);
     });
 
@@ -293,7 +411,12 @@ describe.each(backends)("neon-local on $name", ({ backend, enabled }) => {
       const work = Array.from({ length: 20 }, (_, i) =>
         i % 2 === 0
           ? sql.query("SELECT $1::int * 2 AS n, pg_sleep(0.001)::text AS s", [i]).then((rows) => rows[0]?.n)
-          : db.batch([db.insert(accounts).values({ id: i, email: `c${i}@x` }), db.select({ id: accounts.id }).from(accounts).where(eq(accounts.id, i))]).then(([, rows]) => (rows[0]?.id ?? -1) * 2),
+          : db
+              .batch([
+                db.insert(accounts).values({ id: i, email: `c${i}@x` }),
+                db.select({ id: accounts.id }).from(accounts).where(eq(accounts.id, i)),
+              ])
+              .then(([, rows]) => (rows[0]?.id ?? -1) * 2),
       );
       expect(await Promise.all(work)).toEqual(Array.from({ length: 20 }, (_, i) => i * 2));
       expect(await sql.query(`SELECT count(*)::int AS n FROM ${schemaName}.accounts`)).toEqual([{ n: 10 }]);
@@ -316,7 +439,10 @@ describe("neon-local PGlite data directory", () => {
     await expect(startNeonLocal({ backend: { kind: "pglite", dataDir: dir } })).rejects.toThrow(/already open/);
     const firstSql = neon(first.connectionString);
     await firstSql.query("CREATE TABLE kept (id int PRIMARY KEY, note text)");
-    await firstSql.transaction([firstSql`INSERT INTO kept VALUES (1, 'survives')`, firstSql`INSERT INTO kept VALUES (2, ${"restart"})`]);
+    await firstSql.transaction([
+      firstSql`INSERT INTO kept VALUES (1, 'survives')`,
+      firstSql`INSERT INTO kept VALUES (2, ${"restart"})`,
+    ]);
     await first.close();
     await first.close(); // idempotent
     await expect(fetch(`${first.url}/health`)).rejects.toThrow();
@@ -324,7 +450,10 @@ describe("neon-local PGlite data directory", () => {
     const second = await startNeonLocal({ backend: { kind: "pglite", dataDir: dir } });
     try {
       const secondSql = neon(second.connectionString);
-      expect(await secondSql.query("SELECT * FROM kept ORDER BY id")).toEqual([{ id: 1, note: "survives" }, { id: 2, note: "restart" }]);
+      expect(await secondSql.query("SELECT * FROM kept ORDER BY id")).toEqual([
+        { id: 1, note: "survives" },
+        { id: 2, note: "restart" },
+      ]);
     } finally {
       await second.close();
     }
