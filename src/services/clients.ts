@@ -1,6 +1,6 @@
 import { and, asc, desc, eq, gt } from "drizzle-orm";
 import type { Db } from "../db/client";
-import { latestToken } from "../db/queries";
+import { isLatestTokenOfClient } from "../db/queries";
 import { type ClientRow, clients, type TokenRow, tokens } from "../db/schema";
 import { AppError, constraintName, sqlState } from "../errors";
 import { type Keyring, open, seal } from "../lib/crypto";
@@ -70,8 +70,9 @@ export async function listClients(db: Db, options: ListOptions): Promise<ClientW
     options.after === undefined ? undefined : gt(clients.id, options.after),
   ].filter((c) => c !== undefined);
   const rows = await db
-    .select({ client: clients, token: latestToken() })
+    .select({ client: clients, token: tokens })
     .from(clients)
+    .leftJoin(tokens, isLatestTokenOfClient())
     .where(conditions.length ? and(...conditions) : undefined)
     .orderBy(asc(clients.id))
     .limit(options.limit);
@@ -79,7 +80,11 @@ export async function listClients(db: Db, options: ListOptions): Promise<ClientW
 }
 
 export async function getClient(db: Db, id: number): Promise<ClientWithToken> {
-  const [row] = await db.select({ client: clients, token: latestToken() }).from(clients).where(eq(clients.id, id));
+  const [row] = await db
+    .select({ client: clients, token: tokens })
+    .from(clients)
+    .leftJoin(tokens, isLatestTokenOfClient())
+    .where(eq(clients.id, id));
   if (!row) throw clientNotFound(id);
   return toClientWithToken(row);
 }

@@ -1,6 +1,6 @@
 import { and, eq, isNull, lt, lte, or } from "drizzle-orm";
 import type { Db } from "../db/client";
-import { latestToken } from "../db/queries";
+import { isLatestTokenOfClient } from "../db/queries";
 import { type ClientRow, clients, type TokenRow, tokens } from "../db/schema";
 import { AppError } from "../errors";
 import { type Keyring, open, seal } from "../lib/crypto";
@@ -99,16 +99,18 @@ interface Found {
 
 async function findByBranch(db: Db, branchId: string): Promise<Found> {
   const [row] = await db
-    .select({ client: clients, token: latestToken() })
+    .select({ client: clients, token: tokens })
     .from(clients)
+    .leftJoin(tokens, isLatestTokenOfClient())
     .where(eq(clients.branchId, branchId));
   return { client: row?.client, token: row?.token ?? null };
 }
 
 async function findByClient(db: Db, clientId: number): Promise<Found> {
   const [row] = await db
-    .select({ client: clients, token: latestToken() })
+    .select({ client: clients, token: tokens })
     .from(clients)
+    .leftJoin(tokens, isLatestTokenOfClient())
     .where(eq(clients.id, clientId));
   return { client: row?.client, token: row?.token ?? null };
 }
