@@ -172,8 +172,6 @@ interface AsStats {
 // ---------------------------------------------------------------------------------------------
 // Seeding: branches connected through the real flow (POST /clients, login link, provider, callback).
 
-let seedRetries = 0;
-
 async function connectBranch(
   worker: string,
   oauth: OAuthServer,
@@ -201,23 +199,17 @@ async function connectBranch(
   });
   if (created.status !== 201) throw new Error(`POST /clients: ${created.status} ${await created.text()}`);
   const { login_url: loginUrl } = (await created.json()) as { login_url: string };
-  // dev/oauth-server answers 500 ("grant disappeared") when its every-1000th-issue sweep lands on a
-  // fresh authorization-code grant; the Worker reports it as "try again shortly", so we do.
-  for (let attempt = 1; ; attempt++) {
-    const login = await fetch(loginUrl, { redirect: "manual" });
-    await login.text();
-    const cookie = (login.headers.get("set-cookie") ?? "").split(";")[0] ?? "";
-    const authorize = await fetch(login.headers.get("location") ?? "", { redirect: "manual" });
-    await authorize.text();
-    const back = new URL(authorize.headers.get("location") ?? "");
-    const callback = await fetch(`${worker}${BASE_PATH}/auth/callback${back.search}`, {
-      headers: { accept: "application/json", cookie },
-    });
-    const text = await callback.text();
-    if (callback.status === 200) break;
-    if (callback.status !== 502 || attempt === 3) throw new Error(`callback: ${callback.status} ${text}`);
-    seedRetries++;
-  }
+  const login = await fetch(loginUrl, { redirect: "manual" });
+  await login.text();
+  const cookie = (login.headers.get("set-cookie") ?? "").split(";")[0] ?? "";
+  const authorize = await fetch(login.headers.get("location") ?? "", { redirect: "manual" });
+  await authorize.text();
+  const back = new URL(authorize.headers.get("location") ?? "");
+  const callback = await fetch(`${worker}${BASE_PATH}/auth/callback${back.search}`, {
+    headers: { accept: "application/json", cookie },
+  });
+  const text = await callback.text();
+  if (callback.status !== 200) throw new Error(`callback: ${callback.status} ${text}`);
   return body.branch_id;
 }
 
@@ -556,7 +548,6 @@ async function main(): Promise<void> {
         runs: cronRuns.map((c) => ({ ...c, wallMs: round(c.wallMs, 0) })),
         seeding: {
           branches: CRON_TOKENS,
-          retries: seedRetries,
           flow: "POST /clients, login link, provider /authorize, callback",
           ms: round(seedMs, 0),
         },

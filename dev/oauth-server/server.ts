@@ -298,7 +298,6 @@ export async function startOAuthServer(opts: OAuthServerOptions = {}): Promise<O
   }
 
   function issueTokens(client: Client, grantId: string, scope: string, withRefresh: boolean, b: Behavior) {
-    sweep();
     const grant = grants.get(grantId);
     if (!grant) throw new Error("grant disappeared");
     const t = now();
@@ -323,6 +322,8 @@ export async function startOAuthServer(opts: OAuthServerOptions = {}): Promise<O
       body.refresh_token = refresh;
     }
     body.scope = scope;
+    // After the new tokens are attached: a sweep before would drop a brand-new grant (no tokens yet).
+    sweep();
     return body;
   }
 
