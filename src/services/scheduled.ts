@@ -57,7 +57,7 @@ export interface CronSummary extends RefreshCounts {
   duration_ms: number;
 }
 
-export async function deps(env: Env): Promise<RefreshDeps & { config: ReturnType<typeof parseEnv> }> {
+export async function refreshDeps(env: Env): Promise<RefreshDeps & { config: ReturnType<typeof parseEnv> }> {
   const config = parseEnv(env);
   return {
     config,
@@ -72,7 +72,7 @@ export async function deps(env: Env): Promise<RefreshDeps & { config: ReturnType
 
 export async function runScheduledRefresh(env: SchedulerEnv, now: Date): Promise<CronSummary> {
   const started = Date.now();
-  const d = await deps(env);
+  const d = await refreshDeps(env);
   const max = d.config.CRON_MAX_REFRESHES;
   const dueIds = await selectDue(d.db, now, d.config.CRON_REFRESH_WINDOW_SECONDS, max + QUEUE_FANOUT_LIMIT);
   const mine = dueIds.slice(0, max);
@@ -97,7 +97,7 @@ export async function runScheduledRefresh(env: SchedulerEnv, now: Date): Promise
 
 /** The queue consumer: the same refresh code, for the ids a cron run handed over. */
 export async function consumeRefreshBatch(env: Env, batch: MessageBatch<RefreshMessage>, now: Date): Promise<void> {
-  const d = await deps(env);
+  const d = await refreshDeps(env);
   for (const message of batch.messages) {
     try {
       const counts = await refreshTokens(d, message.body.tokenIds, now);
