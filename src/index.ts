@@ -1,4 +1,5 @@
 import { createApp, handleError } from "./app";
+import { describeError, logError } from "./lib/log";
 import { consumeRefreshBatch, type RefreshMessage, runScheduledRefresh, type SchedulerEnv } from "./services/scheduled";
 
 const app = createApp();
@@ -13,7 +14,13 @@ export default {
     }
   },
   async scheduled(controller, env) {
-    await runScheduledRefresh(env, new Date(controller.scheduledTime));
+    try {
+      await runScheduledRefresh(env, new Date(controller.scheduledTime));
+    } catch (error) {
+      // One structured line, then rethrow so the invocation is recorded as failed.
+      logError("scheduled_refresh_failed", { error: describeError(error) });
+      throw error;
+    }
   },
   async queue(batch, env) {
     await consumeRefreshBatch(env, batch, new Date());

@@ -78,6 +78,19 @@ describe("OpenAPI", () => {
 });
 
 describe("scheduled handler", () => {
+  it("logs one failure line and rejects when the database is down", async () => {
+    const log = vi.spyOn(console, "error");
+    const controller = createScheduledController({ scheduledTime: Date.UTC(1999, 0, 1), cron: "*/5 * * * *" });
+    const downEnv = { ...testEnv, NEON_LOCAL_FETCH_ENDPOINT: "http://127.0.0.1:9/sql" };
+    await expect(worker.scheduled(controller, downEnv)).rejects.toThrow();
+    const lines = log.mock.calls
+      .map((args) => String(args[0]))
+      .filter((line) => line.includes("scheduled_refresh_failed"));
+    log.mockRestore();
+    expect(lines).toHaveLength(1);
+    expect(lines[0]).not.toContain("local:local");
+  });
+
   it("runs the refresh job and logs one summary line", async () => {
     const log = vi.spyOn(console, "log");
     const controller = createScheduledController({ scheduledTime: Date.UTC(1999, 0, 1), cron: "*/5 * * * *" });
