@@ -2,7 +2,6 @@ import { sql } from "drizzle-orm";
 import { boolean, index, integer, pgTable, serial, text, timestamp, uniqueIndex } from "drizzle-orm/pg-core";
 
 export const TOKEN_STATUSES = ["active", "needs_reauth", "revoked"] as const;
-export type TokenStatus = (typeof TOKEN_STATUSES)[number];
 
 /** One OAuth client per branch: the credentials this service uses at the provider. */
 export const clients = pgTable("clients", {
