@@ -11,26 +11,19 @@
  * Environment knobs: BENCH_DURATION_MS (per measurement, default 4000), BENCH_ROUNDS (default 5),
  * BENCH_CRON_TOKENS (1000), BENCH_CRON_ROUNDS (3), BENCH_PROVIDER_DELAY_MS (50).
  */
-import { type ChildProcess, execFile, spawn } from "node:child_process";
 import { randomBytes } from "node:crypto";
 import { mkdtempSync, readdirSync, readFileSync, rmSync, statSync, writeFileSync } from "node:fs";
 import { cpus, loadavg, tmpdir, totalmem } from "node:os";
-import { delimiter, dirname, join, resolve } from "node:path";
-import { fileURLToPath } from "node:url";
-import { promisify } from "node:util";
+import { join } from "node:path";
 import { gzipSync } from "node:zlib";
-import { convertV4MiniflareOptions, Miniflare } from "miniflare";
+import type { Miniflare } from "miniflare";
+import * as stack from "../dev/local-stack.ts";
 import { type OAuthServer, startOAuthServer } from "../dev/oauth-server/server.ts";
 import { applyMigrations } from "../scripts/migrate.ts";
 import { cpuBreakdown } from "./cpu.ts";
 import { type LoadResult, load } from "./load.ts";
 
-const ROOT = resolve(dirname(fileURLToPath(import.meta.url)), "..");
-const RESULTS = join(ROOT, "bench/results.json");
-const BASE_PATH = "/token-management";
-const COMPATIBILITY_DATE = /compatibility_date\s*=\s*"([^"]+)"/.exec(
-  readFileSync(join(ROOT, "wrangler.toml"), "utf8"),
-)![1]!;
+const RESULTS = join(stack.ROOT, "bench/results.json");
 
 const DURATION_MS = Number(process.env.BENCH_DURATION_MS ?? 4000);
 const ROUNDS = Number(process.env.BENCH_ROUNDS ?? 5);
@@ -52,30 +45,16 @@ const round = (value: number, digits = 2) => Math.round(value * 10 ** digits) / 
 // ---------------------------------------------------------------------------------------------
 // Building.
 
-const execFileAsync = promisify(execFile);
-const toolEnv = {
-  ...process.env,
-  PATH: [dirname(process.execPath), process.env.PATH ?? ""].join(delimiter),
-  WRANGLER_SEND_METRICS: "false",
-  CLOUDFLARE_CF_FETCH_ENABLED: "false",
-};
-
-interface Bundle {
-  dir: string;
-  main: string;
+interface Bundle extends stack.WorkerBundle {
   files: { name: string; bytes: number; gzipBytes: number }[];
   jsBytes: number;
   jsGzipBytes: number;
   wranglerReport: string | null;
 }
 
+/** Bundles with wrangler (dev/local-stack.ts), then measures the output: sizes raw and gzipped. */
 async function buildBundle(outdir: string, configPath?: string): Promise<Bundle> {
-  const args = ["deploy", "--dry-run", "--outdir", outdir, ...(configPath ? ["--config", configPath] : [])];
-  const { stdout } = await execFileAsync(join(ROOT, "node_modules/.bin/wrangler"), args, {
-    cwd: ROOT,
-    env: toolEnv,
-    maxBuffer: 16 * 1024 * 1024,
-  });
+  const bundle = await stack.bundleWorker(outdir, configPath);
   const files = readdirSync(outdir)
     .filter((name) => statSync(join(outdir, name)).isFile())
     .map((name) => {
@@ -83,71 +62,24 @@ async function buildBundle(outdir: string, configPath?: string): Promise<Bundle>
       return { name, bytes: content.length, gzipBytes: gzipSync(content).length };
     });
   const js = files.filter((f) => /\.(m?js|wasm)$/.test(f.name));
-  const main = js.find((f) => f.name === "index.js")?.name ?? js[0]?.name;
-  if (!main) throw new Error(`no script in ${outdir}`);
   return {
-    dir: outdir,
-    main,
+    ...bundle,
     files,
     jsBytes: js.reduce((s, f) => s + f.bytes, 0),
     jsGzipBytes: js.reduce((s, f) => s + f.gzipBytes, 0),
-    wranglerReport: /Total Upload:[^\n]*/.exec(stdout)?.[0]?.trim() ?? null,
+    wranglerReport: /Total Upload:[^\n]*/.exec(bundle.stdout)?.[0]?.trim() ?? null,
   };
 }
 
 // ---------------------------------------------------------------------------------------------
-// The local database in a child process.
+// The local database (dev/local-stack.ts): its counters.
 
-interface Database {
-  url: string;
-  sqlEndpoint: string;
-  connectionString: string;
-  child: ChildProcess;
-}
-
-async function startDatabase(): Promise<Database> {
-  const child = spawn(process.execPath, ["--import", "tsx", "dev/neon-local/cli.ts", "--port", "0", "--memory"], {
-    cwd: ROOT,
-    env: toolEnv,
-    stdio: ["ignore", "pipe", "inherit"],
-  });
-  const url = await new Promise<string>((resolveUrl, reject) => {
-    let out = "";
-    const timer = setTimeout(() => reject(new Error(`neon-local did not start: ${out}`)), 60_000);
-    child.stdout!.on("data", (chunk: Buffer) => {
-      out += chunk.toString();
-      const match = /listening on (http:\/\/\S+)/.exec(out);
-      if (match) {
-        clearTimeout(timer);
-        resolveUrl(match[1]!);
-      }
-    });
-    child.once("exit", (code) => reject(new Error(`neon-local exited with ${code}: ${out}`)));
-  });
-  const port = new URL(url).port;
-  return { url, sqlEndpoint: `${url}/sql`, connectionString: `postgresql://local:local@127.0.0.1:${port}/main`, child };
-}
-
-async function dbStats(db: Database): Promise<{ requests: number; queries: number; batches: number }> {
+async function dbStats(db: stack.LocalDatabase): Promise<{ requests: number; queries: number; batches: number }> {
   return (await fetch(`${db.url}/stats`)).json() as Promise<{ requests: number; queries: number; batches: number }>;
 }
 
-async function resetDbStats(db: Database): Promise<void> {
+async function resetDbStats(db: stack.LocalDatabase): Promise<void> {
   await fetch(`${db.url}/stats/reset`, { method: "POST" });
-}
-
-async function sql(db: Database, query: string, params: unknown[] = []): Promise<(string | null)[][]> {
-  const response = await fetch(db.sqlEndpoint, {
-    method: "POST",
-    headers: {
-      "Neon-Connection-String": db.connectionString,
-      "Neon-Array-Mode": "true",
-      "Neon-Raw-Text-Output": "true",
-    },
-    body: JSON.stringify({ query, params }),
-  });
-  if (!response.ok) throw new Error(`SQL failed: ${await response.text()}`);
-  return ((await response.json()) as { rows: (string | null)[][] }).rows;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -170,47 +102,16 @@ interface AsStats {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Seeding: branches connected through the real flow (POST /clients, login link, provider, callback).
+// Seeding: branches connected through the real flow (dev/local-stack.ts connectBranch).
 
-async function connectBranch(
-  worker: string,
-  oauth: OAuthServer,
-  adminKey: string,
-  index: number,
-  runId: string,
-): Promise<string> {
-  const body = {
+function benchClient(index: number, runId: string) {
+  return {
     client_id: `bench-${runId}-${index}`,
     client_secret: `bench-secret-${runId}-${index}`,
-    redirect_uri: `${worker}${BASE_PATH}/auth/callback`,
     branch_id: `bench-branch-${index}`,
     workspace_email: "bench@example.com",
     workspace_name: "Bench",
   };
-  await asAdmin(oauth, "POST", "/admin/clients", {
-    client_id: body.client_id,
-    client_secret: body.client_secret,
-    redirect_uris: [body.redirect_uri],
-  });
-  const created = await fetch(`${worker}${BASE_PATH}/clients`, {
-    method: "POST",
-    headers: { authorization: `Bearer ${adminKey}`, "content-type": "application/json" },
-    body: JSON.stringify(body),
-  });
-  if (created.status !== 201) throw new Error(`POST /clients: ${created.status} ${await created.text()}`);
-  const { login_url: loginUrl } = (await created.json()) as { login_url: string };
-  const login = await fetch(loginUrl, { redirect: "manual" });
-  await login.text();
-  const cookie = (login.headers.get("set-cookie") ?? "").split(";")[0] ?? "";
-  const authorize = await fetch(login.headers.get("location") ?? "", { redirect: "manual" });
-  await authorize.text();
-  const back = new URL(authorize.headers.get("location") ?? "");
-  const callback = await fetch(`${worker}${BASE_PATH}/auth/callback${back.search}`, {
-    headers: { accept: "application/json", cookie },
-  });
-  const text = await callback.text();
-  if (callback.status !== 200) throw new Error(`callback: ${callback.status} ${text}`);
-  return body.branch_id;
 }
 
 async function forEachBounded(count: number, concurrency: number, run: (i: number) => Promise<void>): Promise<void> {
@@ -254,7 +155,7 @@ async function main(): Promise<void> {
   const startedAt = new Date();
   const t0 = performance.now();
   const scratch = mkdtempSync(join(tmpdir(), "tm-bench-"));
-  let db: Database | undefined;
+  let db: stack.LocalDatabase | undefined;
   let oauth: OAuthServer | undefined;
   const miniflares: Miniflare[] = [];
   const workerLogs: string[] = [];
@@ -266,8 +167,8 @@ async function main(): Promise<void> {
       floorConfig,
       JSON.stringify({
         name: "bench-floor",
-        main: join(ROOT, "bench/floor-worker.ts"),
-        compatibility_date: COMPATIBILITY_DATE,
+        main: join(stack.ROOT, "bench/floor-worker.ts"),
+        compatibility_date: stack.COMPATIBILITY_DATE,
       }),
     );
     const cpuConfig = join(scratch, "cpu.wrangler.json");
@@ -275,8 +176,8 @@ async function main(): Promise<void> {
       cpuConfig,
       JSON.stringify({
         name: "bench-cpu",
-        main: join(ROOT, "bench/cpu-worker.ts"),
-        compatibility_date: COMPATIBILITY_DATE,
+        main: join(stack.ROOT, "bench/cpu-worker.ts"),
+        compatibility_date: stack.COMPATIBILITY_DATE,
       }),
     );
     const [app, floor, cpuBundle] = await Promise.all([
@@ -287,54 +188,35 @@ async function main(): Promise<void> {
     log(`bundle: ${app.jsBytes} B, gzip ${app.jsGzipBytes} B (${app.wranglerReport ?? "no wrangler report"})`);
 
     // 2. Database and authorization server.
-    db = await startDatabase();
+    db = await stack.startDatabase();
     await applyMigrations(db.connectionString, db.sqlEndpoint);
     oauth = await startOAuthServer({ port: 0 });
     log(`neon-local ${db.url} (PGlite in memory, own process); oauth-server ${oauth.url}`);
 
     // 3. Workers.
-    const adminKey = randomBytes(32).toString("base64url");
-    const serviceKey = randomBytes(32).toString("base64url");
+    const adminKey = stack.randomApiKey();
+    const serviceKey = stack.randomApiKey();
     const bindings: Record<string, string> = {
-      TOKEN_MANAGEMENT_DATABASE_URL: db.connectionString,
-      NEON_LOCAL_FETCH_ENDPOINT: db.sqlEndpoint,
-      TOKEN_ENCRYPTION_KEY: randomBytes(32).toString("base64"),
-      ADMIN_API_KEY: adminKey,
-      SERVICE_API_KEY: serviceKey,
-      OAUTH_AUTHORIZATION_URL: `${oauth.url}/authorize`,
-      OAUTH_TOKEN_URL: `${oauth.url}/token`,
-      OAUTH_REVOCATION_URL: `${oauth.url}/revoke`,
+      ...stack.localBindings(db, oauth, { adminKey, serviceKey }),
       OAUTH_SCOPES: "https://www.googleapis.com/auth/business.manage",
-      OAUTH_ALLOW_INSECURE_HTTP: "true",
       OAUTH_CLIENT_AUTH_METHOD: "client_secret_post",
       OAUTH_TIMEOUT_MS: "10000",
       REFRESH_AHEAD_SECONDS: "300",
       CRON_REFRESH_WINDOW_SECONDS: "900",
       CRON_MAX_REFRESHES: String(CRON_TOKENS),
     };
-    const start = async (name: string, bundle: Bundle) => {
-      const mf = new Miniflare(
-        convertV4MiniflareOptions({
-          host: "127.0.0.1",
-          port: 0,
-          workers: [
-            {
-              name,
-              modules: true,
-              modulesRoot: bundle.dir,
-              scriptPath: join(bundle.dir, bundle.main),
-              compatibilityDate: COMPATIBILITY_DATE,
-              bindings,
-            },
-          ],
-          handleStructuredLogs(entry) {
-            workerLogs.push(JSON.stringify(entry));
-            if (workerLogs.length > 200) workerLogs.shift();
-          },
-        }),
-      );
-      miniflares.push(mf);
-      return { mf, url: (await mf.ready).origin };
+    const start = async (name: string, bundle: Bundle): Promise<stack.RunningWorker> => {
+      const worker = await stack.startWorker({
+        name,
+        bundle,
+        bindings,
+        onLog(entry) {
+          workerLogs.push(JSON.stringify(entry));
+          if (workerLogs.length > 200) workerLogs.shift();
+        },
+      });
+      miniflares.push(worker.mf);
+      return worker;
     };
     const [appMf, floorMf, cpuMf] = await Promise.all([
       start("token-management", app),
@@ -347,7 +229,7 @@ async function main(): Promise<void> {
     const runId = randomBytes(4).toString("hex");
     const seedStarted = performance.now();
     await forEachBounded(CRON_TOKENS, SEED_CONCURRENCY, async (i) => {
-      await connectBranch(appMf.url, oauth!, adminKey, i, runId);
+      await stack.connectBranch(appMf.url, oauth!, adminKey, benchClient(i, runId));
     });
     const seedMs = performance.now() - seedStarted;
     log(`connected ${CRON_TOKENS} branches through the real flow in ${(seedMs / 1000).toFixed(1)} s`);
@@ -356,7 +238,7 @@ async function main(): Promise<void> {
     const branch = "bench-branch-0";
     const auth = { authorization: `Bearer ${serviceKey}` };
     const targets = {
-      app: `${appMf.url}${BASE_PATH}/tokens/${branch}`,
+      app: `${appMf.url}${stack.BASE_PATH}/tokens/${branch}`,
       floor: `${floorMf.url}/floor?branch=${branch}`,
     } as const;
     type Target = keyof typeof targets;
@@ -427,7 +309,7 @@ async function main(): Promise<void> {
       cpuUs: us,
       cpuStepsUs: {
         "createDb with the schema (drizzle relational config) vs plain drizzle": us["floor-schema"]! - us.floor!,
-        "the service's query: latest token as JSON + row mapping": us.query! - us["floor-schema"]!,
+        "the service's query: client left-joined to its latest token + row mapping": us.query! - us["floor-schema"]!,
         "AES-GCM open of the access token (keyring cached)": us["query-decrypt"]! - us.query!,
         "parseEnv (cached) + API-key check (SHA-256 digests)": us["query-full"]! - us["query-decrypt"]!,
         "Hono / zod-openapi routing, middleware (requestId, createDb, keyring, provider), validation, JSON":
@@ -452,7 +334,7 @@ async function main(): Promise<void> {
       outcome: string;
     }[] = [];
     for (let r = 0; r < CRON_ROUNDS; r++) {
-      await sql(db, "update tokens set expires_at = now() + interval '60 seconds' where is_valid");
+      await stack.sql(db, "update tokens set expires_at = now() + interval '60 seconds' where is_valid");
       const asBefore = (await asAdmin(oauth, "GET", "/admin/stats")) as AsStats;
       await resetDbStats(db);
       const started = performance.now();
@@ -460,7 +342,7 @@ async function main(): Promise<void> {
       const wallMs = performance.now() - started;
       const stats = await dbStats(db);
       const asAfter = (await asAdmin(oauth, "GET", "/admin/stats")) as AsStats;
-      const [[refreshed]] = (await sql(
+      const [[refreshed]] = (await stack.sql(
         db,
         "select count(*) from tokens where is_valid and expires_at > now() + interval '1800 seconds'",
       )) as [[string]];
@@ -494,9 +376,9 @@ async function main(): Promise<void> {
         loadavgAtEnd: loadavg().map((v) => round(v, 2)),
         node: process.version,
         platform: `${process.platform}-${process.arch}`,
-        workerd: readJson(join(ROOT, "node_modules/workerd/package.json")).version,
-        miniflare: readJson(join(ROOT, "node_modules/miniflare/package.json")).version,
-        wrangler: readJson(join(ROOT, "node_modules/wrangler/package.json")).version,
+        workerd: readJson(join(stack.ROOT, "node_modules/workerd/package.json")).version,
+        miniflare: readJson(join(stack.ROOT, "node_modules/miniflare/package.json")).version,
+        wrangler: readJson(join(stack.ROOT, "node_modules/wrangler/package.json")).version,
       },
       settings: {
         durationMsPerMeasurement: DURATION_MS,
@@ -504,10 +386,10 @@ async function main(): Promise<void> {
         statistic: "median of rounds; each round's p50/p99 over every request in it",
         loadGenerator: "bench/load.ts (closed loop, keep-alive, microsecond latencies)",
         database: "dev/neon-local on PGlite in memory, own process",
-        compatibilityDate: COMPATIBILITY_DATE,
+        compatibilityDate: stack.COMPATIBILITY_DATE,
       },
       tokenRead: {
-        route: `GET ${BASE_PATH}/tokens/{branch_id} (valid token, service key)`,
+        route: `GET ${stack.BASE_PATH}/tokens/{branch_id} (valid token, service key)`,
         floorRoute: "bench/floor-worker.ts /floor: neon() + drizzle SELECT id FROM clients WHERE branch_id = $1",
         c1: {
           ...read.c1,
@@ -572,12 +454,7 @@ async function main(): Promise<void> {
   } finally {
     for (const mf of miniflares) await mf.dispose().catch(() => undefined);
     await oauth?.close().catch(() => undefined);
-    if (db) {
-      const exited = new Promise((r) => db!.child.once("exit", r));
-      db.child.kill("SIGTERM");
-      await Promise.race([exited, new Promise((r) => setTimeout(r, 5000))]);
-      if (db.child.exitCode === null) db.child.kill("SIGKILL");
-    }
+    if (db) await stack.stopDatabase(db, 5000);
     rmSync(scratch, { recursive: true, force: true });
   }
 }

@@ -14,23 +14,14 @@
  *       resume without a restart, and every client and token stored before is still there.
  * Exit code 0 when every check holds, 1 otherwise.
  */
-import { type ChildProcess, execFile, spawn } from "node:child_process";
 import { randomBytes } from "node:crypto";
-import { mkdtempSync, readdirSync, readFileSync, rmSync } from "node:fs";
+import { mkdtempSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
-import { delimiter, dirname, join, resolve } from "node:path";
-import { fileURLToPath } from "node:url";
-import { promisify } from "node:util";
+import { join } from "node:path";
 import autocannon, { type AutocannonResult } from "autocannon";
-import { convertV4MiniflareOptions, Miniflare } from "miniflare";
+import * as stack from "../../dev/local-stack.ts";
 import { type OAuthServer, startOAuthServer } from "../../dev/oauth-server/server.ts";
 import { applyMigrations } from "../../scripts/migrate.ts";
-
-const ROOT = resolve(dirname(fileURLToPath(import.meta.url)), "../..");
-const BASE_PATH = "/token-management";
-const COMPATIBILITY_DATE = /compatibility_date\s*=\s*"([^"]+)"/.exec(
-  readFileSync(join(ROOT, "wrangler.toml"), "utf8"),
-)![1]!;
 
 const CONNECTIONS = 64;
 const BRANCHES = Number(process.env.FAULTS_BRANCHES ?? 16);
@@ -45,14 +36,6 @@ const TRANSITION_GRACE_MS = 1_000;
 const HARD_LIMIT_MS = 170_000;
 
 const log = (message: string) => console.log(`[faults] ${message}`);
-const execFileAsync = promisify(execFile);
-const toolEnv = {
-  ...process.env,
-  PATH: [dirname(process.execPath), process.env.PATH ?? ""].join(delimiter),
-  WRANGLER_SEND_METRICS: "false",
-  CLOUDFLARE_CF_FETCH_ENABLED: "false",
-};
-
 const failures: string[] = [];
 function check(condition: boolean, message: string): void {
   if (condition) log(`ok   ${message}`);
@@ -65,66 +48,14 @@ function check(condition: boolean, message: string): void {
 // ---------------------------------------------------------------------------------------------
 // The stack.
 
-interface Database {
-  url: string;
-  sqlEndpoint: string;
-  connectionString: string;
-  child: ChildProcess;
-}
-
-async function startDatabase(): Promise<Database> {
-  const child = spawn(process.execPath, ["--import", "tsx", "dev/neon-local/cli.ts", "--port", "0", "--memory"], {
-    cwd: ROOT,
-    env: toolEnv,
-    stdio: ["ignore", "pipe", "inherit"],
-  });
-  const url = await new Promise<string>((resolveUrl, reject) => {
-    let out = "";
-    const timer = setTimeout(() => reject(new Error(`neon-local did not start: ${out}`)), 60_000);
-    child.stdout!.on("data", (chunk: Buffer) => {
-      out += chunk.toString();
-      const match = /listening on (http:\/\/\S+)/.exec(out);
-      if (match) {
-        clearTimeout(timer);
-        resolveUrl(match[1]!);
-      }
-    });
-    child.once("exit", (code) => reject(new Error(`neon-local exited with ${code}: ${out}`)));
-  });
-  const port = new URL(url).port;
-  return { url, sqlEndpoint: `${url}/sql`, connectionString: `postgresql://local:local@127.0.0.1:${port}/main`, child };
-}
-
-async function stopDatabase(db: Database): Promise<void> {
-  if (db.child.exitCode !== null) return;
-  const exited = new Promise((r) => db.child.once("exit", r));
-  db.child.kill("SIGTERM");
-  await Promise.race([exited, new Promise((r) => setTimeout(r, 3_000))]);
-  if (db.child.exitCode === null) db.child.kill("SIGKILL");
-}
-
-async function setDatabase(db: Database, mode: "down" | "ok"): Promise<void> {
+async function setDatabase(db: stack.LocalDatabase, mode: "down" | "ok"): Promise<void> {
   const response = await fetch(`${db.url}/admin/fail`, { method: "POST", body: JSON.stringify({ mode }) });
   if (!response.ok) throw new Error(`neon-local /admin/fail ${mode}: ${response.status} ${await response.text()}`);
 }
 
-async function sql(db: Database, query: string): Promise<(string | null)[][]> {
-  const response = await fetch(db.sqlEndpoint, {
-    method: "POST",
-    headers: {
-      "Neon-Connection-String": db.connectionString,
-      "Neon-Array-Mode": "true",
-      "Neon-Raw-Text-Output": "true",
-    },
-    body: JSON.stringify({ query, params: [] }),
-  });
-  if (!response.ok) throw new Error(`SQL failed: ${await response.text()}`);
-  return ((await response.json()) as { rows: (string | null)[][] }).rows;
-}
-
 /** Every row the Worker stores, summarised so that before/after can be compared exactly. */
-async function snapshot(db: Database): Promise<Record<string, string>> {
-  const [row] = await sql(
+async function snapshot(db: stack.LocalDatabase): Promise<Record<string, string>> {
+  const [row] = await stack.sql(
     db,
     `select (select count(*) from clients), (select count(*) from tokens),
             (select count(*) from tokens where is_valid and status = 'active'),
@@ -134,66 +65,23 @@ async function snapshot(db: Database): Promise<Record<string, string>> {
   return { clients: clients!, tokens: tokens!, active: active!, digest: digest! };
 }
 
-async function bundleWorker(outdir: string): Promise<string> {
-  await execFileAsync(join(ROOT, "node_modules/.bin/wrangler"), ["deploy", "--dry-run", "--outdir", outdir], {
-    cwd: ROOT,
-    env: toolEnv,
-    maxBuffer: 16 * 1024 * 1024,
-  });
-  const main =
-    readdirSync(outdir).find((name) => name === "index.js") ?? readdirSync(outdir).find((n) => n.endsWith(".js"));
-  if (!main) throw new Error(`no script in ${outdir}`);
-  return main;
-}
-
 // ---------------------------------------------------------------------------------------------
 // Branches connected through the real flow: POST /clients, login link, provider, callback.
 
-async function connectBranch(worker: string, oauth: OAuthServer, adminKey: string, index: number, runId: string) {
-  const body = {
+function faultsClient(index: number, runId: string) {
+  return {
     client_id: `faults-${runId}-${index}`,
     client_secret: `faults-secret-${runId}-${index}`,
-    redirect_uri: `${worker}${BASE_PATH}/auth/callback`,
     branch_id: `faults-branch-${runId}-${index}`,
     workspace_email: "faults@example.com",
     workspace_name: "Faults",
   };
-  const registered = await fetch(`${oauth.url}/admin/clients`, {
-    method: "POST",
-    headers: { "content-type": "application/json" },
-    body: JSON.stringify({
-      client_id: body.client_id,
-      client_secret: body.client_secret,
-      redirect_uris: [body.redirect_uri],
-    }),
-  });
-  if (registered.status !== 201) throw new Error(`provider registration: ${await registered.text()}`);
-  const created = await fetch(`${worker}${BASE_PATH}/clients`, {
-    method: "POST",
-    headers: { authorization: `Bearer ${adminKey}`, "content-type": "application/json" },
-    body: JSON.stringify(body),
-  });
-  if (created.status !== 201) throw new Error(`POST /clients: ${created.status} ${await created.text()}`);
-  const { login_url: loginUrl } = (await created.json()) as { login_url: string };
-  const login = await fetch(loginUrl, { redirect: "manual" });
-  await login.text();
-  if (login.status !== 302) throw new Error(`login link: ${login.status}`);
-  const cookie = (login.headers.get("set-cookie") ?? "").split(";")[0] ?? "";
-  const authorize = await fetch(login.headers.get("location") ?? "", { redirect: "manual" });
-  await authorize.text();
-  const back = new URL(authorize.headers.get("location") ?? "");
-  const callback = await fetch(`${worker}${BASE_PATH}/auth/callback${back.search}`, {
-    headers: { accept: "application/json", cookie },
-  });
-  const text = await callback.text();
-  if (callback.status !== 200) throw new Error(`callback: ${callback.status} ${text}`);
-  return body.branch_id;
 }
 
 async function readTokens(worker: string, serviceKey: string, branches: string[]) {
   const tokens = new Map<string, string>();
   for (const branch of branches) {
-    const response = await fetch(`${worker}${BASE_PATH}/tokens/${branch}`, {
+    const response = await fetch(`${worker}${stack.BASE_PATH}/tokens/${branch}`, {
       headers: { authorization: `Bearer ${serviceKey}` },
     });
     const body = (await response.json()) as { access_token?: string };
@@ -250,7 +138,7 @@ function runLoad(
     headers: { authorization: `Bearer ${serviceKey}` },
     requests: branches.map((branch) => ({
       method: "GET",
-      path: `${BASE_PATH}/tokens/${branch}`,
+      path: `${stack.BASE_PATH}/tokens/${branch}`,
       ...(onResponse ? { onResponse } : {}),
     })),
   });
@@ -261,78 +149,57 @@ function runLoad(
 async function main(): Promise<void> {
   const started = performance.now();
   const scratch = mkdtempSync(join(tmpdir(), "tm-faults-"));
-  let db: Database | undefined;
+  let db: stack.LocalDatabase | undefined;
   let oauth: OAuthServer | undefined;
-  let mf: Miniflare | undefined;
+  let running: stack.RunningWorker | undefined;
   const workerLogs = { byEvent: new Map<string, number>() };
 
   const cleanup = async () => {
-    await mf?.dispose().catch(() => undefined);
+    await running?.mf.dispose().catch(() => undefined);
     await oauth?.close().catch(() => undefined);
-    if (db) await stopDatabase(db);
+    if (db) await stack.stopDatabase(db);
     rmSync(scratch, { recursive: true, force: true });
   };
   const hardLimit = setTimeout(() => {
     log(`FAIL still running after ${HARD_LIMIT_MS / 1000} s: stopping`);
     db?.child.kill("SIGKILL");
-    void mf?.dispose();
+    void running?.mf.dispose();
     process.exit(1);
   }, HARD_LIMIT_MS);
   hardLimit.unref();
 
   try {
     // 1. The stack.
-    const [database, oauthServer, main] = await Promise.all([
-      startDatabase(),
+    const [database, oauthServer, bundle] = await Promise.all([
+      stack.startDatabase(),
       startOAuthServer({ host: "127.0.0.1", port: 0 }),
-      bundleWorker(join(scratch, "bundle")),
+      stack.bundleWorker(join(scratch, "bundle")),
     ]);
     db = database;
     oauth = oauthServer;
     await applyMigrations(db.connectionString, db.sqlEndpoint);
-    const adminKey = randomBytes(32).toString("base64url");
-    const serviceKey = randomBytes(32).toString("base64url");
-    mf = new Miniflare(
-      convertV4MiniflareOptions({
-        host: "127.0.0.1",
-        port: 0,
-        workers: [
-          {
-            name: "token-management",
-            modules: true,
-            modulesRoot: join(scratch, "bundle"),
-            scriptPath: join(scratch, "bundle", main),
-            compatibilityDate: COMPATIBILITY_DATE,
-            bindings: {
-              TOKEN_MANAGEMENT_DATABASE_URL: db.connectionString,
-              NEON_LOCAL_FETCH_ENDPOINT: db.sqlEndpoint,
-              TOKEN_ENCRYPTION_KEY: randomBytes(32).toString("base64"),
-              ADMIN_API_KEY: adminKey,
-              SERVICE_API_KEY: serviceKey,
-              OAUTH_AUTHORIZATION_URL: `${oauth.url}/authorize`,
-              OAUTH_TOKEN_URL: `${oauth.url}/token`,
-              OAUTH_REVOCATION_URL: `${oauth.url}/revoke`,
-              OAUTH_ALLOW_INSECURE_HTTP: "true",
-              OAUTH_TIMEOUT_MS: "5000",
-            },
-          },
-        ],
-        handleStructuredLogs(entry: { level?: string; message?: string }) {
-          const message = entry.message ?? "";
-          const event = /"event":"([^"]+)"/.exec(message)?.[1] ?? entry.level ?? "log";
-          const code = /"code":"([^"]+)"/.exec(message)?.[1];
-          const key = code ? `${event}:${code}` : event;
-          workerLogs.byEvent.set(key, (workerLogs.byEvent.get(key) ?? 0) + 1);
-        },
-      }),
-    );
-    const worker = (await mf.ready).origin;
+    const adminKey = stack.randomApiKey();
+    const serviceKey = stack.randomApiKey();
+    running = await stack.startWorker({
+      name: "token-management",
+      bundle,
+      bindings: { ...stack.localBindings(db, oauth, { adminKey, serviceKey }), OAUTH_TIMEOUT_MS: "5000" },
+      onLog(entry) {
+        const message = entry.message ?? "";
+        const event = /"event":"([^"]+)"/.exec(message)?.[1] ?? entry.level ?? "log";
+        const code = /"code":"([^"]+)"/.exec(message)?.[1];
+        const key = code ? `${event}:${code}` : event;
+        workerLogs.byEvent.set(key, (workerLogs.byEvent.get(key) ?? 0) + 1);
+      },
+    });
+    const worker = running.url;
     log(`neon-local ${db.url} (PGlite in memory), oauth-server ${oauth.url}, Worker ${worker}`);
 
     // 2. Branches.
     const runId = randomBytes(3).toString("hex");
     const branches: string[] = [];
-    for (let i = 0; i < BRANCHES; i++) branches.push(await connectBranch(worker, oauth, adminKey, i, runId));
+    for (let i = 0; i < BRANCHES; i++)
+      branches.push(await stack.connectBranch(worker, oauth, adminKey, faultsClient(i, runId)));
     const tokensBefore = await readTokens(worker, serviceKey, branches);
     const before = await snapshot(db);
     log(`connected ${branches.length} branches; stored: ${JSON.stringify(before)}`);
@@ -430,7 +297,7 @@ async function main(): Promise<void> {
       branches.every((branch) => tokensAfter.get(branch) === tokensBefore.get(branch)),
       `every branch still serves its token (${branches.length})`,
     );
-    const health = await fetch(`${worker}${BASE_PATH}/health`);
+    const health = await fetch(`${worker}${stack.BASE_PATH}/health`);
     check(health.status === 200, "GET /health is 200 at the end");
     const events = Object.fromEntries(workerLogs.byEvent);
     log(`Worker log events: ${JSON.stringify(events)}`);

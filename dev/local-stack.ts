@@ -1,0 +1,247 @@
+/**
+ * Pieces for scripts that run the real Worker on its own local stack, all on 127.0.0.1 and offline
+ * (`npm run bench`, `npm run test:faults`):
+ *
+ *   - the local database (dev/neon-local, PGlite in memory) in a child process of its own;
+ *   - the Worker bundled by `wrangler deploy --dry-run --outdir` and run in workerd through Miniflare;
+ *   - branches connected through the real consent flow against dev/oauth-server.
+ *
+ * Each script starts the authorization server itself (`startOAuthServer`) and decides what to measure.
+ */
+import { type ChildProcess, execFile, spawn } from "node:child_process";
+import { randomBytes } from "node:crypto";
+import { readdirSync, readFileSync } from "node:fs";
+import { delimiter, dirname, join, resolve } from "node:path";
+import { fileURLToPath } from "node:url";
+import { promisify } from "node:util";
+import { convertV4MiniflareOptions, Miniflare, type WorkerdStructuredLog } from "miniflare";
+import type { OAuthServer } from "./oauth-server/server.ts";
+
+/** The repository root. */
+export const ROOT = resolve(dirname(fileURLToPath(import.meta.url)), "..");
+/** The Worker's routes live under this path (wrangler.toml's route). */
+export const BASE_PATH = "/token-management";
+/** wrangler.toml's compatibility_date, for the Miniflare instances. */
+export const COMPATIBILITY_DATE = /compatibility_date\s*=\s*"([^"]+)"/.exec(
+  readFileSync(join(ROOT, "wrangler.toml"), "utf8"),
+)![1]!;
+
+/** Environment for child tools: this Node first on PATH, no wrangler telemetry or Cloudflare fetches. */
+export const toolEnv: NodeJS.ProcessEnv = {
+  ...process.env,
+  PATH: [dirname(process.execPath), process.env.PATH ?? ""].join(delimiter),
+  WRANGLER_SEND_METRICS: "false",
+  CLOUDFLARE_CF_FETCH_ENABLED: "false",
+};
+
+const execFileAsync = promisify(execFile);
+
+// ---------------------------------------------------------------------------------------------
+// The local database in a child process.
+
+export interface LocalDatabase {
+  /** neon-local's origin (also serves /stats and /admin/fail). */
+  url: string;
+  /** The HTTP SQL endpoint, for NEON_LOCAL_FETCH_ENDPOINT. */
+  sqlEndpoint: string;
+  /** The connection string the Worker and the migrations use. */
+  connectionString: string;
+  child: ChildProcess;
+}
+
+/** Starts dev/neon-local (PGlite in memory, any free port) in a child process; resolves once it listens. */
+export async function startDatabase(): Promise<LocalDatabase> {
+  const child = spawn(process.execPath, ["--import", "tsx", "dev/neon-local/cli.ts", "--port", "0", "--memory"], {
+    cwd: ROOT,
+    env: toolEnv,
+    stdio: ["ignore", "pipe", "inherit"],
+  });
+  const url = await new Promise<string>((resolveUrl, reject) => {
+    let out = "";
+    const timer = setTimeout(() => reject(new Error(`neon-local did not start: ${out}`)), 60_000);
+    child.stdout!.on("data", (chunk: Buffer) => {
+      out += chunk.toString();
+      const match = /listening on (http:\/\/\S+)/.exec(out);
+      if (match) {
+        clearTimeout(timer);
+        resolveUrl(match[1]!);
+      }
+    });
+    child.once("exit", (code) => reject(new Error(`neon-local exited with ${code}: ${out}`)));
+  });
+  const port = new URL(url).port;
+  return { url, sqlEndpoint: `${url}/sql`, connectionString: `postgresql://local:local@127.0.0.1:${port}/main`, child };
+}
+
+/** Stops the database process: SIGTERM, then SIGKILL if it is still there after `graceMs`. */
+export async function stopDatabase(db: LocalDatabase, graceMs = 3_000): Promise<void> {
+  if (db.child.exitCode !== null) return;
+  const exited = new Promise((r) => db.child.once("exit", r));
+  db.child.kill("SIGTERM");
+  await Promise.race([exited, new Promise((r) => setTimeout(r, graceMs))]);
+  if (db.child.exitCode === null) db.child.kill("SIGKILL");
+}
+
+/** Runs one statement through neon-local's HTTP endpoint; rows as arrays of raw text. */
+export async function sql(db: LocalDatabase, query: string, params: unknown[] = []): Promise<(string | null)[][]> {
+  const response = await fetch(db.sqlEndpoint, {
+    method: "POST",
+    headers: {
+      "Neon-Connection-String": db.connectionString,
+      "Neon-Array-Mode": "true",
+      "Neon-Raw-Text-Output": "true",
+    },
+    body: JSON.stringify({ query, params }),
+  });
+  if (!response.ok) throw new Error(`SQL failed: ${await response.text()}`);
+  return ((await response.json()) as { rows: (string | null)[][] }).rows;
+}
+
+// ---------------------------------------------------------------------------------------------
+// The Worker: bundled by wrangler, run in workerd through Miniflare.
+
+export interface WorkerBundle {
+  /** The output directory (the modules root). */
+  dir: string;
+  /** The entry script's file name in `dir`. */
+  main: string;
+  /** wrangler's output (it reports the upload size). */
+  stdout: string;
+}
+
+/**
+ * Bundles a Worker with `wrangler deploy --dry-run --outdir`: the project's Worker, or the one
+ * `configPath` describes.
+ */
+export async function bundleWorker(outdir: string, configPath?: string): Promise<WorkerBundle> {
+  const args = ["deploy", "--dry-run", "--outdir", outdir, ...(configPath ? ["--config", configPath] : [])];
+  const { stdout } = await execFileAsync(join(ROOT, "node_modules/.bin/wrangler"), args, {
+    cwd: ROOT,
+    env: toolEnv,
+    maxBuffer: 16 * 1024 * 1024,
+  });
+  const names = readdirSync(outdir);
+  const main = names.find((name) => name === "index.js") ?? names.find((name) => /\.m?js$/.test(name));
+  if (!main) throw new Error(`no script in ${outdir}`);
+  return { dir: outdir, main, stdout };
+}
+
+/**
+ * The bindings every local run gives the Worker: the local database, fresh random keys, and the
+ * OAuth endpoints at the local authorization server (plain HTTP allowed). Add the rest per run.
+ */
+export function localBindings(
+  db: LocalDatabase,
+  oauth: OAuthServer,
+  keys: { adminKey: string; serviceKey: string },
+): Record<string, string> {
+  return {
+    TOKEN_MANAGEMENT_DATABASE_URL: db.connectionString,
+    NEON_LOCAL_FETCH_ENDPOINT: db.sqlEndpoint,
+    TOKEN_ENCRYPTION_KEY: randomBytes(32).toString("base64"),
+    ADMIN_API_KEY: keys.adminKey,
+    SERVICE_API_KEY: keys.serviceKey,
+    OAUTH_AUTHORIZATION_URL: `${oauth.url}/authorize`,
+    OAUTH_TOKEN_URL: `${oauth.url}/token`,
+    OAUTH_REVOCATION_URL: `${oauth.url}/revoke`,
+    OAUTH_ALLOW_INSECURE_HTTP: "true",
+  };
+}
+
+/** A random API key (32 bytes, base64url), as the Worker's ADMIN_API_KEY / SERVICE_API_KEY. */
+export function randomApiKey(): string {
+  return randomBytes(32).toString("base64url");
+}
+
+export interface RunningWorker {
+  mf: Miniflare;
+  /** The origin the Worker answers on. */
+  url: string;
+}
+
+/** Runs a bundle in workerd through Miniflare on 127.0.0.1 (any free port); resolves once it is ready. */
+export async function startWorker(options: {
+  name: string;
+  bundle: WorkerBundle;
+  bindings: Record<string, string>;
+  onLog?: (entry: WorkerdStructuredLog) => void;
+}): Promise<RunningWorker> {
+  const { name, bundle, bindings, onLog } = options;
+  const mf = new Miniflare(
+    convertV4MiniflareOptions({
+      host: "127.0.0.1",
+      port: 0,
+      workers: [
+        {
+          name,
+          modules: true,
+          modulesRoot: bundle.dir,
+          scriptPath: join(bundle.dir, bundle.main),
+          compatibilityDate: COMPATIBILITY_DATE,
+          bindings,
+        },
+      ],
+      ...(onLog ? { handleStructuredLogs: onLog } : {}),
+    }),
+  );
+  try {
+    return { mf, url: (await mf.ready).origin };
+  } catch (error) {
+    await mf.dispose().catch(() => undefined);
+    throw error;
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Branches connected through the real flow: provider registration, POST /clients, login link,
+// provider /authorize (auto-approve), callback.
+
+export interface BranchClient {
+  client_id: string;
+  client_secret: string;
+  branch_id: string;
+  workspace_email: string;
+  workspace_name: string;
+}
+
+/** Connects one branch through the real consent flow; resolves to its branch_id once the callback stored a token. */
+export async function connectBranch(
+  worker: string,
+  oauth: OAuthServer,
+  adminKey: string,
+  client: BranchClient,
+): Promise<string> {
+  const body = { ...client, redirect_uri: `${worker}${BASE_PATH}/auth/callback` };
+  const registered = await fetch(`${oauth.url}/admin/clients`, {
+    method: "POST",
+    headers: { "content-type": "application/json" },
+    body: JSON.stringify({
+      client_id: body.client_id,
+      client_secret: body.client_secret,
+      redirect_uris: [body.redirect_uri],
+    }),
+  });
+  if (registered.status !== 201) {
+    throw new Error(`provider registration: ${registered.status} ${await registered.text()}`);
+  }
+  const created = await fetch(`${worker}${BASE_PATH}/clients`, {
+    method: "POST",
+    headers: { authorization: `Bearer ${adminKey}`, "content-type": "application/json" },
+    body: JSON.stringify(body),
+  });
+  if (created.status !== 201) throw new Error(`POST /clients: ${created.status} ${await created.text()}`);
+  const { login_url: loginUrl } = (await created.json()) as { login_url: string };
+  const login = await fetch(loginUrl, { redirect: "manual" });
+  await login.text();
+  if (login.status !== 302) throw new Error(`login link: ${login.status}`);
+  const cookie = (login.headers.get("set-cookie") ?? "").split(";")[0] ?? "";
+  const authorize = await fetch(login.headers.get("location") ?? "", { redirect: "manual" });
+  await authorize.text();
+  const back = new URL(authorize.headers.get("location") ?? "");
+  const callback = await fetch(`${worker}${BASE_PATH}/auth/callback${back.search}`, {
+    headers: { accept: "application/json", cookie },
+  });
+  const text = await callback.text();
+  if (callback.status !== 200) throw new Error(`callback: ${callback.status} ${text}`);
+  return body.branch_id;
+}
