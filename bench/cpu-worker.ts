@@ -20,6 +20,15 @@ interface Recorded {
   responseHeaders: [string, string][];
 }
 
+/** A Headers object as name/value pairs (forEach: the DOM typings used here give Headers no iterator). */
+function pairs(headers: Headers): [string, string][] {
+  const out: [string, string][] = [];
+  headers.forEach((value, name) => {
+    out.push([name, value]);
+  });
+  return out;
+}
+
 export default {
   async fetch(request: Request, env: never, ctx: ExecutionContext): Promise<Response> {
     const { branchId, serviceKey, iterations } = (await request.json()) as {
@@ -37,10 +46,10 @@ export default {
         hit = {
           url,
           body,
-          headers: [...new Headers(init.headers)],
+          headers: pairs(new Headers(init.headers)),
           status: response.status,
           response: await response.text(),
-          responseHeaders: [...response.headers],
+          responseHeaders: pairs(response.headers),
         };
         recorded.set(key, hit);
       }

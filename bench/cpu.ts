@@ -36,8 +36,10 @@ export async function cpuBreakdown(options: {
   if (!response.ok) throw new Error(`cpu worker: ${response.status} ${await response.text()}`);
   const { cpuUs, sql } = (await response.json()) as { cpuUs: Record<string, number>; sql: Recorded[] };
 
-  const floorSql = sql.find((r) => r.body.includes("clients") && !r.body.includes("row_to_json"));
-  const serviceSql = sql.find((r) => r.body.includes("row_to_json"));
+  // The service's query is the only one joining the tokens table (client + latest token).
+  const isServiceQuery = (r: Recorded) => /left join/i.test(r.body);
+  const floorSql = sql.find((r) => r.body.includes("clients") && !isServiceQuery(r));
+  const serviceSql = sql.find(isServiceQuery);
   const time = async (entry: Recorded | undefined) => {
     if (!entry) return Number.NaN;
     const out: number[] = [];
