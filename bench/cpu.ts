@@ -37,7 +37,7 @@ export async function cpuBreakdown(options: {
   const { cpuUs, sql } = (await response.json()) as { cpuUs: Record<string, number>; sql: Recorded[] };
 
   // The service's query is the only one joining the tokens table (client + latest token).
-  const isServiceQuery = (r: Recorded) => /left join/i.test(r.body);
+  const isServiceQuery = (r: Recorded) => /left join lateral/i.test(r.body);
   const floorSql = sql.find((r) => r.body.includes("clients") && !isServiceQuery(r));
   const serviceSql = sql.find(isServiceQuery);
   const time = async (entry: Recorded | undefined) => {

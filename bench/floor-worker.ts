@@ -6,8 +6,8 @@
  * `/floor` is the floor. The other routes add the real read path's pieces one at a time, so the
  * benchmark can say where the time between the floor and `GET /tokens/{branch_id}` goes:
  *   /floor-schema   the floor's query through createDb (drizzle with the schema, as the service builds it)
- *   /query          the service's exact query (`findByBranch`: client left-joined to its latest token
- *                   through `isLatestTokenOfClient()`) via createDb (schema)
+ *   /query          the service's own read query (`findForRead` in src/services/tokens.ts: the client's
+ *                   serving columns with its latest token through a LATERAL subquery) via createDb
  *   /query-decrypt  + the keyring (cached per isolate) and AES-GCM open of the access token
  *   /query-full     + parseEnv (zod, cached per env object) and the API-key check (SHA-256 digests)
  * The remainder up to the real route is Hono / zod-openapi routing, validation and the response.
@@ -16,10 +16,10 @@ import { neon, neonConfig } from "@neondatabase/serverless";
 import { eq } from "drizzle-orm";
 import { drizzle } from "drizzle-orm/neon-http";
 import { createDb } from "../src/db/client";
-import { isLatestTokenOfClient } from "../src/db/queries";
-import { clients, tokens } from "../src/db/schema";
+import { clients } from "../src/db/schema";
 import { parseEnv } from "../src/env";
 import { loadKeyring, matchesAny, open } from "../src/lib/crypto";
+import { findForRead } from "../src/services/tokens";
 
 interface FloorEnv {
   TOKEN_MANAGEMENT_DATABASE_URL: string;
@@ -62,13 +62,8 @@ export default {
           databaseUrl: env.TOKEN_MANAGEMENT_DATABASE_URL,
           localFetchEndpoint: env.NEON_LOCAL_FETCH_ENDPOINT,
         });
-        // As src/services/tokens.ts findByBranch.
-        const [row] = await db
-          .select({ client: clients, token: tokens })
-          .from(clients)
-          .leftJoin(tokens, isLatestTokenOfClient())
-          .where(eq(clients.branchId, branchId));
-        if (!row?.token) return new Response("not found", { status: 404 });
+        const row = await findForRead(db, eq(clients.branchId, branchId));
+        if (!row.client || !row.token) return new Response("not found", { status: 404 });
         let accessToken = row.token.accessToken;
         if (url.pathname !== "/query") {
           accessToken = await open(await loadKeyring(env.TOKEN_ENCRYPTION_KEY), accessToken, "tokens.access_token");

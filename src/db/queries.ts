@@ -1,13 +1,29 @@
-import { eq, sql } from "drizzle-orm";
-import { tokens } from "./schema";
+import { desc, eq, getTableColumns } from "drizzle-orm";
+import type { Db } from "./client";
+import { clients, tokens } from "./schema";
 
 /** Query pieces shared by several services. */
 
 /**
- * Join condition picking the client's most recent token row: `max(id)` per client comes from the
- * (client_id, id) index, so reading a client with its token stays one indexed query. Written out
- * in SQL because the inner "tokens" must be an alias distinct from the joined table.
+ * The most recent token row of the client in the outer query, as a LATERAL subquery to
+ * `leftJoinLateral(latest, sql\`true\`)` onto `clients`: it reads through the (client_id, id)
+ * index, and PostgreSQL computes only the columns the outer query selects.
  */
-export function isLatestTokenOfClient() {
-  return eq(tokens.id, sql`(select max(latest.id) from "tokens" latest where latest.client_id = "clients"."id")`);
+export function latestTokenOfClient(db: Db) {
+  return db
+    .select(getTableColumns(tokens))
+    .from(tokens)
+    .where(eq(tokens.clientId, clients.id))
+    .orderBy(desc(tokens.id))
+    .limit(1)
+    .as("latest_token");
+}
+
+export type LatestToken = ReturnType<typeof latestTokenOfClient>;
+
+/** Every column of the subquery, addressed through its alias, for selecting whole token rows. */
+export function allTokenColumns(latest: LatestToken): LatestToken["_"]["selectedFields"] {
+  return Object.fromEntries(
+    Object.keys(getTableColumns(tokens)).map((name) => [name, latest[name as keyof LatestToken]]),
+  ) as unknown as LatestToken["_"]["selectedFields"];
 }

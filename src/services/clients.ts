@@ -1,6 +1,6 @@
-import { and, asc, desc, eq, gt } from "drizzle-orm";
+import { and, asc, desc, eq, gt, sql } from "drizzle-orm";
 import type { Db } from "../db/client";
-import { isLatestTokenOfClient } from "../db/queries";
+import { allTokenColumns, latestTokenOfClient } from "../db/queries";
 import { type ClientRow, clients, type TokenRow, tokens } from "../db/schema";
 import { AppError, constraintName, sqlState } from "../errors";
 import { type Keyring, open, seal } from "../lib/crypto";
@@ -69,10 +69,7 @@ export async function listClients(db: Db, options: ListOptions): Promise<ClientW
     options.isActive === undefined ? undefined : eq(clients.isActive, options.isActive),
     options.after === undefined ? undefined : gt(clients.id, options.after),
   ].filter((c) => c !== undefined);
-  const rows = await db
-    .select({ client: clients, token: tokens })
-    .from(clients)
-    .leftJoin(tokens, isLatestTokenOfClient())
+  const rows = await selectWithLatestToken(db)
     .where(conditions.length ? and(...conditions) : undefined)
     .orderBy(asc(clients.id))
     .limit(options.limit);
@@ -80,11 +77,7 @@ export async function listClients(db: Db, options: ListOptions): Promise<ClientW
 }
 
 export async function getClient(db: Db, id: number): Promise<ClientWithToken> {
-  const [row] = await db
-    .select({ client: clients, token: tokens })
-    .from(clients)
-    .leftJoin(tokens, isLatestTokenOfClient())
-    .where(eq(clients.id, id));
+  const [row] = await selectWithLatestToken(db).where(eq(clients.id, id));
   if (!row) throw clientNotFound(id);
   return toClientWithToken(row);
 }
@@ -187,6 +180,15 @@ export async function clientCredentials(keyring: Keyring, client: ClientRow): Pr
 
 export function clientNotFound(id: number | string): AppError {
   return new AppError("not_found", `No client with id ${id}.`);
+}
+
+/** Whole client rows with their whole latest token row (admin views; not the hot path). */
+export function selectWithLatestToken(db: Db) {
+  const latest = latestTokenOfClient(db);
+  return db
+    .select({ client: clients, token: allTokenColumns(latest) })
+    .from(clients)
+    .leftJoinLateral(latest, sql`true`);
 }
 
 function toClientWithToken(row: { client: ClientRow; token: TokenRow | null }): ClientWithToken {

@@ -1,12 +1,12 @@
-import { and, eq, isNull, lt, lte, or } from "drizzle-orm";
+import { and, eq, isNull, lt, lte, or, type SQL, sql } from "drizzle-orm";
 import type { Db } from "../db/client";
-import { isLatestTokenOfClient } from "../db/queries";
+import { latestTokenOfClient } from "../db/queries";
 import { type ClientRow, clients, type TokenRow, tokens } from "../db/schema";
 import { AppError } from "../errors";
 import { type Keyring, open, seal } from "../lib/crypto";
 import { describeError, logError, logInfo, logWarn } from "../lib/log";
 import { type IssuedTokens, type Provider, ProviderError, refreshGrant } from "../oauth/provider";
-import { clientCredentials, revokeGrant } from "./clients";
+import { clientCredentials, revokeGrant, selectWithLatestToken } from "./clients";
 import {
   expiryOf,
   inBackoff,
@@ -32,9 +32,24 @@ export interface TokenDeps {
   sleep?: (ms: number) => Promise<void>;
 }
 
+/** The columns a token read needs: the hot path reads nothing else. */
+export type ReadClient = Pick<ClientRow, "id" | "branchId" | "isActive" | "credentialsRejectedAt">;
+export type ReadToken = Pick<
+  TokenRow,
+  | "id"
+  | "accessToken"
+  | "tokenType"
+  | "scope"
+  | "expiresAt"
+  | "lifetimeSeconds"
+  | "isValid"
+  | "status"
+  | "nextAttemptAt"
+>;
+
 export interface ServedToken {
-  client: ClientRow;
-  token: TokenRow;
+  client: ReadClient;
+  token: ReadToken;
   accessToken: string;
   refreshed: boolean;
 }
@@ -50,7 +65,7 @@ const defaultSleep = (ms: number) => new Promise<void>((resolve) => setTimeout(r
 
 /** GET /tokens/{branch_id}: one database round trip when the token is fresh. */
 export async function getBranchToken(deps: TokenDeps, branchId: string, now: Date): Promise<ServedToken> {
-  const { client, token } = requireGrant(await findByBranch(deps.db, branchId), branchId);
+  const { client, token } = requireGrant(await findForRead(deps.db, eq(clients.branchId, branchId)), branchId);
   if (!needsRefresh(token, now, deps.refreshAheadSeconds)) return serve(deps, client, token, false);
   return refreshOrServe(deps, client, token, now, false);
 }
@@ -61,8 +76,10 @@ export async function forceRefresh(
   target: { clientId: number } | { branchId: string },
   now: Date,
 ): Promise<ServedToken> {
-  const found =
-    "branchId" in target ? await findByBranch(deps.db, target.branchId) : await findByClient(deps.db, target.clientId);
+  const found = await findForRead(
+    deps.db,
+    "branchId" in target ? eq(clients.branchId, target.branchId) : eq(clients.id, target.clientId),
+  );
   const { client, token } = requireGrant(found, "branchId" in target ? target.branchId : `client ${target.clientId}`);
   return refreshOrServe(deps, client, token, now, true);
 }
@@ -72,8 +89,8 @@ export async function revokeBranchToken(
   deps: TokenDeps,
   branchId: string,
 ): Promise<{ client: ClientRow; revokedAtProvider: boolean }> {
-  const found = await findByBranch(deps.db, branchId);
-  if (!found.client) throw new AppError("not_found", `No client is registered for branch ${branchId}.`);
+  const [found] = await selectWithLatestToken(deps.db).where(eq(clients.branchId, branchId));
+  if (!found?.client) throw new AppError("not_found", `No client is registered for branch ${branchId}.`);
   const { client, token } = found;
   if (!token) throw new AppError("not_found", `Branch ${branchId} has no token to revoke.`);
   let revokedAtProvider = false;
@@ -93,29 +110,40 @@ export async function revokeBranchToken(
 }
 
 interface Found {
-  client: ClientRow | undefined;
-  token: TokenRow | null;
+  client: ReadClient | undefined;
+  token: ReadToken | null;
 }
 
-async function findByBranch(db: Db, branchId: string): Promise<Found> {
+/** One narrow query: the client's identity and state, and its latest token's serving columns. */
+export async function findForRead(db: Db, where: SQL): Promise<Found> {
+  const latest = latestTokenOfClient(db);
   const [row] = await db
-    .select({ client: clients, token: tokens })
+    .select({
+      client: {
+        id: clients.id,
+        branchId: clients.branchId,
+        isActive: clients.isActive,
+        credentialsRejectedAt: clients.credentialsRejectedAt,
+      },
+      token: {
+        id: latest.id,
+        accessToken: latest.accessToken,
+        tokenType: latest.tokenType,
+        scope: latest.scope,
+        expiresAt: latest.expiresAt,
+        lifetimeSeconds: latest.lifetimeSeconds,
+        isValid: latest.isValid,
+        status: latest.status,
+        nextAttemptAt: latest.nextAttemptAt,
+      },
+    })
     .from(clients)
-    .leftJoin(tokens, isLatestTokenOfClient())
-    .where(eq(clients.branchId, branchId));
+    .leftJoinLateral(latest, sql`true`)
+    .where(where);
   return { client: row?.client, token: row?.token ?? null };
 }
 
-async function findByClient(db: Db, clientId: number): Promise<Found> {
-  const [row] = await db
-    .select({ client: clients, token: tokens })
-    .from(clients)
-    .leftJoin(tokens, isLatestTokenOfClient())
-    .where(eq(clients.id, clientId));
-  return { client: row?.client, token: row?.token ?? null };
-}
-
-function requireGrant(found: Found, label: string): { client: ClientRow; token: TokenRow } {
+function requireGrant(found: Found, label: string): { client: ReadClient; token: ReadToken } {
   const { client, token } = found;
   if (!client?.isActive) throw new AppError("not_found", `No active client is registered for ${label}.`);
   if (!token) {
@@ -148,7 +176,7 @@ function requireGrant(found: Found, label: string): { client: ClientRow; token: 
   return { client, token };
 }
 
-function reauthorizationRequired(client: ClientRow): AppError {
+function reauthorizationRequired(client: ReadClient): AppError {
   return new AppError(
     "reauthorization_required",
     `The provider no longer accepts branch ${client.branchId}'s grant. Someone at the branch must sign in again with a new login link.`,
@@ -164,8 +192,8 @@ function reauthorizationRequired(client: ClientRow): AppError {
 
 async function refreshOrServe(
   deps: TokenDeps,
-  client: ClientRow,
-  seen: TokenRow,
+  client: ReadClient,
+  seen: ReadToken,
   now: Date,
   force: boolean,
 ): Promise<ServedToken> {
@@ -173,7 +201,7 @@ async function refreshOrServe(
   const at = () => new Date(now.getTime() + (Date.now() - started));
   const sleep = deps.sleep ?? defaultSleep;
   const owner = crypto.randomUUID();
-  let current = seen;
+  let current: ReadToken = seen;
   for (;;) {
     if (!force) {
       const blocked = refreshBlocked(client, current, at());
@@ -204,7 +232,7 @@ async function refreshOrServe(
 }
 
 /** Why an automatic refresh must not be attempted now, if it must not. */
-function refreshBlocked(client: ClientRow, token: TokenRow, now: Date): AppError | undefined {
+function refreshBlocked(client: ReadClient, token: Pick<TokenRow, "nextAttemptAt">, now: Date): AppError | undefined {
   if (client.credentialsRejectedAt) {
     return new AppError(
       "client_credentials_rejected",
@@ -229,13 +257,15 @@ async function tryLease(
   owner: string,
   now: Date,
   unrefreshedSince: Date | undefined,
-): Promise<TokenRow | undefined> {
+): Promise<Leased | undefined> {
   const [row] = await db
     .update(tokens)
     .set({ leaseOwner: owner, leaseExpiresAt: new Date(now.getTime() + LEASE_SECONDS * 1000) })
+    .from(clients)
     .where(
       and(
         eq(tokens.id, tokenId),
+        eq(clients.id, tokens.clientId),
         eq(tokens.isValid, true),
         eq(tokens.status, "active"),
         or(isNull(tokens.leaseExpiresAt), lte(tokens.leaseExpiresAt, now)),
@@ -244,8 +274,15 @@ async function tryLease(
         unrefreshedSince ? lt(tokens.expiresAt, new Date(unrefreshedSince.getTime() + 1)) : undefined,
       ),
     )
-    .returning();
+    .returning({ token: tokens, clientId: clients.clientId, clientSecret: clients.clientSecret });
   return row;
+}
+
+/** The leased token row with the client's credentials (the secret still sealed). */
+interface Leased {
+  token: TokenRow;
+  clientId: string;
+  clientSecret: string;
 }
 
 async function readToken(db: Db, tokenId: number): Promise<TokenRow | undefined> {
@@ -256,8 +293,8 @@ async function readToken(db: Db, tokenId: number): Promise<TokenRow | undefined>
 /** We hold the lease on `row`: refresh at the provider and record the outcome. */
 async function refreshHeld(
   deps: TokenDeps,
-  client: ClientRow,
-  row: TokenRow,
+  client: ReadClient,
+  { token: row, clientId, clientSecret }: Leased,
   owner: string,
   at: () => Date,
 ): Promise<ServedToken> {
@@ -270,7 +307,7 @@ async function refreshHeld(
   try {
     issued = await refreshGrant(
       deps.provider,
-      await clientCredentials(deps.keyring, client),
+      { clientId, clientSecret: await open(deps.keyring, clientSecret, "clients.client_secret") },
       await open(deps.keyring, row.refreshToken, "tokens.refresh_token"),
     );
   } catch (error) {
@@ -363,7 +400,7 @@ export function failureValues(token: Pick<TokenRow, "failureCount">, error: Prov
 
 async function handleRefreshFailure(
   deps: TokenDeps,
-  client: ClientRow,
+  client: ReadClient,
   row: TokenRow,
   error: ProviderError,
   now: Date,
@@ -414,6 +451,6 @@ async function releaseLease(db: Db, tokenId: number, owner: string): Promise<voi
     .where(and(eq(tokens.id, tokenId), eq(tokens.leaseOwner, owner)));
 }
 
-async function serve(deps: TokenDeps, client: ClientRow, token: TokenRow, refreshed: boolean): Promise<ServedToken> {
+async function serve(deps: TokenDeps, client: ReadClient, token: ReadToken, refreshed: boolean): Promise<ServedToken> {
   return { client, token, accessToken: await open(deps.keyring, token.accessToken, "tokens.access_token"), refreshed };
 }
