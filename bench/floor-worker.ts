@@ -62,7 +62,7 @@ export default {
           databaseUrl: env.TOKEN_MANAGEMENT_DATABASE_URL,
           localFetchEndpoint: env.NEON_LOCAL_FETCH_ENDPOINT,
         });
-        const row = await findForRead(db, eq(clients.branchId, branchId));
+        const row = await findForRead(db, { branchId });
         if (!row.client || !row.token) return new Response("not found", { status: 404 });
         let accessToken = row.token.accessToken;
         if (url.pathname !== "/query") {
