@@ -309,7 +309,7 @@ async function main(): Promise<void> {
       cpuUs: us,
       cpuStepsUs: {
         "createDb with the schema (drizzle relational config) vs plain drizzle": us["floor-schema"]! - us.floor!,
-        "the service's query: client left-joined to its latest token + row mapping": us.query! - us["floor-schema"]!,
+        "the service's read query (written once, one JSON-array column) + row mapping": us.query! - us["floor-schema"]!,
         "AES-GCM open of the access token (keyring cached)": us["query-decrypt"]! - us.query!,
         "parseEnv (cached) + API-key check (SHA-256 digests)": us["query-full"]! - us["query-decrypt"]!,
         "Hono / zod-openapi routing, middleware (requestId, createDb, keyring, provider), validation, JSON":
