@@ -197,43 +197,34 @@ function requireGrant(found: Found, label: string): { client: ReadClient; token:
     throw new AppError(
       "not_connected",
       `Branch ${client.branchId} was never connected. Send its login link (GET /token-management/clients/${client.id}/login-url) to someone at the branch.`,
-      {
-        fields: {
-          client_id: client.id,
-          branch_id: client.branchId,
-          login_hint: `/token-management/clients/${client.id}/login-url`,
-        },
-      },
+      { fields: connectionHint(client) },
     );
   }
   if (token.status === "revoked") {
     throw new AppError(
       "not_connected",
       `Branch ${client.branchId}'s token was revoked. Connect it again with a new login link.`,
-      {
-        fields: {
-          client_id: client.id,
-          branch_id: client.branchId,
-          login_hint: `/token-management/clients/${client.id}/login-url`,
-        },
-      },
+      { fields: connectionHint(client) },
     );
   }
   if (token.status === "needs_reauth" || !token.isValid) throw reauthorizationRequired(client);
   return { client, token };
 }
 
+/** Where an operator gets a new login link for the branch. */
+function connectionHint(client: ReadClient) {
+  return {
+    client_id: client.id,
+    branch_id: client.branchId,
+    login_hint: `/token-management/clients/${client.id}/login-url`,
+  };
+}
+
 function reauthorizationRequired(client: ReadClient): AppError {
   return new AppError(
     "reauthorization_required",
     `The provider no longer accepts branch ${client.branchId}'s grant. Someone at the branch must sign in again with a new login link.`,
-    {
-      fields: {
-        client_id: client.id,
-        branch_id: client.branchId,
-        login_hint: `/token-management/clients/${client.id}/login-url`,
-      },
-    },
+    { fields: connectionHint(client) },
   );
 }
 
@@ -257,7 +248,8 @@ async function refreshOrServe(
         throw blocked;
       }
     }
-    const leased = await tryLease(deps.db, current.id, owner, at(), force ? undefined : seen.expiresAt);
+    // Even a forced refresh yields to one that completed since we read the token.
+    const leased = await tryLease(deps.db, current.id, owner, at(), seen.expiresAt);
     if (leased) return refreshHeld(deps, client, leased, owner, at);
 
     // Someone else holds the lease, or refreshed since we looked.
@@ -303,7 +295,7 @@ async function tryLease(
   tokenId: number,
   owner: string,
   now: Date,
-  unrefreshedSince: Date | undefined,
+  unrefreshedSince: Date,
 ): Promise<Leased | undefined> {
   const [row] = await db
     .update(tokens)
@@ -318,7 +310,7 @@ async function tryLease(
         or(isNull(tokens.leaseExpiresAt), lte(tokens.leaseExpiresAt, now)),
         // Nobody refreshed since we read it. The database keeps microseconds and JS dates keep
         // milliseconds, so compare against the next millisecond.
-        unrefreshedSince ? lt(tokens.expiresAt, new Date(unrefreshedSince.getTime() + 1)) : undefined,
+        lt(tokens.expiresAt, new Date(unrefreshedSince.getTime() + 1)),
       ),
     )
     .returning({ token: tokens, clientId: clients.clientId, clientSecret: clients.clientSecret });

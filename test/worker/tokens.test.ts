@@ -287,6 +287,18 @@ describe("POST /tokens/refresh", () => {
     expect((await providerStats(branch.oauthClientId)).refreshGrants).toBe(1);
   });
 
+  it("joins a refresh already in flight instead of refreshing twice", async () => {
+    const branch = await connectBranch({ providerBehavior: { tokenDelayMs: 200, rotateRefreshTokens: true } });
+    const responses = await Promise.all(
+      Array.from({ length: 8 }, () => postJson("/tokens/refresh", { branch_id: branch.branchId })),
+    );
+    expect(responses.map((r) => r.status)).toEqual(Array(8).fill(200));
+    const bodies = await Promise.all(responses.map((r) => json<TokenBody>(r)));
+    expect(new Set(bodies.map((b) => b.access_token)).size).toBe(1);
+    expect(bodies.every((b) => b.refreshed)).toBe(true);
+    expect((await providerStats(branch.oauthClientId)).refreshGrants).toBe(1);
+  });
+
   it("needs the admin key and a valid body", async () => {
     const branch = await connectBranch();
     await expectProblem(
