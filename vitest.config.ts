@@ -1,6 +1,6 @@
 import { cloudflareTest } from "@cloudflare/vitest-plugin";
 import { defineConfig } from "vitest/config";
-import { TEST_BINDINGS } from "./test/worker/bindings";
+import { TEST_BINDINGS } from "./test/worker/bindings.ts";
 
 // The Worker's tests run inside workerd (the Workers runtime) against the local database program
 // and the local authorization server, both started by the global setup on free ports.
