@@ -13,7 +13,7 @@ import {
   updateClient,
 } from "../services/clients";
 import { createLoginLink } from "../services/login-links";
-import { problemContent } from "./schemas";
+import { API_KEY_SECURITY, jsonContent as json, problem } from "./schemas";
 
 const LIMITS = { id: 255, secret: 1024, url: 2048, branch: 128, email: 320, name: 255, scopes: 2048 } as const;
 
@@ -86,13 +86,12 @@ const IdParam = z.object({
     .openapi({ param: { name: "id", in: "path" }, example: 1 }),
 });
 
-const security = [{ apiKey: [] }];
-const json = <T extends z.ZodType>(schema: T) => ({ "application/json": { schema } });
+const security = API_KEY_SECURITY;
 const errors = {
-  400: { description: "Malformed request", content: problemContent },
-  401: { description: "Missing or wrong API key", content: problemContent },
-  403: { description: "Service key on an admin route", content: problemContent },
-  422: { description: "Invalid fields", content: problemContent },
+  400: problem("Malformed request"),
+  401: problem("Missing or wrong API key"),
+  403: problem("Service key on an admin route"),
+  422: problem("Invalid fields"),
 };
 
 const create = createRoute({
@@ -116,7 +115,7 @@ const create = createRoute({
       ),
     },
     ...errors,
-    409: { description: "client_id or branch_id already registered", content: problemContent },
+    409: problem("client_id or branch_id already registered"),
   },
 });
 
@@ -166,7 +165,7 @@ const show = createRoute({
       content: json(ClientView.extend({ success: z.literal(true), message: z.string() })),
     },
     ...errors,
-    404: { description: "No such client", content: problemContent },
+    404: problem("No such client"),
   },
 });
 
@@ -184,7 +183,7 @@ const patch = createRoute({
       content: json(ClientView.extend({ success: z.literal(true), message: z.string() })),
     },
     ...errors,
-    404: { description: "No such client", content: problemContent },
+    404: problem("No such client"),
   },
 });
 
@@ -210,7 +209,7 @@ const remove = createRoute({
       ),
     },
     ...errors,
-    404: { description: "No such client", content: problemContent },
+    404: problem("No such client"),
   },
 });
 
@@ -236,7 +235,7 @@ const loginUrl = createRoute({
       ),
     },
     ...errors,
-    404: { description: "No such client", content: problemContent },
+    404: problem("No such client"),
   },
 });
 

@@ -2,7 +2,7 @@ import { createRoute, z } from "@hono/zod-openapi";
 import { sql } from "drizzle-orm";
 import type { App } from "../app";
 import { AppError } from "../errors";
-import { ProblemSchema } from "./schemas";
+import { jsonContent, problem } from "./schemas";
 
 const route = createRoute({
   method: "get",
@@ -12,16 +12,11 @@ const route = createRoute({
   responses: {
     200: {
       description: "The Worker runs and the database answers.",
-      content: {
-        "application/json": {
-          schema: z.object({ success: z.literal(true), status: z.literal("ok"), database: z.literal("reachable") }),
-        },
-      },
+      content: jsonContent(
+        z.object({ success: z.literal(true), status: z.literal("ok"), database: z.literal("reachable") }),
+      ),
     },
-    503: {
-      description: "The database does not answer.",
-      content: { "application/problem+json": { schema: ProblemSchema } },
-    },
+    503: problem("The database does not answer."),
   },
 });
 

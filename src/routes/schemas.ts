@@ -15,4 +15,12 @@ export const ProblemSchema = z
   })
   .openapi("Problem");
 
-export const problemContent = { "application/problem+json": { schema: ProblemSchema } } as const;
+const problemContent = { "application/problem+json": { schema: ProblemSchema } } as const;
+
+/** A documented problem response: `problem("No such client")`. */
+export const problem = (description: string) => ({ description, content: problemContent });
+
+export const jsonContent = <T extends z.ZodType>(schema: T) => ({ "application/json": { schema } });
+
+/** Every route but the browser ones takes an API key (registered as `apiKey` in src/app.ts). */
+export const API_KEY_SECURITY = [{ apiKey: [] }];

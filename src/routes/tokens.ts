@@ -3,7 +3,7 @@ import type { App } from "../app";
 import type { AppContext } from "../context";
 import { requireKey } from "../lib/api-key";
 import { forceRefresh, getBranchToken, revokeBranchToken, type ServedToken, type TokenDeps } from "../services/tokens";
-import { problemContent } from "./schemas";
+import { API_KEY_SECURITY, jsonContent as json, problem } from "./schemas";
 
 const BranchParam = z.object({
   branch_id: z
@@ -35,17 +35,14 @@ const RefreshBody = z
   ])
   .openapi("RefreshTarget", { description: "The internal client id (as before) or the branch id." });
 
-const security = [{ apiKey: [] }];
+const security = API_KEY_SECURITY;
 const noStore = { "Cache-Control": "no-store" };
 const tokenErrors = {
-  401: { description: "Missing or wrong API key", content: problemContent },
-  404: { description: "Unknown branch", content: problemContent },
-  409: {
-    description: "Never connected, revoked, reauthorization_required, or client credentials rejected",
-    content: problemContent,
-  },
-  502: { description: "The provider refused the refresh", content: problemContent },
-  503: { description: "The provider or database is unavailable (see Retry-After)", content: problemContent },
+  401: problem("Missing or wrong API key"),
+  404: problem("Unknown branch"),
+  409: problem("Never connected, revoked, reauthorization_required, or client credentials rejected"),
+  502: problem("The provider refused the refresh"),
+  503: problem("The provider or database is unavailable (see Retry-After)"),
 };
 
 const get = createRoute({
@@ -57,7 +54,7 @@ const get = createRoute({
   middleware: [requireKey("service")] as const,
   request: { params: BranchParam },
   responses: {
-    200: { description: "The token", content: { "application/json": { schema: TokenView } } },
+    200: { description: "The token", content: json(TokenView) },
     ...tokenErrors,
   },
 });
@@ -69,12 +66,12 @@ const refresh = createRoute({
   summary: "Refresh a branch's token now",
   security,
   middleware: [requireKey("admin")] as const,
-  request: { body: { required: true, content: { "application/json": { schema: RefreshBody } } } },
+  request: { body: { required: true, content: json(RefreshBody) } },
   responses: {
-    200: { description: "The refreshed token", content: { "application/json": { schema: TokenView } } },
+    200: { description: "The refreshed token", content: json(TokenView) },
     ...tokenErrors,
-    403: { description: "Service key on an admin route", content: problemContent },
-    422: { description: "Invalid body", content: problemContent },
+    403: problem("Service key on an admin route"),
+    422: problem("Invalid body"),
   },
 });
 
@@ -89,20 +86,18 @@ const revoke = createRoute({
   responses: {
     200: {
       description: "Revoked",
-      content: {
-        "application/json": {
-          schema: z.object({
-            success: z.literal(true),
-            message: z.string(),
-            client_id: z.number(),
-            branch_id: z.string(),
-            revoked_at_provider: z.boolean(),
-          }),
-        },
-      },
+      content: json(
+        z.object({
+          success: z.literal(true),
+          message: z.string(),
+          client_id: z.number(),
+          branch_id: z.string(),
+          revoked_at_provider: z.boolean(),
+        }),
+      ),
     },
     ...tokenErrors,
-    403: { description: "Service key on an admin route", content: problemContent },
+    403: problem("Service key on an admin route"),
   },
 });
 
