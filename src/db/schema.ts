@@ -16,6 +16,11 @@ export const clients = pgTable("clients", {
   /** Space-separated scopes for this client; null means OAUTH_SCOPES. */
   scopes: text("scopes"),
   isActive: boolean("is_active").notNull().default(true),
+  /**
+   * Nonce of the last authorization state presented at the callback. Claiming it with one
+   * conditional UPDATE lets only one of two concurrent callbacks for the same state exchange the code.
+   */
+  lastStateNonce: text("last_state_nonce"),
   /** Set when the provider answered `invalid_client`: the stored credentials need fixing. */
   credentialsRejectedAt: timestamp("credentials_rejected_at", { withTimezone: true }),
   createdAt: timestamp("created_at", { withTimezone: true }).notNull().defaultNow(),

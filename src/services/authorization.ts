@@ -1,4 +1,4 @@
-import { and, eq, sql } from "drizzle-orm";
+import { and, eq, isNull, ne, notExists, or, sql } from "drizzle-orm";
 import type { Db } from "../db/client";
 import { type ClientRow, clients, tokens } from "../db/schema";
 import { AppError, sqlState } from "../errors";
@@ -108,12 +108,7 @@ export async function completeLogin(
       `The provider did not grant access (${providerError}${description ? `: ${description}` : ""}). Start again from your login link to retry.`,
     );
   }
-  const [used] = await db.select({ id: tokens.id }).from(tokens).where(eq(tokens.stateNonce, payload.n));
-  if (used)
-    throw new AppError("invalid_state", "This sign-in was already completed. Start again from your login link.");
-
-  const [client] = await db.select().from(clients).where(eq(clients.id, payload.c));
-  if (!client?.isActive) throw clientNotFound(payload.c);
+  const client = await claimState(db, payload);
 
   let issued: IssuedTokens;
   const sentAt = new Date(now.getTime() + (Date.now() - started));
@@ -129,6 +124,13 @@ export async function completeLogin(
   } catch (error) {
     if (error instanceof ProviderError && error.kind === "invalid_client") {
       await db.update(clients).set({ credentialsRejectedAt: now }).where(eq(clients.id, client.id));
+    }
+    if (error instanceof ProviderError && error.transient) {
+      // The provider failed or did not answer (5xx, timeout, network): let the same callback be retried.
+      await db
+        .update(clients)
+        .set({ lastStateNonce: null })
+        .where(and(eq(clients.id, client.id), eq(clients.lastStateNonce, payload.n)));
     }
     throw exchangeFailure(error);
   }
@@ -182,6 +184,29 @@ async function storeTokens(
     }
     throw error;
   }
+}
+
+/**
+ * A state is usable once. One statement claims it on the client row, refusing a state that is
+ * already claimed (a concurrent or repeated callback) or that already produced tokens.
+ */
+async function claimState(db: Db, payload: StatePayload): Promise<ClientRow> {
+  const [claimed] = await db
+    .update(clients)
+    .set({ lastStateNonce: payload.n })
+    .where(
+      and(
+        eq(clients.id, payload.c),
+        eq(clients.isActive, true),
+        or(isNull(clients.lastStateNonce), ne(clients.lastStateNonce, payload.n)),
+        notExists(db.select({ id: tokens.id }).from(tokens).where(eq(tokens.stateNonce, payload.n))),
+      ),
+    )
+    .returning();
+  if (claimed) return claimed;
+  const [client] = await db.select({ isActive: clients.isActive }).from(clients).where(eq(clients.id, payload.c));
+  if (!client?.isActive) throw clientNotFound(payload.c);
+  throw new AppError("invalid_state", "This sign-in was already used. Start again from your login link.");
 }
 
 async function openState(keyring: Keyring, state: string): Promise<StatePayload> {

@@ -400,11 +400,25 @@ describe("callback: rejected", () => {
 
     const replay = await callCallback(flow.providerRedirect, flow.start.cookie);
     const problem = await expectProblem(replay, 400, "invalid_state");
-    expect(problem.detail).toMatch(/already completed/);
+    expect(problem.detail).toMatch(/already used/);
     expect(await tokenRows(branch.clientId)).toEqual(before);
     // The code was not sent again (a replayed code would make the provider revoke the grant).
     expect((await providerStats(branch.oauthClientId)).tokenRequests).toBe(statsBefore.tokenRequests);
     expect((await currentTokens(branch.clientId)).row.id).toBe(before[0]?.id);
+  });
+
+  it("lets only one of two concurrent callbacks for the same state exchange the code", async () => {
+    const branch = await registerBranch();
+    const start = await startLogin(branch.loginUrl);
+    const back = await authorizeAtProvider(start.authorizeUrl);
+    const [first, second] = await Promise.all([callCallback(back, start.cookie), callCallback(back, start.cookie)]);
+    expect([first.status, second.status].sort()).toEqual([200, 400]);
+    const loser = first.status === 400 ? first : second;
+    expect((await expectProblem(loser, 400, "invalid_state")).detail).toMatch(/already used/);
+    // One exchange only, so the provider saw no replayed code and the stored grant is alive.
+    expect((await providerStats(branch.oauthClientId)).authorizationCodeGrants).toBe(1);
+    const stored = await currentTokens(branch.clientId);
+    expect((await introspect(stored.refreshToken!, branch)).active).toBe(true);
   });
 
   it("answers 400 when the binding cookie is missing", async () => {
