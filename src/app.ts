@@ -3,13 +3,9 @@ import { Scalar } from "@scalar/hono-api-reference";
 import { bodyLimit } from "hono/body-limit";
 import { HTTPException } from "hono/http-exception";
 import type { ZodError } from "zod";
-import type { AppEnv } from "./context";
-import { createDb } from "./db/client";
-import { parseEnv } from "./env";
+import { type AppEnv, createServices } from "./context";
 import { AppError, problemResponse, toAppError, validationFailed } from "./errors";
-import { loadKeyring } from "./lib/crypto";
 import { describeError, logError } from "./lib/log";
-import { providerFromConfig } from "./oauth/provider";
 import { registerClientRoutes } from "./routes/clients";
 import { registerHealthRoutes } from "./routes/health";
 import { registerOAuthRoutes } from "./routes/oauth";
@@ -26,17 +22,11 @@ export function createApp(): App {
 
   app.use(async (c, next) => {
     c.set("requestId", c.req.header("cf-ray") ?? crypto.randomUUID());
-    const config = parseEnv(c.env);
-    c.set("config", config);
-    c.set(
-      "db",
-      createDb({
-        databaseUrl: config.TOKEN_MANAGEMENT_DATABASE_URL,
-        localFetchEndpoint: config.NEON_LOCAL_FETCH_ENDPOINT,
-      }),
-    );
-    c.set("keyring", await loadKeyring(config.TOKEN_ENCRYPTION_KEY, config.TOKEN_ENCRYPTION_PREVIOUS_KEYS));
-    c.set("provider", providerFromConfig(config));
+    const services = await createServices(c.env);
+    c.set("config", services.config);
+    c.set("db", services.db);
+    c.set("keyring", services.keyring);
+    c.set("provider", services.provider);
     c.set("baseUrl", `${new URL(c.req.url).origin}${BASE_PATH}`);
     await next();
   });

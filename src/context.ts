@@ -1,17 +1,35 @@
 import type { Context } from "hono";
-import type { Db } from "./db/client";
-import type { Config } from "./env";
-import type { Keyring } from "./lib/crypto";
-import type { Provider } from "./oauth/provider";
+import { createDb, type Db } from "./db/client";
+import { type Config, parseEnv } from "./env";
+import { type Keyring, loadKeyring } from "./lib/crypto";
+import { type Provider, providerFromConfig } from "./oauth/provider";
+
+/** What every invocation works with: requests, cron runs and queue batches build it the same way. */
+export interface Services {
+  config: Config;
+  db: Db;
+  keyring: Keyring;
+  provider: Provider;
+}
+
+/** Parses the environment (once per env object) and builds this invocation's services. */
+export async function createServices(env: Env): Promise<Services> {
+  const config = parseEnv(env);
+  return {
+    config,
+    db: createDb({
+      databaseUrl: config.TOKEN_MANAGEMENT_DATABASE_URL,
+      localFetchEndpoint: config.NEON_LOCAL_FETCH_ENDPOINT,
+    }),
+    keyring: await loadKeyring(config.TOKEN_ENCRYPTION_KEY, config.TOKEN_ENCRYPTION_PREVIOUS_KEYS),
+    provider: providerFromConfig(config),
+  };
+}
 
 export interface AppEnv {
   Bindings: Env;
-  Variables: {
+  Variables: Services & {
     requestId: string;
-    config: Config;
-    db: Db;
-    keyring: Keyring;
-    provider: Provider;
     /** Absolute URL of the API root, for links we hand out. */
     baseUrl: string;
   };

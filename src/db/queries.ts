@@ -1,4 +1,4 @@
-import { desc, eq, getTableColumns } from "drizzle-orm";
+import { desc, eq, getTableColumns, isNull, lte, or } from "drizzle-orm";
 import type { Db } from "./client";
 import { clients, tokens } from "./schema";
 
@@ -26,4 +26,9 @@ export function allTokenColumns(latest: LatestToken): LatestToken["_"]["selected
   return Object.fromEntries(
     Object.keys(getTableColumns(tokens)).map((name) => [name, latest[name as keyof LatestToken]]),
   ) as unknown as LatestToken["_"]["selectedFields"];
+}
+
+/** No refresh holds the token: never leased, or the holder's lease ran out (a crashed holder). */
+export function leaseIsFree(now: Date) {
+  return or(isNull(tokens.leaseExpiresAt), lte(tokens.leaseExpiresAt, now));
 }

@@ -1,13 +1,14 @@
 import { and, asc, eq, inArray, isNotNull, isNull, lte, or } from "drizzle-orm";
 import type { BatchItem } from "drizzle-orm/batch";
-import { createDb, type Db } from "../db/client";
-import { clients, type TokenRow, tokens } from "../db/schema";
-import { parseEnv } from "../env";
-import { type Keyring, loadKeyring, open } from "../lib/crypto";
+import { createServices, type Services } from "../context";
+import type { Db } from "../db/client";
+import { leaseIsFree } from "../db/queries";
+import { clients, tokens } from "../db/schema";
+import { open } from "../lib/crypto";
 import { describeError, logError, logInfo } from "../lib/log";
-import { type Provider, ProviderError, providerFromConfig, refreshGrant } from "../oauth/provider";
+import { ProviderError, refreshGrant } from "../oauth/provider";
 import { LEASE_SECONDS } from "./refresh-policy";
-import { failureValues, PERSIST_ATTEMPTS, refreshedValues } from "./tokens";
+import { failureStatements, type Leased, PERSIST_ATTEMPTS, refreshedValues } from "./tokens";
 
 /**
  * The Cron Trigger's job: refresh every token that expires within CRON_REFRESH_WINDOW_SECONDS, oldest
@@ -36,11 +37,8 @@ export interface SchedulerEnv extends Env {
   REFRESH_QUEUE?: Queue<RefreshMessage>;
 }
 
-export interface RefreshDeps {
-  db: Db;
-  keyring: Keyring;
-  provider: Provider;
-}
+/** What refreshing needs of the invocation's services. */
+export type RefreshDeps = Pick<Services, "db" | "keyring" | "provider">;
 
 export interface RefreshCounts {
   refreshed: number;
@@ -57,22 +55,9 @@ export interface CronSummary extends RefreshCounts {
   duration_ms: number;
 }
 
-export async function refreshDeps(env: Env): Promise<RefreshDeps & { config: ReturnType<typeof parseEnv> }> {
-  const config = parseEnv(env);
-  return {
-    config,
-    db: createDb({
-      databaseUrl: config.TOKEN_MANAGEMENT_DATABASE_URL,
-      localFetchEndpoint: config.NEON_LOCAL_FETCH_ENDPOINT,
-    }),
-    keyring: await loadKeyring(config.TOKEN_ENCRYPTION_KEY, config.TOKEN_ENCRYPTION_PREVIOUS_KEYS),
-    provider: providerFromConfig(config),
-  };
-}
-
 export async function runScheduledRefresh(env: SchedulerEnv, now: Date): Promise<CronSummary> {
   const started = Date.now();
-  const d = await refreshDeps(env);
+  const d = await createServices(env);
   const max = d.config.CRON_MAX_REFRESHES;
   const dueIds = await selectDue(d.db, now, d.config.CRON_REFRESH_WINDOW_SECONDS, max + QUEUE_FANOUT_LIMIT);
   const mine = dueIds.slice(0, max);
@@ -97,7 +82,7 @@ export async function runScheduledRefresh(env: SchedulerEnv, now: Date): Promise
 
 /** The queue consumer: the same refresh code, for the ids a cron run handed over. */
 export async function consumeRefreshBatch(env: Env, batch: MessageBatch<RefreshMessage>, now: Date): Promise<void> {
-  const d = await refreshDeps(env);
+  const d = await createServices(env);
   for (const message of batch.messages) {
     try {
       const counts = await refreshTokens(d, message.body.tokenIds, now);
@@ -129,7 +114,7 @@ function refreshable(now: Date) {
     eq(tokens.status, "active"),
     isNotNull(tokens.refreshToken),
     or(isNull(tokens.nextAttemptAt), lte(tokens.nextAttemptAt, now)),
-    or(isNull(tokens.leaseExpiresAt), lte(tokens.leaseExpiresAt, now)),
+    leaseIsFree(now),
     eq(clients.isActive, true),
     isNull(clients.credentialsRejectedAt),
   );
@@ -144,7 +129,7 @@ export async function refreshTokens(d: RefreshDeps, ids: number[], now: Date): P
   for (const page of chunk(ids, PAGE_SIZE)) {
     const leased = await leasePage(d.db, page, crypto.randomUUID(), at());
     counts.skipped += page.length - leased.length;
-    await forEachBounded(leased, PROVIDER_CONCURRENCY, async ({ token, clientId, clientSecret, clientRowId }) => {
+    await forEachBounded(leased, PROVIDER_CONCURRENCY, async ({ token, clientId, clientSecret }) => {
       const sentAt = at();
       try {
         const issued = await refreshGrant(
@@ -161,16 +146,7 @@ export async function refreshTokens(d: RefreshDeps, ids: number[], now: Date): P
         counts.refreshed++;
       } catch (error) {
         const failure = error instanceof ProviderError ? error : new ProviderError("network", describeError(error));
-        const statements: BatchItem<"pg">[] = [
-          d.db
-            .update(tokens)
-            .set(failureValues(token, failure, at()))
-            .where(eq(tokens.id, token.id)),
-        ];
-        if (failure.kind === "invalid_client") {
-          statements.push(d.db.update(clients).set({ credentialsRejectedAt: at() }).where(eq(clients.id, clientRowId)));
-        }
-        writer.push(statements);
+        writer.push(failureStatements(d.db, token, failure, at()));
         if (failure.kind === "invalid_grant") counts.dead++;
         else counts.failed++;
       }
@@ -180,28 +156,16 @@ export async function refreshTokens(d: RefreshDeps, ids: number[], now: Date): P
   return counts;
 }
 
-interface LeasedToken {
-  token: TokenRow;
-  clientRowId: number;
-  clientId: string;
-  clientSecret: string;
-}
-
 /** One statement: lease every still-refreshable token of the page and return it with its client. */
-async function leasePage(db: Db, ids: number[], owner: string, now: Date): Promise<LeasedToken[]> {
+async function leasePage(db: Db, ids: number[], owner: string, now: Date): Promise<Leased[]> {
   const leaseExpiresAt = new Date(now.getTime() + LEASE_SECONDS * 1000);
   const rows = await db
     .update(tokens)
     .set({ leaseOwner: owner, leaseExpiresAt })
     .from(clients)
     .where(and(inArray(tokens.id, ids), eq(clients.id, tokens.clientId), refreshable(now)))
-    .returning({
-      token: tokens,
-      clientRowId: clients.id,
-      clientId: clients.clientId,
-      clientSecret: clients.clientSecret,
-    });
-  return rows as LeasedToken[];
+    .returning({ token: tokens, clientId: clients.clientId, clientSecret: clients.clientSecret });
+  return rows as Leased[];
 }
 
 /**

@@ -1,5 +1,7 @@
-import { and, eq, isNull, lt, lte, or, sql } from "drizzle-orm";
+import { and, eq, lt, sql } from "drizzle-orm";
+import type { BatchItem } from "drizzle-orm/batch";
 import type { Db } from "../db/client";
+import { leaseIsFree } from "../db/queries";
 import { type ClientRow, clients, type TokenRow, tokens } from "../db/schema";
 import { AppError } from "../errors";
 import { type Keyring, open, seal } from "../lib/crypto";
@@ -307,7 +309,7 @@ async function tryLease(
         eq(clients.id, tokens.clientId),
         eq(tokens.isValid, true),
         eq(tokens.status, "active"),
-        or(isNull(tokens.leaseExpiresAt), lte(tokens.leaseExpiresAt, now)),
+        leaseIsFree(now),
         // Nobody refreshed since we read it. The database keeps microseconds and JS dates keep
         // milliseconds, so compare against the next millisecond.
         lt(tokens.expiresAt, new Date(unrefreshedSince.getTime() + 1)),
@@ -318,7 +320,7 @@ async function tryLease(
 }
 
 /** The leased token row with the client's credentials (the secret still sealed). */
-interface Leased {
+export interface Leased {
   token: TokenRow;
   clientId: string;
   clientSecret: string;
@@ -429,12 +431,26 @@ async function persistWithRetry(
   return undefined;
 }
 
-/** Column values recording a failed refresh, by kind of failure. */
-export function failureValues(token: Pick<TokenRow, "failureCount">, error: ProviderError, now: Date) {
+/**
+ * The writes that record a failed refresh, by kind of failure: a dead grant stops being current, a
+ * transient failure schedules the next attempt, and `invalid_client` also flags the client.
+ * Shared by the on-demand path and the cron, which batches them.
+ */
+export function failureStatements(
+  db: Db,
+  token: Pick<TokenRow, "id" | "clientId" | "failureCount">,
+  error: ProviderError,
+  now: Date,
+): [BatchItem<"pg">, ...BatchItem<"pg">[]] {
   const failureCount = token.failureCount + 1;
   const common = { failureCount, lastError: error.message.slice(0, 500), leaseOwner: null, leaseExpiresAt: null };
-  if (error.kind === "invalid_grant") return { ...common, isValid: false, status: "needs_reauth" as const };
-  return { ...common, nextAttemptAt: nextAttemptAt(failureCount, now, error.retryAfterSeconds) };
+  const values =
+    error.kind === "invalid_grant"
+      ? { ...common, isValid: false, status: "needs_reauth" as const }
+      : { ...common, nextAttemptAt: nextAttemptAt(failureCount, now, error.retryAfterSeconds) };
+  const updateToken = db.update(tokens).set(values).where(eq(tokens.id, token.id));
+  if (error.kind !== "invalid_client") return [updateToken];
+  return [updateToken, db.update(clients).set({ credentialsRejectedAt: now }).where(eq(clients.id, token.clientId))];
 }
 
 async function handleRefreshFailure(
@@ -450,16 +466,7 @@ async function handleRefreshFailure(
     status: error.status,
     failures: row.failureCount + 1,
   });
-  const values = failureValues(row, error, now);
-  const updateToken = deps.db.update(tokens).set(values).where(eq(tokens.id, row.id));
-  if (error.kind === "invalid_client") {
-    await deps.db.batch([
-      updateToken,
-      deps.db.update(clients).set({ credentialsRejectedAt: now }).where(eq(clients.id, client.id)),
-    ]);
-  } else {
-    await updateToken;
-  }
+  await deps.db.batch(failureStatements(deps.db, row, error, now));
   if (error.kind === "invalid_grant") throw reauthorizationRequired(client);
   if (isServable(row, now)) return serve(deps, client, row, false);
   if (error.kind === "invalid_client") throw refreshBlocked({ ...client, credentialsRejectedAt: now }, row, now)!;
