@@ -108,6 +108,17 @@ describe("scheduled refresh", () => {
     for (const branch of branches) expect((await providerStats(branch.oauthClientId)).refreshGrants).toBe(1);
   });
 
+  it("asks the queue to retry a batch when the database is down", async () => {
+    const batch = createMessageBatch("token-refresh", [
+      { id: "m-down", timestamp: new Date(), attempts: 1, body: { tokenIds: [1, 2, 3] } },
+    ]);
+    const ctx = createExecutionContext();
+    await worker.queue(batch, { ...testEnv, NEON_LOCAL_FETCH_ENDPOINT: "http://127.0.0.1:9/sql" });
+    const result = await getQueueResult(batch, ctx);
+    expect(result.explicitAcks).toEqual([]);
+    expect(result.retryMessages.map((m) => m.msgId)).toEqual(["m-down"]);
+  });
+
   it("sends the overflow through the real queue binding when it is configured", async () => {
     const era = nextEra();
     const branches = await Promise.all(Array.from({ length: 3 }, () => connectBranch()));
