@@ -1,7 +1,6 @@
 import { createExecutionContext, createScheduledController, waitOnExecutionContext } from "cloudflare:test";
 import { describe, expect, it, vi } from "vitest";
 import worker from "../../src/index";
-import { TEST_ENCRYPTION_KEY } from "./bindings";
 import { call, expectProblem, json, testEnv } from "./helpers";
 
 describe("health", () => {
@@ -40,10 +39,6 @@ describe("environment validation", () => {
   it("rejects a non-postgres database URL", async () => {
     const response = await call("/health", { envOverrides: { TOKEN_MANAGEMENT_DATABASE_URL: "mysql://x@y/z" } });
     expect((await expectProblem(response, 500)).detail).toContain("TOKEN_MANAGEMENT_DATABASE_URL");
-  });
-
-  it("accepts the test key as configured", () => {
-    expect(testEnv.TOKEN_ENCRYPTION_KEY).toBe(TEST_ENCRYPTION_KEY);
   });
 });
 
