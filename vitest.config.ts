@@ -18,6 +18,8 @@ export default defineConfig({
           NEON_LOCAL_FETCH_ENDPOINT: inject<string>("sqlEndpoint"),
           NEON_LOCAL_URL: inject<string>("neonLocalUrl"),
           OAUTH_SERVER_URL: inject<string>("oauthServerUrl"),
+          // The local server's issuer is another origin than its endpoints, as Google's is.
+          OAUTH_ISSUER: inject<string>("oauthIssuer"),
           OAUTH_AUTHORIZATION_URL: `${inject<string>("oauthServerUrl")}/authorize`,
           OAUTH_TOKEN_URL: `${inject<string>("oauthServerUrl")}/token`,
           OAUTH_REVOCATION_URL: `${inject<string>("oauthServerUrl")}/revoke`,

@@ -155,7 +155,13 @@ async function main(): Promise<void> {
     if (tokenUrl && !isLocalHost(tokenUrl)) {
       log(`OAUTH_TOKEN_URL is ${tokenUrl}: not starting the local OAuth server`);
     } else {
-      oauth = await startOAuthServer({ port: portOf(tokenUrl, 4445) });
+      // The Google profile, with the issuer the Worker checks (.dev.vars, else wrangler.toml's Google one).
+      oauth = await startOAuthServer({
+        port: portOf(tokenUrl, 4445),
+        profile: "google",
+        issuer: vars.OAUTH_ISSUER || "https://accounts.google.com",
+      });
+      if (!vars.OAUTH_ISSUER) log("no OAUTH_ISSUER in .dev.vars: the local server uses Google's issuer");
       log(`OAuth server: ${oauth.url} (register a demo client: npm run dev:seed)`);
       await registerSeededClients(oauth);
     }

@@ -141,6 +141,7 @@ export function localBindings(
     TOKEN_ENCRYPTION_KEY: randomBytes(32).toString("base64"),
     ADMIN_API_KEY: keys.adminKey,
     SERVICE_API_KEY: keys.serviceKey,
+    OAUTH_ISSUER: oauth.issuer,
     OAUTH_AUTHORIZATION_URL: `${oauth.url}/authorize`,
     OAUTH_TOKEN_URL: `${oauth.url}/token`,
     OAUTH_REVOCATION_URL: `${oauth.url}/revoke`,

@@ -7,6 +7,8 @@ import { AppError } from "./errors";
  */
 
 const DEFAULTS = {
+  /** Google's issuer (RFC 9207 `iss`): another origin than its token endpoint. */
+  OAUTH_ISSUER: "https://accounts.google.com",
   OAUTH_AUTHORIZATION_URL: "https://accounts.google.com/o/oauth2/v2/auth",
   OAUTH_TOKEN_URL: "https://oauth2.googleapis.com/token",
   OAUTH_REVOCATION_URL: "https://oauth2.googleapis.com/revoke",
@@ -49,6 +51,8 @@ const EnvSchema = z.object({
   ADMIN_API_KEY: apiKeys,
   SERVICE_API_KEY: apiKeys,
 
+  /** The issuer the callback checks a provider's `iss` against (a missing `iss` is accepted). */
+  OAUTH_ISSUER: httpUrl.default(DEFAULTS.OAUTH_ISSUER),
   OAUTH_AUTHORIZATION_URL: httpUrl.default(DEFAULTS.OAUTH_AUTHORIZATION_URL),
   OAUTH_TOKEN_URL: httpUrl.default(DEFAULTS.OAUTH_TOKEN_URL),
   OAUTH_REVOCATION_URL: z.union([httpUrl, z.literal("")]).default(DEFAULTS.OAUTH_REVOCATION_URL),

@@ -1,10 +1,10 @@
 // Runs the local OAuth 2.0 authorization server until SIGINT/SIGTERM.
-//   npx tsx dev/oauth-server/cli.ts [--port N] [--host H] [--manual-consent] [--client id:secret:redirect_uri ...]
-import { startOAuthServer } from "./server.ts";
+//   npx tsx dev/oauth-server/cli.ts [--port N] [--host H] [--manual-consent] [--profile google|textbook] [--issuer URL] [--client id:secret:redirect_uri ...]
+import { type Profile, startOAuthServer } from "./server.ts";
 
 function usage(message: string): never {
   console.error(`${message}
-usage: npx tsx dev/oauth-server/cli.ts [--port N] [--host H] [--manual-consent] [--client id:secret:redirect_uri ...]`);
+usage: npx tsx dev/oauth-server/cli.ts [--port N] [--host H] [--manual-consent] [--profile google|textbook] [--issuer URL] [--client id:secret:redirect_uri ...]`);
   process.exit(2);
 }
 
@@ -12,6 +12,8 @@ const args = process.argv.slice(2);
 let port = Number(process.env.OAUTH_SERVER_PORT ?? 0);
 let host = "127.0.0.1";
 let autoApprove = true;
+let profile: Profile = "textbook";
+let issuer: string | undefined;
 const clients = new Map<string, { secret: string; redirectUris: string[] }>();
 
 for (let i = 0; i < args.length; i++) {
@@ -20,6 +22,11 @@ for (let i = 0; i < args.length; i++) {
   if (arg === "--port") port = Number(value());
   else if (arg === "--host") host = value();
   else if (arg === "--manual-consent") autoApprove = false;
+  else if (arg === "--profile") {
+    const v = value();
+    if (v !== "google" && v !== "textbook") usage(`bad --profile ${v}: expected google or textbook`);
+    profile = v;
+  } else if (arg === "--issuer") issuer = value();
   else if (arg === "--client") {
     // The redirect URI contains colons itself: split on the first two only.
     const spec = value();
@@ -34,7 +41,7 @@ for (let i = 0; i < args.length; i++) {
 }
 if (!Number.isInteger(port) || port < 0 || port > 65535) usage(`bad port ${port}`);
 
-const server = await startOAuthServer({ host, port, autoApprove });
+const server = await startOAuthServer({ host, port, autoApprove, profile, ...(issuer ? { issuer } : {}) });
 for (const [client_id, c] of clients) {
   const res = await fetch(`${server.url}/admin/clients`, {
     method: "POST",
@@ -47,7 +54,7 @@ for (const [client_id, c] of clients) {
   }
   console.log(`registered client ${client_id} -> ${c.redirectUris.join(", ")}`);
 }
-console.log(`oauth-server listening on ${server.url}`);
+console.log(`oauth-server listening on ${server.url} (profile ${profile}, issuer ${server.issuer})`);
 
 let stopping = false;
 const stop = () => {

@@ -1,19 +1,32 @@
 // A real, strict OAuth 2.0 authorization server for local development, tests and benchmarks.
 // RFC 6749 (authorization code + refresh token grants), RFC 7636 (PKCE, S256 only),
-// RFC 7009 (revocation), RFC 7662 (introspection), RFC 8414 (metadata).
-// State lives in memory; everything tests need is also reachable over HTTP under /admin.
+// RFC 7009 (revocation), RFC 7662 (introspection), RFC 8414 (metadata), RFC 9207 (`iss` in the
+// authorization response). Two profiles: `textbook` (the RFCs as written) and `google` (Google's
+// documented behaviours, see README.md). State lives in memory; everything tests need is also
+// reachable over HTTP under /admin.
 import { createHash, randomBytes, timingSafeEqual } from "node:crypto";
 import { createServer, type IncomingMessage, type ServerResponse } from "node:http";
 import type { AddressInfo } from "node:net";
+
+export type Profile = "google" | "textbook";
 
 export interface OAuthServerOptions {
   host?: string;
   port?: number;
   autoApprove?: boolean;
+  /** The profile of clients that do not choose one (behaviour field `profile`). Default `textbook`. */
+  profile?: Profile;
+  /**
+   * The issuer sent as `iss` in authorization responses and in the metadata. Default
+   * `http://localhost:PORT`: another origin than the endpoints (127.0.0.1), as Google's issuer
+   * (https://accounts.google.com) is another origin than its token endpoint (oauth2.googleapis.com).
+   */
+  issuer?: string;
 }
 
 export interface OAuthServer {
   url: string;
+  issuer: string;
   authorizationEndpoint: string;
   tokenEndpoint: string;
   revocationEndpoint: string;
@@ -27,6 +40,7 @@ export interface FailNext {
 }
 
 export interface Behavior {
+  profile: Profile;
   accessTokenTtlSeconds: number;
   rotateRefreshTokens: boolean;
   issueRefreshToken: boolean;
@@ -34,6 +48,14 @@ export interface Behavior {
   hang: boolean;
   failNext: FailNext | null;
   authorizeError: string | null;
+  /** The account that signs in at /authorize (Google: grants are per account and client). */
+  account: string;
+  /** Granular consent: scopes the user unticks on the consent screen (left out of the grant). */
+  untickedScopes: string[];
+  /** `iss` in authorization responses: the issuer by default, another value, or null to leave it out. */
+  issParameter: string | null;
+  /** Google: live refresh tokens per account and client; past it the oldest dies silently. 0 = no limit. */
+  maxRefreshTokensPerAccount: number;
 }
 
 export interface ClientStats {
@@ -46,7 +68,7 @@ export interface ClientStats {
   activeRefreshTokens: number;
 }
 
-const DEFAULT_BEHAVIOR: Behavior = {
+const DEFAULT_BEHAVIOR: Omit<Behavior, "profile" | "issParameter"> = {
   accessTokenTtlSeconds: 3600,
   rotateRefreshTokens: false,
   issueRefreshToken: true,
@@ -54,7 +76,22 @@ const DEFAULT_BEHAVIOR: Behavior = {
   hang: false,
   failNext: null,
   authorizeError: null,
+  account: "user@example.com",
+  untickedScopes: [],
+  maxRefreshTokensPerAccount: 0,
 };
+
+/** What each profile changes (explicit behaviour fields still win). */
+const PROFILE_DEFAULTS: Record<Profile, Partial<Behavior>> = {
+  textbook: {},
+  // Google answers `expires_in: 3599` and keeps at most 100 refresh tokens per account and client.
+  google: { accessTokenTtlSeconds: 3599, maxRefreshTokensPerAccount: 100 },
+};
+
+/** Google's wording of its token endpoint errors. */
+const GOOGLE_REFRESH_INVALID = "Token has been expired or revoked.";
+const GOOGLE_CODE_INVALID = "Bad Request";
+const GOOGLE_REVOKE_INVALID = "Token expired or revoked";
 
 const CODE_TTL_MS = 60_000;
 const USED_CODE_RETENTION_MS = 10 * 60_000;
@@ -74,6 +111,9 @@ type Counters = Omit<ClientStats, "activeAccessTokens" | "activeRefreshTokens">;
 
 interface AuthorizationCode {
   clientId: string;
+  account: string;
+  accessType: string | null;
+  prompt: string | null;
   redirectUri: string;
   codeChallenge: string;
   scope: string;
@@ -84,6 +124,7 @@ interface AuthorizationCode {
 
 interface Grant {
   clientId: string;
+  account: string;
   scope: string;
   accessType: string | null;
   prompt: string | null;
@@ -104,10 +145,13 @@ interface RefreshToken {
   grantId: string;
   scope: string;
   issuedAt: number;
+  /** Issue order, to find the oldest when two share a millisecond. */
+  serial: number;
 }
 
 interface PendingConsent {
   clientId: string;
+  account: string;
   redirectUri: string;
   state: string | null;
   codeChallenge: string;
@@ -160,6 +204,9 @@ interface Waiter {
 export async function startOAuthServer(opts: OAuthServerOptions = {}): Promise<OAuthServer> {
   const host = opts.host ?? "127.0.0.1";
   const autoApprove = opts.autoApprove ?? true;
+  const serverProfile = opts.profile ?? "textbook";
+  let issuer = opts.issuer ?? "";
+  let refreshSerial = 0;
 
   const clients = new Map<string, Client>();
   let defaultBehavior: Partial<Behavior> = {};
@@ -197,7 +244,15 @@ export async function startOAuthServer(opts: OAuthServerOptions = {}): Promise<O
 
   // ---------- behaviour ----------
   function effectiveBehavior(client: Client | undefined): Behavior {
-    return { ...DEFAULT_BEHAVIOR, ...defaultBehavior, ...(client?.behavior ?? {}) };
+    const profile = client?.behavior.profile ?? defaultBehavior.profile ?? serverProfile;
+    return {
+      ...DEFAULT_BEHAVIOR,
+      issParameter: issuer,
+      ...PROFILE_DEFAULTS[profile],
+      ...defaultBehavior,
+      ...(client?.behavior ?? {}),
+      profile,
+    };
   }
 
   /** Consumes one failNext from whichever layer (client override or default) provides it. */
@@ -224,6 +279,28 @@ export async function startOAuthServer(opts: OAuthServerOptions = {}): Promise<O
         case "tokenDelayMs":
           if (typeof value !== "number" || !Number.isFinite(value) || value < 0) throw bad("a non-negative number");
           out[key] = value;
+          break;
+        case "maxRefreshTokensPerAccount":
+          if (typeof value !== "number" || !Number.isInteger(value) || value < 0) throw bad("a non-negative integer");
+          out[key] = value;
+          break;
+        case "profile":
+          if (value !== "google" && value !== "textbook") throw bad('"google" or "textbook"');
+          out.profile = value;
+          break;
+        case "account":
+          if (typeof value !== "string" || value === "") throw bad("a non-empty string");
+          out.account = value;
+          break;
+        case "untickedScopes":
+          if (!Array.isArray(value) || !value.every((v) => typeof v === "string" && v !== "")) {
+            throw bad("an array of scopes");
+          }
+          out.untickedScopes = [...value] as string[];
+          break;
+        case "issParameter":
+          if (value !== null && (typeof value !== "string" || value === "")) throw bad("null or a non-empty string");
+          out.issParameter = value;
           break;
         case "rotateRefreshTokens":
         case "issueRefreshToken":
@@ -297,6 +374,26 @@ export async function startOAuthServer(opts: OAuthServerOptions = {}): Promise<O
     for (const t of [...g.refreshTokens]) deleteRefreshToken(t);
   }
 
+  /** Google: one authorization per account and client; revoking any of its tokens revokes all of them. */
+  function revokeAccount(clientId: string, account: string) {
+    for (const [id, g] of grants) if (g.clientId === clientId && g.account === account) revokeGrant(id);
+  }
+
+  function liveRefreshTokensOf(clientId: string, account: string): [string, RefreshToken][] {
+    const out: [string, RefreshToken][] = [];
+    for (const [token, rt] of refreshTokens) {
+      if (rt.clientId === clientId && grants.get(rt.grantId)?.account === account) out.push([token, rt]);
+    }
+    return out;
+  }
+
+  /** Google keeps at most N refresh tokens per account and client: the oldest die silently. */
+  function enforceRefreshTokenLimit(clientId: string, account: string, limit: number) {
+    if (limit <= 0) return;
+    const live = liveRefreshTokensOf(clientId, account).sort((a, b) => a[1].serial - b[1].serial);
+    for (const [token] of live.slice(0, Math.max(0, live.length - limit))) deleteRefreshToken(token);
+  }
+
   function issueTokens(client: Client, grantId: string, scope: string, withRefresh: boolean, b: Behavior) {
     const grant = grants.get(grantId);
     if (!grant) throw new Error("grant disappeared");
@@ -317,9 +414,16 @@ export async function startOAuthServer(opts: OAuthServerOptions = {}): Promise<O
     };
     if (withRefresh) {
       const refresh = randomToken("rt_");
-      refreshTokens.set(refresh, { clientId: client.id, grantId, scope: grant.scope, issuedAt: t });
+      refreshTokens.set(refresh, {
+        clientId: client.id,
+        grantId,
+        scope: grant.scope,
+        issuedAt: t,
+        serial: ++refreshSerial,
+      });
       grant.refreshTokens.add(refresh);
       body.refresh_token = refresh;
+      enforceRefreshTokenLimit(client.id, grant.account, b.maxRefreshTokensPerAccount);
     }
     body.scope = scope;
     // After the new tokens are attached: a sweep before would drop a brand-new grant (no tokens yet).
@@ -482,8 +586,9 @@ export async function startOAuthServer(opts: OAuthServerOptions = {}): Promise<O
       return sendHtml(res, 400, "Invalid request", "<p>redirect_uri missing or not registered for this client</p>");
     }
     const state = params.get("state") ?? null;
+    const b = effectiveBehavior(client);
     const back = (error: string, description: string) =>
-      redirect(res, redirectUri, { error, error_description: description, state });
+      redirect(res, redirectUri, { error, error_description: description, state, iss: b.issParameter });
     if (params.get("response_type") !== "code") {
       return back("unsupported_response_type", "response_type must be code");
     }
@@ -493,10 +598,10 @@ export async function startOAuthServer(opts: OAuthServerOptions = {}): Promise<O
       return back("invalid_request", "code_challenge_method must be S256");
     }
     if (!S256_CHALLENGE_RE.test(challenge)) return back("invalid_request", "malformed code_challenge");
-    const b = effectiveBehavior(client);
     if (b.authorizeError) return back(b.authorizeError, "simulated by the test authorization server");
     const consent: PendingConsent = {
       clientId: client.id,
+      account: b.account,
       redirectUri,
       state,
       codeChallenge: challenge,
@@ -518,10 +623,18 @@ export async function startOAuthServer(opts: OAuthServerOptions = {}): Promise<O
   }
 
   function approve(res: ServerResponse, c: PendingConsent) {
+    const b = effectiveBehavior(clients.get(c.clientId));
+    // Granular consent: what the user left ticked is what is granted.
+    const unticked = new Set(b.untickedScopes);
+    const scope = c.scope
+      .split(" ")
+      .filter((s) => s !== "" && !unticked.has(s))
+      .join(" ");
     const grantId = randomToken("g_");
     grants.set(grantId, {
       clientId: c.clientId,
-      scope: c.scope,
+      account: c.account,
+      scope,
       accessType: c.accessType,
       prompt: c.prompt,
       accessTokens: new Set(),
@@ -530,14 +643,17 @@ export async function startOAuthServer(opts: OAuthServerOptions = {}): Promise<O
     const code = randomToken("code_");
     codes.set(code, {
       clientId: c.clientId,
+      account: c.account,
+      accessType: c.accessType,
+      prompt: c.prompt,
       redirectUri: c.redirectUri,
       codeChallenge: c.codeChallenge,
-      scope: c.scope,
+      scope,
       expiresAt: now() + CODE_TTL_MS,
       used: false,
       grantId,
     });
-    redirect(res, c.redirectUri, { code, state: c.state });
+    redirect(res, c.redirectUri, { code, state: c.state, iss: b.issParameter });
   }
 
   async function handleDecision(req: IncomingMessage, res: ServerResponse) {
@@ -552,6 +668,7 @@ export async function startOAuthServer(opts: OAuthServerOptions = {}): Promise<O
       error: "access_denied",
       error_description: "the user denied access",
       state: c.state,
+      iss: effectiveBehavior(clients.get(c.clientId)).issParameter,
     });
   }
 
@@ -607,21 +724,21 @@ export async function startOAuthServer(opts: OAuthServerOptions = {}): Promise<O
   }
 
   function codeGrant(client: Client, form: Map<string, string>, b: Behavior) {
+    const google = b.profile === "google";
+    const badCode = (why: string) => oauthError(400, "invalid_grant", google ? GOOGLE_CODE_INVALID : why);
     const code = form.get("code");
     if (code === undefined) throw oauthError(400, "invalid_request", "code is required");
     const redirectUri = form.get("redirect_uri");
     if (redirectUri === undefined) throw oauthError(400, "invalid_request", "redirect_uri is required");
     const record = codes.get(code);
-    if (!record || record.clientId !== client.id) {
-      throw oauthError(400, "invalid_grant", "unknown authorization code");
-    }
+    if (!record || record.clientId !== client.id) throw badCode("unknown authorization code");
     if (record.used) {
       // RFC 6749 §4.1.2: a replayed code revokes the tokens previously issued from it.
       revokeGrant(record.grantId);
-      throw oauthError(400, "invalid_grant", "authorization code already used");
+      throw badCode("authorization code already used");
     }
     record.used = true; // single use, whatever the outcome
-    if (record.expiresAt <= now()) throw oauthError(400, "invalid_grant", "authorization code expired");
+    if (record.expiresAt <= now()) throw badCode("authorization code expired");
     if (record.redirectUri !== redirectUri) {
       throw oauthError(400, "invalid_grant", "redirect_uri does not match the authorization request");
     }
@@ -630,7 +747,15 @@ export async function startOAuthServer(opts: OAuthServerOptions = {}): Promise<O
     if (!PKCE_RE.test(verifier) || !safeEqual(s256(verifier), record.codeChallenge)) {
       throw oauthError(400, "invalid_grant", "PKCE verification failed");
     }
-    const body = issueTokens(client, record.grantId, record.scope, b.issueRefreshToken, b);
+    // Google issues a refresh token only for access_type=offline, and only on the account's first
+    // consent to this client (while it holds no live one) or when prompt=consent forced the screen.
+    const withRefresh =
+      b.issueRefreshToken &&
+      (!google ||
+        (record.accessType === "offline" &&
+          ((record.prompt ?? "").split(" ").includes("consent") ||
+            liveRefreshTokensOf(client.id, record.account).length === 0)));
+    const body = issueTokens(client, record.grantId, record.scope, withRefresh, b);
     count(client, "authorizationCodeGrants");
     return body;
   }
@@ -639,7 +764,10 @@ export async function startOAuthServer(opts: OAuthServerOptions = {}): Promise<O
     const token = form.get("refresh_token");
     if (token === undefined) throw oauthError(400, "invalid_request", "refresh_token is required");
     const rt = refreshTokens.get(token);
-    if (!rt || rt.clientId !== client.id) throw oauthError(400, "invalid_grant", "refresh token is invalid or revoked");
+    if (!rt || rt.clientId !== client.id) {
+      const why = b.profile === "google" ? GOOGLE_REFRESH_INVALID : "refresh token is invalid or revoked";
+      throw oauthError(400, "invalid_grant", why);
+    }
     let scope = rt.scope;
     const requested = form.get("scope");
     if (requested !== undefined) {
@@ -657,12 +785,24 @@ export async function startOAuthServer(opts: OAuthServerOptions = {}): Promise<O
   }
 
   // ---------- /revoke and /introspect ----------
-  async function handleRevoke(req: IncomingMessage, res: ServerResponse) {
+  async function handleRevoke(req: IncomingMessage, res: ServerResponse, url: URL) {
+    if (req.method !== "POST" && req.method !== "GET") methodNotAllowed("POST");
+    const query = uniqueParams(url.searchParams);
+    // Google also takes the token in the query string (POST with no body, or GET).
+    const hasBody = req.method === "POST" && req.headers["content-type"] !== undefined;
+    const form = hasBody ? await readForm(req) : new Map<string, string>();
+    if (!hasBody) await readBody(req);
+    const token = form.get("token") ?? query.get("token");
+    const known = token === undefined ? undefined : (refreshTokens.get(token) ?? accessTokens.get(token));
+    const profileClient = clients.get(known?.clientId ?? identifyClient(req, form).claimedId ?? "");
+    if (effectiveBehavior(profileClient).profile === "google") return googleRevoke(res, token, profileClient);
+    // Textbook RFC 7009: POST, form body, client authentication.
     if (req.method !== "POST") methodNotAllowed("POST");
-    const form = await readForm(req);
+    if (!hasBody) throw oauthError(400, "invalid_request", "content-type must be application/x-www-form-urlencoded");
     const client = authenticate(req, form);
-    const token = form.get("token");
-    if (token === undefined) throw oauthError(400, "invalid_request", "token is required");
+    if (form.get("token") === undefined || token === undefined) {
+      throw oauthError(400, "invalid_request", "token is required");
+    }
     const hint = form.get("token_type_hint");
     if (hint !== undefined && hint !== "access_token" && hint !== "refresh_token") {
       throw oauthError(400, "unsupported_token_type", `token_type_hint ${hint} is not supported`);
@@ -675,6 +815,25 @@ export async function startOAuthServer(opts: OAuthServerOptions = {}): Promise<O
     count(client, "revocations");
     res.writeHead(200, { "cache-control": "no-store", "content-length": 0 });
     res.end();
+  }
+
+  /**
+   * Google's revocation endpoint: the token as a query or form parameter, no client authentication;
+   * an access or refresh token revokes every token of that account and client; 200 `{}`, or 400
+   * `invalid_token` for a token it does not know (or no longer knows).
+   */
+  function googleRevoke(res: ServerResponse, token: string | undefined, client: Client | undefined) {
+    const noStore = { "cache-control": "no-store" };
+    const rt = token === undefined ? undefined : refreshTokens.get(token);
+    const at = token === undefined ? undefined : accessTokens.get(token);
+    const grant = grants.get(rt?.grantId ?? at?.grantId ?? "");
+    if (!grant || (at && !rt && at.expiresAt <= now())) {
+      if (client) count(client, "failedRequests");
+      return send(res, 400, { error: "invalid_token", error_description: GOOGLE_REVOKE_INVALID }, noStore);
+    }
+    revokeAccount(grant.clientId, grant.account);
+    count(clients.get(grant.clientId), "revocations");
+    send(res, 200, {}, noStore);
   }
 
   async function handleIntrospect(req: IncomingMessage, res: ServerResponse) {
@@ -832,7 +991,7 @@ export async function startOAuthServer(opts: OAuthServerOptions = {}): Promise<O
       if (path === "/authorize") return handleAuthorize(req, res, url);
       if (path === "/authorize/decision") return await handleDecision(req, res);
       if (path === "/token") return await handleToken(req, res);
-      if (path === "/revoke") return await handleRevoke(req, res);
+      if (path === "/revoke") return await handleRevoke(req, res, url);
       if (path === "/introspect") return await handleIntrospect(req, res);
       if (path === "/.well-known/oauth-authorization-server") {
         if (req.method !== "GET") methodNotAllowed("GET");
@@ -864,8 +1023,9 @@ export async function startOAuthServer(opts: OAuthServerOptions = {}): Promise<O
   });
   const { port } = server.address() as AddressInfo;
   const url = `http://${host.includes(":") ? `[${host}]` : host}:${port}`;
+  issuer ||= `http://localhost:${port}`;
   const metadata = {
-    issuer: url,
+    issuer,
     authorization_endpoint: `${url}/authorize`,
     token_endpoint: `${url}/token`,
     revocation_endpoint: `${url}/revoke`,
@@ -873,6 +1033,7 @@ export async function startOAuthServer(opts: OAuthServerOptions = {}): Promise<O
     response_types_supported: ["code"],
     grant_types_supported: ["authorization_code", "refresh_token"],
     code_challenge_methods_supported: ["S256"],
+    authorization_response_iss_parameter_supported: true,
     token_endpoint_auth_methods_supported: ["client_secret_basic", "client_secret_post"],
     revocation_endpoint_auth_methods_supported: ["client_secret_basic", "client_secret_post"],
     introspection_endpoint_auth_methods_supported: ["client_secret_basic", "client_secret_post"],
@@ -881,6 +1042,7 @@ export async function startOAuthServer(opts: OAuthServerOptions = {}): Promise<O
   let closing: Promise<void> | null = null;
   return {
     url,
+    issuer,
     authorizationEndpoint: metadata.authorization_endpoint,
     tokenEndpoint: metadata.token_endpoint,
     revocationEndpoint: metadata.revocation_endpoint,

@@ -60,10 +60,11 @@ export class ProviderError extends Error {
 }
 
 export function providerFromConfig(config: Config, fetchImpl: typeof fetch = fetch): Provider {
-  const tokenUrl = new URL(config.OAUTH_TOKEN_URL);
   return {
     as: {
-      issuer: tokenUrl.origin,
+      // Not the token URL's origin: Google's issuer (accounts.google.com) is another origin than
+      // its token endpoint (oauth2.googleapis.com), and it sends `iss` in the authorization response.
+      issuer: config.OAUTH_ISSUER,
       authorization_endpoint: config.OAUTH_AUTHORIZATION_URL,
       token_endpoint: config.OAUTH_TOKEN_URL,
       ...(config.OAUTH_REVOCATION_URL ? { revocation_endpoint: config.OAUTH_REVOCATION_URL } : {}),
@@ -102,6 +103,16 @@ export function buildAuthorizationUrl(provider: Provider, request: Authorization
 export async function createPkcePair(): Promise<{ verifier: string; challenge: string }> {
   const verifier = oauth.generateRandomCodeVerifier();
   return { verifier, challenge: await oauth.calculatePKCECodeChallenge(verifier) };
+}
+
+/**
+ * RFC 9207: the `iss` of an authorization response, when there is one, must be the configured
+ * issuer (a response from another authorization server is a mix-up). A missing `iss` is accepted:
+ * not every provider sends it. Returns the unexpected value, or undefined when the response is fine.
+ */
+export function unexpectedIssuer(provider: Provider, params: URLSearchParams): string | undefined {
+  const iss = params.get("iss");
+  return iss === null || iss === provider.as.issuer ? undefined : iss;
 }
 
 export async function exchangeCode(

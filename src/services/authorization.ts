@@ -11,6 +11,7 @@ import {
   type IssuedTokens,
   type Provider,
   ProviderError,
+  unexpectedIssuer,
 } from "../oauth/provider";
 import { clientCredentials, clientNotFound } from "./clients";
 import { expiryOf, lifetimeOf } from "./refresh-policy";
@@ -22,6 +23,7 @@ import { expiryOf, lifetimeOf } from "./refresh-policy";
 
 export const STATE_TTL_SECONDS = 10 * 60;
 export const BINDING_COOKIE = "tm_oauth_binding";
+const MAX_SHOWN_ISSUER_CHARS = 200;
 
 interface StatePayload {
   /** Internal client id. */
@@ -98,6 +100,14 @@ export async function completeLogin(
     throw new AppError(
       "invalid_state",
       "This sign-in was started in another browser (or cookies are blocked). Open the login link again in this browser.",
+    );
+  }
+  // Checked before the state is claimed: a mixed-up response stores nothing and burns nothing.
+  const issuer = unexpectedIssuer(provider, params);
+  if (issuer !== undefined) {
+    throw new AppError(
+      "bad_request",
+      `The sign-in answer names another issuer (${issuer.slice(0, MAX_SHOWN_ISSUER_CHARS)}) than the configured provider; nothing was stored. Start again from your login link.`,
     );
   }
   const providerError = params.get("error");

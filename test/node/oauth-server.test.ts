@@ -11,7 +11,7 @@ let as: oauth.AuthorizationServer;
 beforeAll(async () => {
   srv = await startOAuthServer();
   as = {
-    issuer: srv.url,
+    issuer: srv.issuer,
     authorization_endpoint: srv.authorizationEndpoint,
     token_endpoint: srv.tokenEndpoint,
     revocation_endpoint: srv.revocationEndpoint,
@@ -337,10 +337,13 @@ describe("authorization code flow with PKCE", () => {
     expect(await r6.json()).toMatchObject({ error: "not_found" });
   });
 
-  it("serves RFC 8414 metadata usable by oauth4webapi discovery", async () => {
-    const res = await oauth.discoveryRequest(new URL(srv.url), { algorithm: "oauth2", ...insecure });
-    const meta = await oauth.processDiscoveryResponse(new URL(srv.url), res);
+  it("serves RFC 8414 metadata usable by oauth4webapi discovery, with an issuer on another origin", async () => {
+    // The issuer (localhost) is another origin than the endpoints (127.0.0.1), as Google's is.
+    expect(new URL(srv.issuer).origin).not.toBe(new URL(srv.tokenEndpoint).origin);
+    const res = await fetch(`${srv.url}/.well-known/oauth-authorization-server`);
+    const meta = await oauth.processDiscoveryResponse(new URL(srv.issuer), res);
     expect(meta.token_endpoint).toBe(srv.tokenEndpoint);
+    expect(meta.authorization_response_iss_parameter_supported).toBe(true);
     expect(meta.code_challenge_methods_supported).toEqual(["S256"]);
   });
 });
@@ -678,5 +681,158 @@ describe("manual consent (autoApprove: false)", () => {
     } finally {
       await manual.close();
     }
+  });
+});
+
+describe("RFC 9207: iss in the authorization response", () => {
+  it("sends the issuer on success and on error redirects; a behaviour can leave it out or change it", async () => {
+    const ok = await authorizeRaw();
+    expect(new URL(ok.res.headers.get("location") ?? "").searchParams.get("iss")).toBe(srv.issuer);
+
+    const denied = await authorizeRaw({ extra: { response_type: "token" } });
+    const deniedAt = new URL(denied.res.headers.get("location") ?? "");
+    expect(deniedAt.searchParams.get("error")).toBe("unsupported_response_type");
+    expect(deniedAt.searchParams.get("iss")).toBe(srv.issuer);
+
+    await behave("app", { issParameter: null });
+    const omitted = await authorizeRaw();
+    expect(new URL(omitted.res.headers.get("location") ?? "").searchParams.has("iss")).toBe(false);
+
+    await behave("app", { issParameter: "https://attacker.example" });
+    const other = await authorizeRaw();
+    const otherAt = new URL(other.res.headers.get("location") ?? "");
+    expect(otherAt.searchParams.get("iss")).toBe("https://attacker.example");
+    expect(() => oauth.validateAuthResponse(as, clientOf("app"), otherAt, other.state)).toThrow(/iss/);
+  });
+});
+
+describe("google profile", () => {
+  beforeEach(async () => {
+    // The server-wide default, as `startOAuthServer({ profile: "google" })` sets it.
+    await admin("PUT", "/admin/behavior", { profile: "google" });
+  });
+
+  const consent = async (extra: Record<string, string> = {}, clientId = "app", secret = "s3cret") => {
+    const { params, verifier } = await authorize({
+      clientId,
+      scope: "openid email",
+      extra: { access_type: "offline", prompt: "", ...extra },
+    });
+    const res = await oauth.authorizationCodeGrantRequest(
+      as,
+      clientOf(clientId),
+      basic(secret),
+      params,
+      REDIRECT,
+      verifier,
+      insecure,
+    );
+    return oauth.processAuthorizationCodeResponse(as, clientOf(clientId), res);
+  };
+
+  it("issues a refresh token on the account's first consent only, or when prompt=consent forces the screen", async () => {
+    const first = await consent();
+    expect(first.refresh_token).toMatch(/^rt_/);
+    expect(first.expires_in).toBe(3599);
+    const again = await consent();
+    expect(again.refresh_token).toBeUndefined();
+    expect(again.access_token).toMatch(/^at_/);
+    const forced = await consent({ prompt: "consent" });
+    expect(forced.refresh_token).toMatch(/^rt_/);
+    // Both refresh tokens stay valid (Google keeps several per account and client).
+    expect((await introspect(first.refresh_token ?? "")).active).toBe(true);
+    expect((await introspect(forced.refresh_token ?? "")).active).toBe(true);
+    // Another account's first consent gets its own refresh token.
+    await behave("app", { account: "someone-else@example.com" });
+    expect((await consent()).refresh_token).toMatch(/^rt_/);
+    // Without access_type=offline there is never a refresh token.
+    await behave("app", { account: "third@example.com" });
+    expect((await consent({ access_type: "online" })).refresh_token).toBeUndefined();
+  });
+
+  it("answers refreshes without a new refresh token, with expires_in 3599, and words invalid_grant as Google", async () => {
+    const { refresh_token: rt = "" } = await consent();
+    const refreshed = await refresh(rt);
+    expect(refreshed.refresh_token).toBeUndefined();
+    expect(refreshed.expires_in).toBe(3599);
+    const res = await rawRefresh("rt_unknown");
+    expect(res.status).toBe(400);
+    expect(await res.json()).toEqual({
+      error: "invalid_grant",
+      error_description: "Token has been expired or revoked.",
+    });
+  });
+
+  it("words a reused authorization code as Google does", async () => {
+    const { params, verifier } = await authorize({ extra: { access_type: "offline" } });
+    const exchange = () =>
+      oauth.authorizationCodeGrantRequest(as, clientOf("app"), basic("s3cret"), params, REDIRECT, verifier, insecure);
+    expect((await exchange()).status).toBe(200);
+    const replay = await exchange();
+    expect(replay.status).toBe(400);
+    expect(await replay.json()).toEqual({ error: "invalid_grant", error_description: "Bad Request" });
+  });
+
+  it("keeps at most 100 live refresh tokens per account and client: the oldest dies silently", async () => {
+    const issued: string[] = [];
+    for (let i = 0; i < 101; i++) issued.push((await consent({ prompt: "consent" })).refresh_token ?? "");
+    expect(new Set(issued).size).toBe(101);
+    expect((await stats("app")).activeRefreshTokens).toBe(100);
+    await expectOAuthError(refresh(issued[0] ?? ""), "invalid_grant", 400);
+    expect((await refresh(issued[1] ?? "")).access_token).toMatch(/^at_/);
+    expect((await refresh(issued[100] ?? "")).access_token).toMatch(/^at_/);
+    // Another account's tokens do not count.
+    await behave("app", { account: "someone-else@example.com", maxRefreshTokensPerAccount: 2 });
+    await consent({ prompt: "consent" });
+    expect((await stats("app")).activeRefreshTokens).toBe(101);
+  });
+
+  it("granular consent: an unticked scope is left out of the grant and of the token response", async () => {
+    await behave("app", { untickedScopes: ["email"] });
+    const tokens = await consent();
+    expect(tokens.scope).toBe("openid");
+    expect((await introspect(tokens.access_token)).scope).toBe("openid");
+    expect((await refresh(tokens.refresh_token ?? "")).scope).toBe("openid");
+  });
+
+  it("revocation takes the token as a query or form parameter without client authentication, and kills every token of the account and client", async () => {
+    const first = await consent();
+    const forced = await consent({ prompt: "consent" });
+    await behave("app", { account: "someone-else@example.com" });
+    const otherAccount = await consent();
+    const otherClient = await consent({}, "other", "other-secret");
+
+    // Revoking the first consent's refresh token kills the second consent's tokens too (same account).
+    const revoked = await fetch(`${srv.revocationEndpoint}?token=${encodeURIComponent(first.refresh_token ?? "")}`, {
+      method: "POST",
+    });
+    expect(revoked.status).toBe(200);
+    for (const token of [first.refresh_token, first.access_token, forced.refresh_token, forced.access_token]) {
+      expect((await introspect(token ?? "")).active).toBe(false);
+    }
+    // Other accounts and other clients keep theirs.
+    expect((await introspect(otherAccount.refresh_token ?? "")).active).toBe(true);
+    expect((await refresh(otherClient.refresh_token ?? "", "other", "other-secret")).access_token).toMatch(/^at_/);
+
+    // Already revoked or unknown: 400 invalid_token.
+    const again = await fetch(srv.revocationEndpoint, {
+      method: "POST",
+      headers: { "content-type": "application/x-www-form-urlencoded" },
+      body: new URLSearchParams({ token: first.refresh_token ?? "" }),
+    });
+    expect(again.status).toBe(400);
+    expect(await again.json()).toEqual({ error: "invalid_token", error_description: "Token expired or revoked" });
+
+    // An access token (form parameter, with client authentication as oauth4webapi sends it) revokes its account's grant.
+    const byAccess = await oauth.revocationRequest(
+      as,
+      clientOf("app"),
+      basic("s3cret"),
+      otherAccount.access_token,
+      insecure,
+    );
+    expect(byAccess.status).toBe(200);
+    expect((await introspect(otherAccount.refresh_token ?? "")).active).toBe(false);
+    expect((await stats("app")).revocations).toBe(2);
   });
 });

@@ -517,6 +517,51 @@ describe("callback: rejected", () => {
   });
 });
 
+describe("callback: issuer (RFC 9207)", () => {
+  it("accepts the configured issuer, which is another origin than the token endpoint (as Google's)", async () => {
+    expect(testEnv.OAUTH_ISSUER).toBeTruthy();
+    expect(new URL(testEnv.OAUTH_ISSUER).origin).not.toBe(new URL(testEnv.OAUTH_TOKEN_URL).origin);
+    const branch = await registerBranch();
+    const { providerRedirect, callback } = await runBrowserFlow(branch.loginUrl);
+    expect(providerRedirect.searchParams.get("iss")).toBe(testEnv.OAUTH_ISSUER);
+    expect(callback.status, await callback.clone().text()).toBe(200);
+    expect(await tokenRows(branch.clientId)).toHaveLength(1);
+  });
+
+  it("accepts an authorization response without iss (providers that do not send it)", async () => {
+    const branch = await registerBranch({ providerBehavior: { issParameter: null } });
+    const { providerRedirect, callback } = await runBrowserFlow(branch.loginUrl);
+    expect(providerRedirect.searchParams.has("iss")).toBe(false);
+    expect(callback.status, await callback.clone().text()).toBe(200);
+    expect(await tokenRows(branch.clientId)).toHaveLength(1);
+  });
+
+  it("answers 400 to another iss, stores nothing, sends no code, and leaves the state usable", async () => {
+    const branch = await registerBranch({ providerBehavior: { issParameter: "https://evil.example" } });
+    const start = await startLogin(branch.loginUrl);
+    const back = await authorizeAtProvider(start.authorizeUrl);
+    expect(back.searchParams.get("iss")).toBe("https://evil.example");
+    const problem = await expectProblem(await callCallback(back, start.cookie), 400, "bad_request");
+    expect(problem.detail).toMatch(/another issuer \(https:\/\/evil\.example\)/);
+    await expectHtmlPage(await callCallback(back, start.cookie, "html"), 400, /another issuer/);
+    expect(await tokenRows(branch.clientId)).toEqual([]);
+    expect((await providerStats(branch.oauthClientId)).tokenRequests).toBe(0);
+    // The state was not burned: the genuine answer (same code, right issuer) still completes.
+    back.searchParams.set("iss", testEnv.OAUTH_ISSUER);
+    expect((await callCallback(back, start.cookie)).status).toBe(200);
+    expect(await tokenRows(branch.clientId)).toHaveLength(1);
+  });
+
+  it("checks the issuer before an error answer: a mixed-up error is not shown as the provider's", async () => {
+    const branch = await registerBranch({
+      providerBehavior: { authorizeError: "access_denied", issParameter: "https://evil.example" },
+    });
+    const start = await startLogin(branch.loginUrl);
+    const back = await authorizeAtProvider(start.authorizeUrl);
+    await expectProblem(await callCallback(back, start.cookie), 400, "bad_request");
+  });
+});
+
 describe("callback: connection status", () => {
   it("shows each client's own token only", async () => {
     const connected = await connectBranch();

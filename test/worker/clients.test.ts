@@ -552,7 +552,8 @@ describe("DELETE /clients/{id}", () => {
   });
 
   it("also revokes an earlier grant that a later consent replaced", async () => {
-    const branch = await connectBranch();
+    // Textbook provider: each consent is its own grant, revoked on its own.
+    const branch = await connectBranch({ providerBehavior: { profile: "textbook" } });
     const first = await currentTokens(branch.clientId);
     await reconnectBranch(branch);
     const second = await currentTokens(branch.clientId);

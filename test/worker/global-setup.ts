@@ -9,12 +9,14 @@ declare module "vitest" {
     sqlEndpoint: string;
     neonLocalUrl: string;
     oauthServerUrl: string;
+    oauthIssuer: string;
   }
 }
 
 /**
  * Starts, on free ports, the local database (PGlite in memory, or the PostgreSQL server named by
- * TEST_DATABASE_URL) migrated from drizzle/, and the local OAuth authorization server.
+ * TEST_DATABASE_URL) migrated from drizzle/, and the local OAuth authorization server with its
+ * Google profile (tests that need the textbook behaviours, e.g. rotation, set it per client).
  */
 export default async function setup(project: TestProject) {
   const postgresUrl = process.env.TEST_DATABASE_URL;
@@ -23,7 +25,7 @@ export default async function setup(project: TestProject) {
   });
   if (postgresUrl) await resetPostgres(db.sqlEndpoint, db.connectionString);
   await applyMigrations(db.connectionString, db.sqlEndpoint);
-  const oauth = await startOAuthServer();
+  const oauth = await startOAuthServer({ profile: "google" });
   console.log(
     `worker tests: database ${postgresUrl ? "PostgreSQL" : "PGlite (memory)"} at ${db.url}, OAuth server at ${oauth.url}`,
   );
@@ -32,6 +34,7 @@ export default async function setup(project: TestProject) {
   project.provide("sqlEndpoint", db.sqlEndpoint);
   project.provide("neonLocalUrl", db.url);
   project.provide("oauthServerUrl", oauth.url);
+  project.provide("oauthIssuer", oauth.issuer);
 
   return async () => {
     await oauth.close();

@@ -17,6 +17,7 @@ export const BINDING_COOKIE_NAME = "tm_oauth_binding";
 
 /** Mirrors dev/oauth-server's Behavior (that module is Node code, not importable into workerd types). */
 export interface ProviderBehavior {
+  profile: "google" | "textbook";
   accessTokenTtlSeconds: number;
   rotateRefreshTokens: boolean;
   issueRefreshToken: boolean;
@@ -24,6 +25,10 @@ export interface ProviderBehavior {
   hang: boolean;
   failNext: { status: number; error?: string; count?: number } | null;
   authorizeError: string | null;
+  account: string;
+  untickedScopes: string[];
+  issParameter: string | null;
+  maxRefreshTokensPerAccount: number;
 }
 
 export interface ProviderClientStats {

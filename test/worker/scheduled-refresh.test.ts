@@ -60,9 +60,9 @@ describe("scheduled refresh", () => {
     const summary = JSON.parse(lines[0]!);
     expect(summary).toMatchObject({ due: 2, refreshed: 2, failed: 0, dead: 0, skipped: 0, queued: 0 });
     expect(summary.duration_ms).toBeGreaterThanOrEqual(0);
-    // Refreshed tokens now expire an hour after the (era) time the refresh was sent.
-    expect(await expiresAt(soon!)).toBeGreaterThanOrEqual(era.getTime() + minutes(60));
-    expect(await expiresAt(later!)).toBeGreaterThanOrEqual(era.getTime() + minutes(60));
+    // Refreshed tokens now expire `expires_in` (Google: 3599 s) after the (era) time the refresh was sent.
+    expect(await expiresAt(soon!)).toBeGreaterThanOrEqual(era.getTime() + 3599_000);
+    expect(await expiresAt(later!)).toBeGreaterThanOrEqual(era.getTime() + 3599_000);
     expect(await expiresAt(notDue!)).toBe(era.getTime() + minutes(16));
     expect((await providerStats(notDue!.oauthClientId)).refreshGrants).toBe(0);
     expect((await providerStats(soon!.oauthClientId)).refreshGrants).toBe(1);
