@@ -66,7 +66,10 @@ export default {
         if (!row.client || !row.token) return new Response("not found", { status: 404 });
         let accessToken = row.token.accessToken;
         if (url.pathname !== "/query") {
-          accessToken = await open(await loadKeyring(env.TOKEN_ENCRYPTION_KEY), accessToken, "tokens.access_token");
+          accessToken = await open(await loadKeyring(env.TOKEN_ENCRYPTION_KEY), accessToken, {
+            column: "tokens.access_token",
+            clientId: row.client.id,
+          });
         }
         return Response.json({
           client_id: row.client.id,

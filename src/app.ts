@@ -63,7 +63,8 @@ export function createApp(): App {
 
 export function handleError(error: unknown, requestId: string | undefined): Response {
   const appError = error instanceof HTTPException ? fromHttpException(error) : toAppError(error);
-  if (appError.status >= 500) {
+  // A stored secret that does not open is a 409 for its client but may be tampering: log it too.
+  if (appError.status >= 500 || appError.code === "sealed_value_unreadable") {
     logError("request_failed", {
       request_id: requestId,
       code: appError.code,

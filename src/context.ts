@@ -21,7 +21,9 @@ export async function createServices(env: Env): Promise<Services> {
       databaseUrl: config.TOKEN_MANAGEMENT_DATABASE_URL,
       localFetchEndpoint: config.NEON_LOCAL_FETCH_ENDPOINT,
     }),
-    keyring: await loadKeyring(config.TOKEN_ENCRYPTION_KEY, config.TOKEN_ENCRYPTION_PREVIOUS_KEYS),
+    keyring: await loadKeyring(config.TOKEN_ENCRYPTION_KEY, config.TOKEN_ENCRYPTION_PREVIOUS_KEYS, {
+      acceptV1: config.TOKEN_ENCRYPTION_ACCEPT_V1,
+    }),
     provider: providerFromConfig(config),
   };
 }

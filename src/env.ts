@@ -48,6 +48,14 @@ const EnvSchema = z.object({
   NEON_LOCAL_FETCH_ENDPOINT: httpUrl.optional(),
   TOKEN_ENCRYPTION_KEY: base64Key,
   TOKEN_ENCRYPTION_PREVIOUS_KEYS: commaList.pipe(z.array(base64Key)).default([]),
+  /**
+   * Whether values sealed before row binding (v1 envelopes) still open. On by default so an upgrade
+   * keeps working until `npm run db:reseal` has rewritten them; turn it off once that reports none left.
+   */
+  TOKEN_ENCRYPTION_ACCEPT_V1: z
+    .enum(["true", "false", "1", "0"])
+    .default("true")
+    .transform((value) => value === "true" || value === "1"),
   ADMIN_API_KEY: apiKeys,
   SERVICE_API_KEY: apiKeys,
 

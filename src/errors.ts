@@ -1,4 +1,5 @@
 import type { ZodError } from "zod";
+import { SealedValueError } from "./lib/crypto";
 
 /**
  * One error type with a fixed list of codes; `problemResponse` is the only place an error becomes a
@@ -18,6 +19,7 @@ export const ERROR_STATUS = {
   not_connected: 409,
   reauthorization_required: 409,
   client_credentials_rejected: 409,
+  sealed_value_unreadable: 409,
   payload_too_large: 413,
   unsupported_media_type: 415,
   provider_error: 502,
@@ -42,6 +44,7 @@ const TITLES: Record<ErrorCode, string> = {
   not_connected: "Branch not connected",
   reauthorization_required: "Reauthorization required",
   client_credentials_rejected: "Client credentials rejected by the provider",
+  sealed_value_unreadable: "A stored secret of this client cannot be opened",
   payload_too_large: "Payload too large",
   unsupported_media_type: "Unsupported media type",
   provider_error: "OAuth provider error",
@@ -135,6 +138,7 @@ export function validationFailed(error: ZodError): AppError {
  */
 export function toAppError(error: unknown): AppError {
   if (error instanceof AppError) return error;
+  if (error instanceof SealedValueError) return sealedValueUnreadable(error);
   if (isDatabaseUnavailable(error)) {
     return new AppError("database_unavailable", "The database is unreachable. Try again shortly.", {
       retryAfterSeconds: 5,
@@ -149,6 +153,25 @@ export function toAppError(error: unknown): AppError {
     );
   }
   return new AppError("internal_error", "An unexpected error occurred.", { cause: error });
+}
+
+/**
+ * A stored secret that does not open where it is stored: copied from another row, altered, or sealed
+ * with a key no longer configured. A 409, not a 500: it concerns this one client's stored state, a
+ * retry cannot help, and an operator fixes it on that client (set the secret again, or reconnect),
+ * like the other states that block a branch. Other clients are unaffected. Always logged.
+ */
+function sealedValueUnreadable(error: SealedValueError): AppError {
+  const { column, clientId } = error.binding;
+  const fix =
+    column === "clients.client_secret"
+      ? `set the client secret again (PATCH /clients/${clientId})`
+      : `connect the branch again with a new login link (GET /clients/${clientId}/login-url)`;
+  return new AppError(
+    "sealed_value_unreadable",
+    `The stored ${column === "clients.client_secret" ? "client secret" : "token"} of client ${clientId} cannot be opened: it was altered, copied from another row, or sealed with a key that is no longer configured. To recover, ${fix}.`,
+    { fields: { client_id: clientId }, cause: error },
+  );
 }
 
 /**

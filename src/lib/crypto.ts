@@ -3,18 +3,38 @@ import { fromBase64, fromBase64Url, fromUtf8, toBase64Url, utf8 } from "./encodi
 /**
  * Secrets at rest, sealed OAuth state and signed login links, all from TOKEN_ENCRYPTION_KEY.
  *
- * - At rest: AES-256-GCM with the key itself. Envelope `v1.<kid>.<iv>.<ciphertext>` (base64url);
+ * - At rest: AES-256-GCM with the key itself. Envelope `v2.<kid>.<iv>.<ciphertext>` (base64url);
  *   the kid says which key sealed it, so a rotated-out key listed in TOKEN_ENCRYPTION_PREVIOUS_KEYS
- *   still opens old values while new writes use the current key. The purpose (column name) is the
- *   additional authenticated data, so a value cannot be moved to another column.
+ *   still opens old values while new writes use the current key (and `npm run db:reseal` moves
+ *   every value to the current key). The additional authenticated data binds the value to its
+ *   place: the column and the internal id of the client (branch) the row belongs to, so a value
+ *   copied to another column or to another branch's row does not open.
+ * - `v1` envelopes (before row binding: the column name alone was the additional data) still open
+ *   while the keyring accepts them (TOKEN_ENCRYPTION_ACCEPT_V1), until `npm run db:reseal` has
+ *   rewritten them all as v2. New values are always v2.
  * - State and login links use sub-keys derived with HKDF, one per purpose.
  */
 
-const ENVELOPE_VERSION = "v1";
+const ENVELOPE_VERSION = "v2";
+const LEGACY_ENVELOPE_VERSION = "v1";
 const IV_BYTES = 12;
 const KEY_ID_HEX_CHARS = 8;
 
-export type SealPurpose = "clients.client_secret" | "tokens.access_token" | "tokens.refresh_token" | "oauth.state";
+/** The columns that hold sealed values. */
+export type SealedColumn = "clients.client_secret" | "tokens.access_token" | "tokens.refresh_token";
+
+/**
+ * Where a sealed value is stored: its column and the internal id of its client (`clients.id`; for
+ * tokens, `tokens.client_id`). Tokens are bound to their client, not to their own row, because a
+ * consent that brings no new refresh token carries the sealed previous one over to the new row.
+ */
+export interface RowBinding {
+  column: SealedColumn;
+  clientId: number;
+}
+
+/** A stored value's row binding, or the OAuth state (never stored, so bound to nothing but its key). */
+export type SealPurpose = RowBinding | "oauth.state";
 
 interface KeyEntry {
   id: string;
@@ -26,30 +46,51 @@ interface KeyEntry {
 export interface Keyring {
   current: KeyEntry;
   byId: ReadonlyMap<string, KeyEntry>;
+  /** Whether v1 envelopes (bound to their column only) still open. */
+  acceptV1: boolean;
+}
+
+export interface KeyringOptions {
+  acceptV1?: boolean;
 }
 
 export class CryptoError extends Error {
   override readonly name = "CryptoError";
 }
 
+/** A stored value that does not open where it is: another row's value, an unknown key, or tampering. */
+export class SealedValueError extends CryptoError {
+  constructor(
+    readonly binding: RowBinding,
+    reason: string,
+  ) {
+    super(`${binding.column} of client ${binding.clientId}: ${reason}`);
+  }
+}
+
 const keyrings = new Map<string, Promise<Keyring>>();
 
 /** Keys are imported once per isolate and per configuration. */
-export function loadKeyring(currentKey: string, previousKeys: readonly string[] = []): Promise<Keyring> {
-  const cacheKey = [currentKey, ...previousKeys].join(",");
+export function loadKeyring(
+  currentKey: string,
+  previousKeys: readonly string[] = [],
+  options: KeyringOptions = {},
+): Promise<Keyring> {
+  const acceptV1 = options.acceptV1 ?? true;
+  const cacheKey = [currentKey, ...previousKeys, acceptV1].join(",");
   let keyring = keyrings.get(cacheKey);
   if (!keyring) {
-    keyring = buildKeyring(currentKey, previousKeys);
+    keyring = buildKeyring(currentKey, previousKeys, acceptV1);
     keyrings.set(cacheKey, keyring);
   }
   return keyring;
 }
 
-async function buildKeyring(currentKey: string, previousKeys: readonly string[]): Promise<Keyring> {
+async function buildKeyring(currentKey: string, previousKeys: readonly string[], acceptV1: boolean): Promise<Keyring> {
   const entries = await Promise.all([currentKey, ...previousKeys].map((key) => importKeyEntry(fromBase64(key))));
   const byId = new Map<string, KeyEntry>();
   for (const entry of entries) if (!byId.has(entry.id)) byId.set(entry.id, entry);
-  return { current: entries[0]!, byId };
+  return { current: entries[0]!, byId, acceptV1 };
 }
 
 async function importKeyEntry(raw: Uint8Array<ArrayBuffer>): Promise<KeyEntry> {
@@ -83,33 +124,63 @@ function aesKey(entry: KeyEntry, purpose: SealPurpose): CryptoKey {
   return purpose === "oauth.state" ? entry.state : entry.atRest;
 }
 
+/** v2 additional data: the column and the client's id (or the state's purpose). */
+function additionalData(purpose: SealPurpose): Uint8Array<ArrayBuffer> {
+  return utf8(purpose === "oauth.state" ? "oauth.state" : `${purpose.column}|client:${purpose.clientId}`);
+}
+
+/** v1 additional data: the column (or purpose) name alone. */
+function legacyAdditionalData(purpose: SealPurpose): Uint8Array<ArrayBuffer> {
+  return utf8(purpose === "oauth.state" ? "oauth.state" : purpose.column);
+}
+
 export async function seal(keyring: Keyring, plaintext: string, purpose: SealPurpose): Promise<string> {
   const iv = crypto.getRandomValues(new Uint8Array(IV_BYTES));
   const ciphertext = await crypto.subtle.encrypt(
-    { name: "AES-GCM", iv, additionalData: utf8(purpose) },
+    { name: "AES-GCM", iv, additionalData: additionalData(purpose) },
     aesKey(keyring.current, purpose),
     utf8(plaintext),
   );
   return [ENVELOPE_VERSION, keyring.current.id, toBase64Url(iv), toBase64Url(ciphertext)].join(".");
 }
 
-export async function open(keyring: Keyring, envelope: string, purpose: SealPurpose): Promise<string> {
+/** Envelope facts that need no key: its version and the id of the key that sealed it. */
+export function envelopeInfo(envelope: string): { version: string; keyId: string } | undefined {
   const [version, keyId, iv, ciphertext, ...rest] = envelope.split(".");
-  if (version !== ENVELOPE_VERSION || !keyId || !iv || !ciphertext || rest.length > 0) {
-    throw new CryptoError("not a sealed value");
+  if (!version || !keyId || !iv || !ciphertext || rest.length > 0) return undefined;
+  return { version, keyId };
+}
+
+/**
+ * Opens a sealed value for the place it is read from. A stored value that does not open throws a
+ * SealedValueError naming the column and client (never the value); the state a plain CryptoError.
+ */
+export async function open(keyring: Keyring, envelope: string, purpose: SealPurpose): Promise<string> {
+  const fail = (reason: string) =>
+    purpose === "oauth.state" ? new CryptoError(reason) : new SealedValueError(purpose, reason);
+  const [version, keyId, iv, ciphertext, ...rest] = envelope.split(".");
+  const legacy = version === LEGACY_ENVELOPE_VERSION;
+  if ((version !== ENVELOPE_VERSION && !legacy) || !keyId || !iv || !ciphertext || rest.length > 0) {
+    throw fail("not a sealed value");
   }
+  if (legacy && !keyring.acceptV1) throw fail("v1 envelope (not bound to its row) no longer accepted");
   const entry = keyring.byId.get(keyId);
-  if (!entry) throw new CryptoError(`sealed with unknown key ${keyId}`);
+  if (!entry) throw fail(`sealed with unknown key ${keyId}`);
+  let plaintext: ArrayBuffer;
   try {
-    const plaintext = await crypto.subtle.decrypt(
-      { name: "AES-GCM", iv: fromBase64Url(iv), additionalData: utf8(purpose) },
+    plaintext = await crypto.subtle.decrypt(
+      {
+        name: "AES-GCM",
+        iv: fromBase64Url(iv),
+        additionalData: legacy ? legacyAdditionalData(purpose) : additionalData(purpose),
+      },
       aesKey(entry, purpose),
       fromBase64Url(ciphertext),
     );
-    return fromUtf8(plaintext);
   } catch {
-    throw new CryptoError("sealed value failed authentication");
+    throw fail("sealed value failed authentication (altered, or sealed for another row)");
   }
+  return fromUtf8(plaintext);
 }
 
 /** HMAC-SHA-256 over `message` with the current key's link-signing sub-key (base64url). */

@@ -163,8 +163,10 @@ async function storeTokens(
   stateNonce: string,
 ): Promise<void> {
   const [accessToken, refreshToken] = await Promise.all([
-    seal(keyring, issued.accessToken, "tokens.access_token"),
-    issued.refreshToken === undefined ? undefined : seal(keyring, issued.refreshToken, "tokens.refresh_token"),
+    seal(keyring, issued.accessToken, { column: "tokens.access_token", clientId }),
+    issued.refreshToken === undefined
+      ? undefined
+      : seal(keyring, issued.refreshToken, { column: "tokens.refresh_token", clientId }),
   ]);
   const previousRefreshToken = sql`(select ${tokens.refreshToken} from ${tokens} where ${tokens.clientId} = ${clientId} order by ${tokens.id} desc limit 1)`;
   try {

@@ -42,19 +42,29 @@ export function connectionStatus(token: TokenRow | null): ConnectionStatus {
 }
 
 export async function createClient(db: Db, keyring: Keyring, input: NewClient): Promise<ClientRow> {
+  // The secret is bound to the row's id, so the id is drawn from the serial's sequence first.
+  const id = await nextClientId(db);
   try {
     const [row] = await db
       .insert(clients)
       .values({
         ...input,
+        id,
         scopes: input.scopes ?? null,
-        clientSecret: await seal(keyring, input.clientSecret, "clients.client_secret"),
+        clientSecret: await seal(keyring, input.clientSecret, { column: "clients.client_secret", clientId: id }),
       })
       .returning();
     return row!;
   } catch (error) {
     throw duplicateOr(error);
   }
+}
+
+async function nextClientId(db: Db): Promise<number> {
+  const result = await db.execute<{ id: string | number }>(
+    sql`select nextval(pg_get_serial_sequence('clients', 'id')) as id`,
+  );
+  return Number(result.rows[0]!.id);
 }
 
 export interface ListOptions {
@@ -85,7 +95,7 @@ export async function getClient(db: Db, id: number): Promise<ClientWithToken> {
 export async function updateClient(db: Db, keyring: Keyring, id: number, changes: ClientChanges): Promise<ClientRow> {
   const values: Partial<typeof clients.$inferInsert> = { updatedAt: new Date() };
   if (changes.clientSecret !== undefined) {
-    values.clientSecret = await seal(keyring, changes.clientSecret, "clients.client_secret");
+    values.clientSecret = await seal(keyring, changes.clientSecret, { column: "clients.client_secret", clientId: id });
     // New credentials: whatever the provider said about the old ones no longer applies.
     values.credentialsRejectedAt = null;
   }
@@ -134,8 +144,8 @@ export async function deleteClient(
       try {
         if (!credentials) throw new Error("the client secret cannot be opened");
         const value = token.refreshToken
-          ? await open(keyring, token.refreshToken, "tokens.refresh_token")
-          : await open(keyring, token.accessToken, "tokens.access_token");
+          ? await open(keyring, token.refreshToken, { column: "tokens.refresh_token", clientId: id })
+          : await open(keyring, token.accessToken, { column: "tokens.access_token", clientId: id });
         if (seen.has(value)) continue;
         seen.add(value);
         await revokeToken(provider, credentials, value, token.refreshToken ? "refresh_token" : "access_token");
@@ -161,21 +171,24 @@ export async function revokeGrant(
     await revokeToken(
       provider,
       credentials,
-      await open(keyring, token.refreshToken, "tokens.refresh_token"),
+      await open(keyring, token.refreshToken, { column: "tokens.refresh_token", clientId: token.clientId }),
       "refresh_token",
     );
   } else {
     await revokeToken(
       provider,
       credentials,
-      await open(keyring, token.accessToken, "tokens.access_token"),
+      await open(keyring, token.accessToken, { column: "tokens.access_token", clientId: token.clientId }),
       "access_token",
     );
   }
 }
 
 export async function clientCredentials(keyring: Keyring, client: ClientRow): Promise<ClientCredentials> {
-  return { clientId: client.clientId, clientSecret: await open(keyring, client.clientSecret, "clients.client_secret") };
+  return {
+    clientId: client.clientId,
+    clientSecret: await open(keyring, client.clientSecret, { column: "clients.client_secret", clientId: client.id }),
+  };
 }
 
 export function clientNotFound(id: number | string): AppError {

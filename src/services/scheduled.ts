@@ -134,13 +134,19 @@ export async function refreshTokens(d: RefreshDeps, ids: number[], now: Date): P
       try {
         const issued = await refreshGrant(
           d.provider,
-          { clientId, clientSecret: await open(d.keyring, clientSecret, "clients.client_secret") },
-          await open(d.keyring, token.refreshToken!, "tokens.refresh_token"),
+          {
+            clientId,
+            clientSecret: await open(d.keyring, clientSecret, {
+              column: "clients.client_secret",
+              clientId: token.clientId,
+            }),
+          },
+          await open(d.keyring, token.refreshToken!, { column: "tokens.refresh_token", clientId: token.clientId }),
         );
         writer.push([
           d.db
             .update(tokens)
-            .set(await refreshedValues(d.keyring, issued, sentAt))
+            .set(await refreshedValues(d.keyring, token.clientId, issued, sentAt))
             .where(eq(tokens.id, token.id)),
         ]);
         counts.refreshed++;

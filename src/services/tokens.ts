@@ -348,8 +348,14 @@ async function refreshHeld(
   try {
     issued = await refreshGrant(
       deps.provider,
-      { clientId, clientSecret: await open(deps.keyring, clientSecret, "clients.client_secret") },
-      await open(deps.keyring, row.refreshToken, "tokens.refresh_token"),
+      {
+        clientId,
+        clientSecret: await open(deps.keyring, clientSecret, {
+          column: "clients.client_secret",
+          clientId: row.clientId,
+        }),
+      },
+      await open(deps.keyring, row.refreshToken, { column: "tokens.refresh_token", clientId: row.clientId }),
     );
   } catch (error) {
     if (!(error instanceof ProviderError)) {
@@ -358,7 +364,7 @@ async function refreshHeld(
     }
     return handleRefreshFailure(deps, client, row, error, at());
   }
-  const update = await refreshedValues(deps.keyring, issued, sentAt);
+  const update = await refreshedValues(deps.keyring, row.clientId, issued, sentAt);
   const stored = await persistWithRetry(deps.db, row.id, update, deps.sleep ?? defaultSleep);
   logInfo("token_refreshed", {
     client: client.id,
@@ -385,15 +391,23 @@ export interface RefreshedValues {
   leaseExpiresAt: null;
 }
 
-/** Column values after a successful refresh. Expiry counts from when the request was sent. */
-export async function refreshedValues(keyring: Keyring, issued: IssuedTokens, sentAt: Date): Promise<RefreshedValues> {
+/**
+ * Column values after a successful refresh of a token of client `clientId` (the internal id the
+ * sealed values are bound to). Expiry counts from when the request was sent.
+ */
+export async function refreshedValues(
+  keyring: Keyring,
+  clientId: number,
+  issued: IssuedTokens,
+  sentAt: Date,
+): Promise<RefreshedValues> {
   const lifetime = lifetimeOf(issued);
   return {
-    accessToken: await seal(keyring, issued.accessToken, "tokens.access_token"),
+    accessToken: await seal(keyring, issued.accessToken, { column: "tokens.access_token", clientId }),
     // No refresh token in the answer: keep the one we have (the column is left out of the update).
     ...(issued.refreshToken === undefined
       ? {}
-      : { refreshToken: await seal(keyring, issued.refreshToken, "tokens.refresh_token") }),
+      : { refreshToken: await seal(keyring, issued.refreshToken, { column: "tokens.refresh_token", clientId }) }),
     tokenType: issued.tokenType,
     scope: issued.scope ?? null,
     expiresAt: expiryOf(issued, sentAt),
@@ -498,5 +512,9 @@ async function releaseLease(db: Db, tokenId: number, owner: string): Promise<voi
 }
 
 async function serve(deps: TokenDeps, client: ReadClient, token: ReadToken, refreshed: boolean): Promise<ServedToken> {
-  return { client, token, accessToken: await open(deps.keyring, token.accessToken, "tokens.access_token"), refreshed };
+  const accessToken = await open(deps.keyring, token.accessToken, {
+    column: "tokens.access_token",
+    clientId: client.id,
+  });
+  return { client, token, accessToken, refreshed };
 }

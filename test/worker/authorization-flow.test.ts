@@ -60,14 +60,16 @@ describe("login link", () => {
     expect(p.get("scope")).toBe("scope.a scope.b");
     expect(p.get("access_type")).toBe("offline");
     expect(p.get("prompt")).toBe("consent");
-    expect(p.get("state")).toMatch(/^v1\./);
+    expect(p.get("state")).toMatch(/^v2\./);
     expect(p.get("code_challenge")).toMatch(/^[A-Za-z0-9_-]{43}$/);
     expect(p.get("code_challenge_method")).toBe("S256");
     // The state is sealed (it carries the PKCE verifier): it opens only with the state sub-key.
     const state = JSON.parse(await unseal(p.get("state") as string, "oauth.state"));
     expect(state.c).toBe(branch.clientId);
     expect(typeof state.v).toBe("string");
-    await expect(unseal(p.get("state") as string, "tokens.access_token")).rejects.toThrow();
+    await expect(
+      unseal(p.get("state") as string, { column: "tokens.access_token", clientId: branch.clientId }),
+    ).rejects.toThrow();
     expect(response.headers.get("cache-control")).toBe("no-store");
     expect(response.headers.get("referrer-policy")).toBe("no-referrer");
   });
@@ -195,8 +197,8 @@ describe("callback: success", () => {
     expect(rows).toHaveLength(1);
     const row = rows[0]!;
     expect(row).toMatchObject({ is_valid: true, status: "active" });
-    expect(row.access_token).toMatch(/^v1\./);
-    expect(row.refresh_token).toMatch(/^v1\./);
+    expect(row.access_token).toMatch(/^v2\./);
+    expect(row.refresh_token).toMatch(/^v2\./);
 
     const { accessToken, refreshToken } = await currentTokens(branch.clientId);
     // They are the real tokens: the provider knows them.
@@ -207,8 +209,10 @@ describe("callback: success", () => {
     });
 
     const client = await clientRow(branch.clientId);
-    expect(String(client?.client_secret)).toMatch(/^v1\./);
-    expect(await unseal(String(client?.client_secret), "clients.client_secret")).toBe(branch.clientSecret);
+    expect(String(client?.client_secret)).toMatch(/^v2\./);
+    expect(
+      await unseal(String(client?.client_secret), { column: "clients.client_secret", clientId: branch.clientId }),
+    ).toBe(branch.clientSecret);
 
     const dump =
       JSON.stringify(await sql("select row_to_json(t)::text from tokens t")) +

@@ -164,7 +164,7 @@ describe("POST /clients", () => {
 
     // Stored sealed, not in plain text.
     const row = await clientRow(created.client_id);
-    expect(String(row?.client_secret)).toMatch(/^v1\./);
+    expect(String(row?.client_secret)).toMatch(/^v2\./);
     expect(JSON.stringify(row)).not.toContain(body.client_secret);
   });
 
@@ -383,7 +383,7 @@ describe("PATCH /clients/{id}", () => {
     expect(text).not.toContain(newSecret);
     const after = await clientRow(branch.clientId);
     expect(after?.client_secret).not.toBe(before?.client_secret);
-    expect(String(after?.client_secret)).toMatch(/^v1\./);
+    expect(String(after?.client_secret)).toMatch(/^v2\./);
     expect(JSON.stringify(after)).not.toContain(newSecret);
 
     const fresh = await runBrowserFlow(branch.loginUrl);

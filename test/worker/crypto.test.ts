@@ -1,15 +1,21 @@
 import { describe, expect, it } from "vitest";
-import { CryptoError, loadKeyring, matchesAny, open, seal, sign, verify } from "../../src/lib/crypto";
+import { CryptoError, loadKeyring, matchesAny, open, SealedValueError, seal, sign, verify } from "../../src/lib/crypto";
 import { fromBase64Url, toBase64Url } from "../../src/lib/encoding";
 import { checkLoginLink, createLoginLink } from "../../src/services/login-links";
 import { TEST_ENCRYPTION_KEY } from "./bindings";
 import { BASE, call } from "./helpers";
+import { sealV1 } from "./legacy-seal";
 import { clientRow, connectBranch, runBrowserFlow, tokenRows } from "./oauth-helpers";
 
 const keyOf = (start: number) => btoa(String.fromCharCode(...Array.from({ length: 32 }, (_, i) => start + i)));
 const OLD_KEY = TEST_ENCRYPTION_KEY;
 const NEW_KEY = keyOf(0x41);
 const OTHER_KEY = keyOf(0x81);
+
+/** Where the values of these tests are "stored": client 1's columns. */
+const ACCESS = { column: "tokens.access_token", clientId: 1 } as const;
+const REFRESH = { column: "tokens.refresh_token", clientId: 1 } as const;
+const SECRET = { column: "clients.client_secret", clientId: 1 } as const;
 
 const oldRing = () => loadKeyring(OLD_KEY);
 const rotatedRing = () => loadKeyring(NEW_KEY, [OLD_KEY]);
@@ -31,17 +37,17 @@ describe("seal and open", () => {
   it("round-trips text, including non-ASCII and empty strings", async () => {
     const ring = await oldRing();
     for (const text of ["ya29.a0-access-token", "ünïcødé ✓ 🔑", "", "x".repeat(5000)]) {
-      expect(await open(ring, await seal(ring, text, "tokens.access_token"), "tokens.access_token")).toBe(text);
+      expect(await open(ring, await seal(ring, text, ACCESS), ACCESS)).toBe(text);
     }
   });
 
-  it("produces a v1 envelope with the key id, a 12-byte IV and a fresh IV every time", async () => {
+  it("produces a v2 envelope with the key id, a 12-byte IV and a fresh IV every time", async () => {
     const ring = await oldRing();
-    const a = await seal(ring, "same", "tokens.refresh_token");
-    const b = await seal(ring, "same", "tokens.refresh_token");
+    const a = await seal(ring, "same", REFRESH);
+    const b = await seal(ring, "same", REFRESH);
     expect(a).not.toBe(b);
     const parts = envelopeParts(a);
-    expect(parts.version).toBe("v1");
+    expect(parts.version).toBe("v2");
     expect(parts.kid).toMatch(/^[0-9a-f]{8}$/);
     expect(parts.kid).toBe(ring.current.id);
     expect(fromBase64Url(parts.iv)).toHaveLength(12);
@@ -51,7 +57,7 @@ describe("seal and open", () => {
 
   it("rejects a tampered ciphertext, IV or key id", async () => {
     const ring = await oldRing();
-    const envelope = await seal(ring, "secret", "clients.client_secret");
+    const envelope = await seal(ring, "secret", SECRET);
     const { version, kid, iv, ciphertext } = envelopeParts(envelope);
     const tampered = [
       [version, kid, iv, flipBit(ciphertext)],
@@ -61,7 +67,7 @@ describe("seal and open", () => {
       [version, kid, iv, ciphertext.slice(0, -4)],
     ];
     for (const parts of tampered) {
-      await expect(open(ring, parts.join("."), "clients.client_secret")).rejects.toBeInstanceOf(CryptoError);
+      await expect(open(ring, parts.join("."), SECRET)).rejects.toBeInstanceOf(CryptoError);
     }
   });
 
@@ -71,7 +77,9 @@ describe("seal and open", () => {
       "plain-text-token",
       "",
       "v1.a.b",
+      "v2.a.b",
       "v2.x.y.z",
+      "v3.x.y.z",
       `${await seal(ring, "s", "oauth.state")}.extra`,
     ]) {
       await expect(open(ring, value, "oauth.state")).rejects.toBeInstanceOf(CryptoError);
@@ -80,40 +88,86 @@ describe("seal and open", () => {
 
   it("rejects a value opened for another purpose (column), including the state sub-key", async () => {
     const ring = await oldRing();
-    const access = await seal(ring, "token", "tokens.access_token");
-    await expect(open(ring, access, "tokens.refresh_token")).rejects.toBeInstanceOf(CryptoError);
-    await expect(open(ring, access, "clients.client_secret")).rejects.toBeInstanceOf(CryptoError);
+    const access = await seal(ring, "token", ACCESS);
+    await expect(open(ring, access, REFRESH)).rejects.toBeInstanceOf(CryptoError);
+    await expect(open(ring, access, SECRET)).rejects.toBeInstanceOf(CryptoError);
     await expect(open(ring, access, "oauth.state")).rejects.toBeInstanceOf(CryptoError);
     const state = await seal(ring, "{}", "oauth.state");
-    await expect(open(ring, state, "tokens.access_token")).rejects.toBeInstanceOf(CryptoError);
+    await expect(open(ring, state, ACCESS)).rejects.toBeInstanceOf(CryptoError);
   });
 
   it("does not open a value sealed under another key", async () => {
-    const value = await seal(await oldRing(), "secret", "tokens.access_token");
-    await expect(open(await loadKeyring(OTHER_KEY), value, "tokens.access_token")).rejects.toThrow(/unknown key/);
+    const value = await seal(await oldRing(), "secret", ACCESS);
+    await expect(open(await loadKeyring(OTHER_KEY), value, ACCESS)).rejects.toThrow(/unknown key/);
+  });
+});
+
+describe("row binding", () => {
+  it("does not open a value copied to another client's row, in any column", async () => {
+    const ring = await oldRing();
+    for (const binding of [SECRET, ACCESS, REFRESH]) {
+      const value = await seal(ring, "branch one's secret", binding);
+      const elsewhere = { ...binding, clientId: 2 };
+      const error = await open(ring, value, elsewhere).catch((e: unknown) => e);
+      expect(error).toBeInstanceOf(SealedValueError);
+      // The error names where the value was read, never the value.
+      expect((error as SealedValueError).binding).toEqual(elsewhere);
+      expect(String(error)).not.toContain("branch one's secret");
+      expect(await open(ring, value, binding)).toBe("branch one's secret");
+    }
+  });
+
+  it("does not open a client id that only shares a prefix (1 vs 12, 12 vs 1|2)", async () => {
+    const ring = await oldRing();
+    const value = await seal(ring, "s", { column: "tokens.access_token", clientId: 1 });
+    await expect(open(ring, value, { column: "tokens.access_token", clientId: 12 })).rejects.toBeInstanceOf(
+      SealedValueError,
+    );
+  });
+});
+
+describe("v1 envelopes (sealed before row binding)", () => {
+  it("opens a v1 value in its column while v1 is accepted, for any row", async () => {
+    const ring = await loadKeyring(OLD_KEY, [], { acceptV1: true });
+    const legacy = await sealV1(OLD_KEY, "old token", "tokens.access_token");
+    expect(legacy.split(".")[1]).toBe(ring.current.id);
+    expect(await open(ring, legacy, ACCESS)).toBe("old token");
+    await expect(open(ring, legacy, REFRESH)).rejects.toBeInstanceOf(SealedValueError);
+  });
+
+  it("refuses every v1 value once v1 is no longer accepted", async () => {
+    const ring = await loadKeyring(OLD_KEY, [], { acceptV1: false });
+    const legacy = await sealV1(OLD_KEY, "old token", "tokens.access_token");
+    await expect(open(ring, legacy, ACCESS)).rejects.toThrow(/v1 envelope/);
+  });
+
+  it("cannot be forged from a v2 value by relabelling it v1", async () => {
+    const ring = await oldRing();
+    const v2 = await seal(ring, "secret", SECRET);
+    await expect(open(ring, v2.replace(/^v2\./, "v1."), SECRET)).rejects.toBeInstanceOf(SealedValueError);
   });
 });
 
 describe("key rotation", () => {
   it("opens values sealed with the old key when it is listed as a previous key", async () => {
-    const old = await seal(await oldRing(), "old secret", "clients.client_secret");
-    expect(await open(await rotatedRing(), old, "clients.client_secret")).toBe("old secret");
+    const old = await seal(await oldRing(), "old secret", SECRET);
+    expect(await open(await rotatedRing(), old, SECRET)).toBe("old secret");
   });
 
   it("seals new values with the new key id", async () => {
     const rotated = await rotatedRing();
     const oldId = (await oldRing()).current.id;
-    const fresh = await seal(rotated, "new secret", "clients.client_secret");
+    const fresh = await seal(rotated, "new secret", SECRET);
     expect(envelopeParts(fresh).kid).toBe(rotated.current.id);
     expect(rotated.current.id).not.toBe(oldId);
     expect(rotated.byId.has(oldId)).toBe(true);
     // A keyring that only knows the old key cannot open it.
-    await expect(open(await oldRing(), fresh, "clients.client_secret")).rejects.toBeInstanceOf(CryptoError);
+    await expect(open(await oldRing(), fresh, SECRET)).rejects.toBeInstanceOf(CryptoError);
   });
 
   it("stops opening old values once the old key is dropped", async () => {
-    const old = await seal(await oldRing(), "old secret", "tokens.refresh_token");
-    await expect(open(await newOnlyRing(), old, "tokens.refresh_token")).rejects.toBeInstanceOf(CryptoError);
+    const old = await seal(await oldRing(), "old secret", REFRESH);
+    await expect(open(await newOnlyRing(), old, REFRESH)).rejects.toBeInstanceOf(CryptoError);
   });
 
   it("keeps the current key first even when it is also listed as previous", async () => {

@@ -324,7 +324,9 @@ export async function currentTokens(
   const row = valid[0] as RawTokenRow;
   return {
     row,
-    accessToken: await unseal(row.access_token, "tokens.access_token"),
-    refreshToken: row.refresh_token ? await unseal(row.refresh_token, "tokens.refresh_token") : null,
+    accessToken: await unseal(row.access_token, { column: "tokens.access_token", clientId }),
+    refreshToken: row.refresh_token
+      ? await unseal(row.refresh_token, { column: "tokens.refresh_token", clientId })
+      : null,
   };
 }

@@ -1,0 +1,95 @@
+import { describe, expect, it } from "vitest";
+import { TEST_ENCRYPTION_KEY } from "./bindings";
+import { call, expectProblem, json } from "./helpers";
+import { sealV1 } from "./legacy-seal";
+import { connectBranch, currentTokens, postJson, sql, tokenRows } from "./oauth-helpers";
+
+/**
+ * Sealed values are bound to their row: whoever can write the database cannot move one branch's
+ * token or secret to another branch. The branch whose row holds a foreign value gets a clear 409;
+ * every other branch keeps working.
+ */
+
+const getToken = (branchId: string, options: Parameters<typeof call>[1] = {}) =>
+  call(`/tokens/${encodeURIComponent(branchId)}`, { key: "service", ...options });
+
+async function copyCurrentToken(column: "access_token" | "refresh_token", from: number, to: number): Promise<void> {
+  await sql(
+    `update tokens set ${column} = (select ${column} from tokens where client_id = $1 and is_valid) where client_id = $2 and is_valid`,
+    [from, to],
+  );
+}
+
+describe("a sealed value copied to another branch's row", () => {
+  it("an access token: that branch gets a 409 naming the problem, the owner keeps being served", async () => {
+    const [a, b] = await Promise.all([connectBranch(), connectBranch()]);
+    const aToken = (await currentTokens(a.clientId)).accessToken;
+    await copyCurrentToken("access_token", a.clientId, b.clientId);
+
+    const response = await getToken(b.branchId);
+    const text = await response.clone().text();
+    const problem = await expectProblem(response, 409, "sealed_value_unreadable");
+    expect(problem.detail).toContain(`client ${b.clientId}`);
+    expect(problem.detail).toMatch(/token .* cannot be opened/);
+    expect(problem.detail).toMatch(/login link/);
+    expect(response.headers.get("cache-control")).toBe("no-store");
+    // Branch A's token is never handed to branch B's caller.
+    expect(text).not.toContain(aToken);
+
+    const served = await getToken(a.branchId);
+    expect(served.status).toBe(200);
+    expect((await json<{ access_token: string }>(served)).access_token).toBe(aToken);
+  });
+
+  it("a client secret: refreshing that branch is a 409, its grant is not marked dead, others still refresh", async () => {
+    const [a, b] = await Promise.all([connectBranch(), connectBranch()]);
+    await sql("update clients set client_secret = (select client_secret from clients where id = $1) where id = $2", [
+      a.clientId,
+      b.clientId,
+    ]);
+
+    const refreshB = await postJson("/tokens/refresh", { client_id: b.clientId }, { key: "admin" });
+    const problem = await expectProblem(refreshB, 409, "sealed_value_unreadable");
+    expect(problem.detail).toContain("client secret");
+    expect(problem.detail).toContain(`PATCH /clients/${b.clientId}`);
+    // Nothing stored is lost: the grant stays current and active, the lease is released.
+    const [row] = await tokenRows(b.clientId);
+    expect(row).toMatchObject({ is_valid: true, status: "active", lease_owner: null });
+
+    const refreshA = await postJson("/tokens/refresh", { client_id: a.clientId }, { key: "admin" });
+    expect(refreshA.status).toBe(200);
+    expect((await json<{ refreshed: boolean }>(refreshA)).refreshed).toBe(true);
+
+    // Setting the secret again (sealed for B's row) is the documented way out.
+    const patched = await call(`/clients/${b.clientId}`, {
+      method: "PATCH",
+      key: "admin",
+      headers: { "content-type": "application/json" },
+      body: JSON.stringify({ client_secret: b.clientSecret }),
+    });
+    expect(patched.status).toBe(200);
+    const again = await postJson("/tokens/refresh", { client_id: b.clientId }, { key: "admin" });
+    expect(again.status, await again.clone().text()).toBe(200);
+  });
+
+  it("a value moved to another column of the same row does not open either", async () => {
+    const branch = await connectBranch();
+    await sql("update tokens set access_token = refresh_token where client_id = $1 and is_valid", [branch.clientId]);
+    await expectProblem(await getToken(branch.branchId), 409, "sealed_value_unreadable");
+  });
+});
+
+describe("values sealed before row binding (v1 envelopes)", () => {
+  it("are served while TOKEN_ENCRYPTION_ACCEPT_V1 is on (the default) and refused once it is off", async () => {
+    const branch = await connectBranch();
+    const legacy = await sealV1(TEST_ENCRYPTION_KEY, "ya29.legacy-access-token", "tokens.access_token");
+    await sql("update tokens set access_token = $1 where client_id = $2 and is_valid", [legacy, branch.clientId]);
+
+    const served = await getToken(branch.branchId);
+    expect(served.status).toBe(200);
+    expect((await json<{ access_token: string }>(served)).access_token).toBe("ya29.legacy-access-token");
+
+    const refused = await getToken(branch.branchId, { envOverrides: { TOKEN_ENCRYPTION_ACCEPT_V1: "false" } });
+    await expectProblem(refused, 409, "sealed_value_unreadable");
+  });
+});
