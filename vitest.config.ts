@@ -1,18 +1,29 @@
 import { cloudflareTest } from "@cloudflare/vitest-plugin";
 import { defineConfig } from "vitest/config";
+import { unstable_readConfig } from "wrangler";
 import { TEST_BINDINGS } from "./test/worker/bindings.ts";
+
+// The Worker as wrangler.toml declares it (entry, compatibility, [vars]), read by wrangler itself.
+// Not through the plugin's `wrangler: { configPath }`: that also loads a developer's .dev.vars
+// (or .env files, or with CLOUDFLARE_INCLUDE_PROCESS_ENV the whole shell environment) as bindings,
+// so a user's local settings would change what the tests see. The tests are hermetic: their bindings
+// are wrangler.toml's [vars] and what is set below, nothing else.
+const worker = unstable_readConfig({ config: "wrangler.toml" });
 
 // The Worker's tests run inside workerd (the Workers runtime) against the local database program
 // and the local authorization server, both started by the global setup on free ports.
 export default defineConfig({
   plugins: [
     cloudflareTest(({ inject }) => ({
-      wrangler: { configPath: "./wrangler.toml" },
+      main: worker.main,
       miniflare: {
+        compatibilityDate: worker.compatibility_date,
+        compatibilityFlags: worker.compatibility_flags,
         // The optional growth-path queue (see wrangler.toml), consumed by this same Worker.
         queueProducers: { REFRESH_QUEUE: { queueName: "token-refresh" } },
         queueConsumers: { "token-refresh": { maxBatchSize: 10, maxBatchTimeout: 0.1 } },
         bindings: {
+          ...worker.vars,
           ...TEST_BINDINGS,
           TOKEN_MANAGEMENT_DATABASE_URL: inject<string>("databaseUrl"),
           NEON_LOCAL_FETCH_ENDPOINT: inject<string>("sqlEndpoint"),

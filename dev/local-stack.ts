@@ -26,9 +26,19 @@ export const COMPATIBILITY_DATE = /compatibility_date\s*=\s*"([^"]+)"/.exec(
   readFileSync(join(ROOT, "wrangler.toml"), "utf8"),
 )![1]!;
 
+/**
+ * The caller's environment less wrangler's own settings (`CLOUDFLARE_*`, `WRANGLER_*`): in a user's
+ * shell those could pick another environment of wrangler.toml, change the build, or
+ * (CLOUDFLARE_INCLUDE_PROCESS_ENV) turn the whole shell environment into the Worker's bindings.
+ * Benchmarks and tests run what they measure with the settings they choose, not the user's.
+ */
+export function withoutWranglerSettings(env: NodeJS.ProcessEnv = process.env): NodeJS.ProcessEnv {
+  return Object.fromEntries(Object.entries(env).filter(([name]) => !/^(CLOUDFLARE|WRANGLER)_/i.test(name)));
+}
+
 /** Environment for child tools: this Node first on PATH, no wrangler telemetry or Cloudflare fetches. */
 export const toolEnv: NodeJS.ProcessEnv = {
-  ...process.env,
+  ...withoutWranglerSettings(),
   PATH: [dirname(process.execPath), process.env.PATH ?? ""].join(delimiter),
   WRANGLER_SEND_METRICS: "false",
   CLOUDFLARE_CF_FETCH_ENABLED: "false",
