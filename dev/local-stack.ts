@@ -33,7 +33,9 @@ export const COMPATIBILITY_DATE = /compatibility_date\s*=\s*"([^"]+)"/.exec(
  * Benchmarks and tests run what they measure with the settings they choose, not the user's.
  */
 export function withoutWranglerSettings(env: NodeJS.ProcessEnv = process.env): NodeJS.ProcessEnv {
-  return Object.fromEntries(Object.entries(env).filter(([name]) => !/^(CLOUDFLARE|WRANGLER)_/i.test(name)));
+  const kept = Object.entries(env).filter(([name]) => !/^(CLOUDFLARE|WRANGLER)_/i.test(name));
+  // worker-configuration.d.ts declares the Worker's bindings on ProcessEnv; a shell has none of them.
+  return Object.fromEntries(kept) as NodeJS.ProcessEnv;
 }
 
 /** Environment for child tools: this Node first on PATH, no wrangler telemetry or Cloudflare fetches. */

@@ -104,7 +104,9 @@ describe("npm run db:status", () => {
     expect(result.stdout).toBe("");
     const lines = result.stderr.trim().split("\n");
     expect(lines).toHaveLength(1);
-    expect(lines[0]).toMatch(new RegExp(`^db:status: cannot read the database at .*127\\.0\\.0\\.1:${port}.*ECONNREFUSED`));
+    expect(lines[0]).toMatch(
+      new RegExp(`^db:status: cannot read the database at .*127\\.0\\.0\\.1:${port}.*ECONNREFUSED`),
+    );
     expect(result.stderr).not.toContain("s3cret-password");
   });
 });
