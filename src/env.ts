@@ -75,6 +75,10 @@ const EnvSchema = z.object({
   REFRESH_AHEAD_SECONDS: seconds(5 * 60),
   CRON_REFRESH_WINDOW_SECONDS: seconds(15 * 60),
   CRON_MAX_REFRESHES: z.coerce.number().int().positive().default(500),
+  /** Edge read cache: the longest a cached token is served without the database; 0 turns the cache off. */
+  TOKEN_CACHE_MAX_AGE_SECONDS: z.coerce.number().int().min(0).max(3600).default(60),
+  /** Entries of the per-isolate memory tier; 0 leaves only the location tier (Cache API). */
+  TOKEN_CACHE_MEMORY_ENTRIES: z.coerce.number().int().min(0).max(1_000_000).default(10_000),
 });
 
 export type Config = z.infer<typeof EnvSchema>;

@@ -1,10 +1,10 @@
-// npx tsx dev/neon-local/cli.ts [--port N] [--host H] [--data-dir DIR | --memory] [--database-url postgres://...]
+// npx tsx dev/neon-local/cli.ts [--port N] [--host H] [--data-dir DIR | --memory] [--database-url postgres://...] [--latency-ms N]
 import { parseArgs } from "node:util";
 import { type BackendOptions, DEFAULT_HOST, startNeonLocal } from "./server.ts";
 
 const DEFAULT_DATA_DIR = ".data/pglite";
 const USAGE =
-  "usage: npx tsx dev/neon-local/cli.ts [--port N] [--host H] [--data-dir DIR | --memory] [--database-url postgres://...]\n" +
+  "usage: npx tsx dev/neon-local/cli.ts [--port N] [--host H] [--data-dir DIR | --memory] [--database-url postgres://...] [--latency-ms N]\n" +
   "env fallbacks: NEON_LOCAL_PORT, NEON_LOCAL_DATABASE_URL";
 
 function fail(message: string): never {
@@ -18,6 +18,7 @@ const OPTIONS = {
   "data-dir": { type: "string" },
   memory: { type: "boolean" },
   "database-url": { type: "string" },
+  "latency-ms": { type: "string" },
   help: { type: "boolean", short: "h" },
 } as const;
 
@@ -50,7 +51,11 @@ function parse() {
   else if (databaseUrl) backend = { kind: "postgres", url: databaseUrl };
   else backend = { kind: "pglite", dataDir: DEFAULT_DATA_DIR };
 
-  return { port, host: values.host ?? DEFAULT_HOST, backend };
+  const latencyText = values["latency-ms"] ?? "0";
+  const latencyMs = Number(latencyText);
+  if (!Number.isInteger(latencyMs) || latencyMs < 0) fail(`invalid latency: ${latencyText}`);
+
+  return { port, host: values.host ?? DEFAULT_HOST, backend, latencyMs };
 }
 
 const options = parse();

@@ -92,6 +92,7 @@ export interface NeonLocalOptions {
   host?: string; // default 127.0.0.1
   port?: number; // default 0 = free port
   maxBodyBytes?: number; // default 10 MiB → 413 beyond
+  latencyMs?: number; // default 0: added before every POST /sql answer (POST /admin/latency changes it)
 }
 
 export interface NeonStats {
@@ -123,7 +124,14 @@ export async function startNeonLocal(opts: NeonLocalOptions = {}): Promise<NeonL
   const backend = await openBackend(opts.backend ?? { kind: "pglite" });
   const host = opts.host ?? DEFAULT_HOST;
   const maxBodyBytes = opts.maxBodyBytes ?? DEFAULT_MAX_BODY_BYTES;
-  const state: ServerState = { backend, maxBodyBytes, down: false, stats: emptyStats() };
+  const state: ServerState = {
+    backend,
+    maxBodyBytes,
+    down: false,
+    latencyMs: opts.latencyMs ?? 0,
+    stats: emptyStats(),
+    statsByUser: new Map(),
+  };
 
   const server = createServer((req, res) => {
     handle(state, req, res).catch((error: unknown) => {
@@ -158,6 +166,7 @@ export async function startNeonLocal(opts: NeonLocalOptions = {}): Promise<NeonL
     stats: () => ({ ...state.stats }),
     resetStats: () => {
       state.stats = emptyStats();
+      state.statsByUser.clear();
     },
     close: () => {
       closing ??= (async () => {
@@ -200,8 +209,15 @@ interface ServerState {
   backend: SqlBackend;
   maxBodyBytes: number;
   down: boolean;
+  /** Injected delay per POST /sql, as if the database were that far away. */
+  latencyMs: number;
   stats: NeonStats;
+  /** The same counters per connection-string user, so concurrent clients can count their own. */
+  statsByUser: Map<string, NeonStats>;
 }
+
+/** Longest latency POST /admin/latency accepts. */
+const MAX_LATENCY_MS = 60_000;
 
 const emptyStats = (): NeonStats => ({ requests: 0, queries: 0, batches: 0 });
 
@@ -227,13 +243,18 @@ async function handle(state: ServerState, req: IncomingMessage, res: ServerRespo
       return handleSql(state, req, res);
     case "GET /health":
       return sendJson(res, 200, { ok: true });
-    case "GET /stats":
-      return sendJson(res, 200, state.stats);
+    case "GET /stats": {
+      const user = new URL(req.url ?? "/", "http://localhost").searchParams.get("user");
+      return sendJson(res, 200, user === null ? state.stats : (state.statsByUser.get(user) ?? emptyStats()));
+    }
     case "POST /stats/reset":
       state.stats = emptyStats();
+      state.statsByUser.clear();
       return sendJson(res, 200, state.stats);
     case "POST /admin/fail":
       return handleFail(state, req, res);
+    case "POST /admin/latency":
+      return handleLatency(state, req, res);
   }
   if (path === "/sql") return sendText(res, 405, "method not allowed", { Allow: "POST, OPTIONS" });
   return sendText(res, 404, "not found");
@@ -253,8 +274,46 @@ async function handleFail(state: ServerState, req: IncomingMessage, res: ServerR
   return sendJson(res, 200, { mode });
 }
 
+async function handleLatency(state: ServerState, req: IncomingMessage, res: ServerResponse): Promise<void> {
+  const body = await readBody(req, state.maxBodyBytes);
+  if (body === "too-large") return sendText(res, 413, "request body too large", { Connection: "close" });
+  let ms: unknown;
+  try {
+    ms = (JSON.parse(body.toString("utf8")) as { ms?: unknown } | null)?.ms;
+  } catch {
+    ms = undefined;
+  }
+  if (typeof ms !== "number" || !Number.isInteger(ms) || ms < 0 || ms > MAX_LATENCY_MS) {
+    return sendText(res, 400, `expected {"ms": <integer 0..${MAX_LATENCY_MS}>}`);
+  }
+  state.latencyMs = ms;
+  return sendJson(res, 200, { ms });
+}
+
+/** The user named in the request's connection string ("" when there is none or it is malformed). */
+function connectionUser(req: IncomingMessage): string {
+  const text = header(req, "neon-connection-string");
+  if (!text) return "";
+  try {
+    return decodeURIComponent(new URL(text).username);
+  } catch {
+    return "";
+  }
+}
+
+function countersOf(state: ServerState, req: IncomingMessage): NeonStats[] {
+  const user = connectionUser(req);
+  let mine = state.statsByUser.get(user);
+  if (!mine) {
+    mine = emptyStats();
+    state.statsByUser.set(user, mine);
+  }
+  return [state.stats, mine];
+}
+
 async function handleSql(state: ServerState, req: IncomingMessage, res: ServerResponse): Promise<void> {
-  state.stats.requests++;
+  const counters = countersOf(state, req);
+  for (const stats of counters) stats.requests++;
   const body = await readBody(req, state.maxBodyBytes);
   if (body === "too-large") {
     return sendText(res, 413, `request body too large (limit ${state.maxBodyBytes} bytes)`, {
@@ -262,6 +321,7 @@ async function handleSql(state: ServerState, req: IncomingMessage, res: ServerRe
       Connection: "close",
     });
   }
+  if (state.latencyMs > 0) await new Promise((resolve) => setTimeout(resolve, state.latencyMs));
   if (state.down) return sendText(res, 503, "neon-local: database is down (fault injection)", cors());
 
   try {
@@ -270,13 +330,15 @@ async function handleSql(state: ServerState, req: IncomingMessage, res: ServerRe
     const defaultArrayMode = header(req, "neon-array-mode") === "true";
     if ("queries" in request) {
       const options = batchOptions(req);
-      state.stats.batches++;
-      state.stats.queries += request.queries.length;
+      for (const stats of counters) {
+        stats.batches++;
+        stats.queries += request.queries.length;
+      }
       const results = await state.backend.batch(request.queries, options);
       const shaped = results.map((result, i) => shapeResult(result, request.queries[i]?.arrayMode ?? defaultArrayMode));
       return sendJson(res, 200, { results: shaped }, cors());
     }
-    state.stats.queries++;
+    for (const stats of counters) stats.queries++;
     const result = await state.backend.query(request);
     return sendJson(res, 200, shapeResult(result, request.arrayMode ?? defaultArrayMode), cors());
   } catch (error) {

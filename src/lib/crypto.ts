@@ -12,7 +12,9 @@ import { fromBase64, fromBase64Url, fromUtf8, toBase64Url, utf8 } from "./encodi
  * - `v1` envelopes (before row binding: the column name alone was the additional data) still open
  *   while the keyring accepts them (TOKEN_ENCRYPTION_ACCEPT_V1), until `npm run db:reseal` has
  *   rewritten them all as v2. New values are always v2.
- * - State and login links use sub-keys derived with HKDF, one per purpose.
+ * - State, login links and the edge token cache use sub-keys derived with HKDF, one per purpose.
+ *   A cache entry is bound to its branch (and its clear fields) as additional data, and its cache
+ *   key is an HMAC of the branch id, so neither the key nor the value names the branch.
  */
 
 const ENVELOPE_VERSION = "v2";
@@ -33,14 +35,28 @@ export interface RowBinding {
   clientId: number;
 }
 
-/** A stored value's row binding, or the OAuth state (never stored, so bound to nothing but its key). */
-export type SealPurpose = RowBinding | "oauth.state";
+/** An edge cache entry (src/services/token-cache.ts), bound to what `tokenCache` says (its branch). */
+export interface CacheBinding {
+  tokenCache: string;
+}
+
+/**
+ * A stored value's row binding, the OAuth state (never stored, so bound to nothing but its key),
+ * or an edge cache entry.
+ */
+export type SealPurpose = RowBinding | "oauth.state" | CacheBinding;
+
+function isCacheBinding(purpose: SealPurpose): purpose is CacheBinding {
+  return typeof purpose === "object" && "tokenCache" in purpose;
+}
 
 interface KeyEntry {
   id: string;
   atRest: CryptoKey;
   state: CryptoKey;
   linkSigning: CryptoKey;
+  tokenCache: CryptoKey;
+  tokenCacheKey: CryptoKey;
 }
 
 export interface Keyring {
@@ -112,26 +128,39 @@ async function importKeyEntry(raw: Uint8Array<ArrayBuffer>): Promise<KeyEntry> {
       false,
       usages,
     );
-  const [atRest, state, linkSigning] = await Promise.all([
+  const [atRest, state, linkSigning, tokenCache, tokenCacheKey] = await Promise.all([
     crypto.subtle.importKey("raw", raw, "AES-GCM", false, ["encrypt", "decrypt"]),
     derive("token-management/oauth-state/v1", { name: "AES-GCM", length: 256 }, ["encrypt", "decrypt"]),
     derive("token-management/login-link/v1", { name: "HMAC", hash: "SHA-256", length: 256 }, ["sign", "verify"]),
+    derive("token-management/token-cache/v1", { name: "AES-GCM", length: 256 }, ["encrypt", "decrypt"]),
+    derive("token-management/token-cache-key/v1", { name: "HMAC", hash: "SHA-256", length: 256 }, ["sign"]),
   ]);
-  return { id, atRest: atRest as CryptoKey, state: state as CryptoKey, linkSigning: linkSigning as CryptoKey };
+  return {
+    id,
+    atRest: atRest as CryptoKey,
+    state: state as CryptoKey,
+    linkSigning: linkSigning as CryptoKey,
+    tokenCache: tokenCache as CryptoKey,
+    tokenCacheKey: tokenCacheKey as CryptoKey,
+  };
 }
 
 function aesKey(entry: KeyEntry, purpose: SealPurpose): CryptoKey {
-  return purpose === "oauth.state" ? entry.state : entry.atRest;
+  if (purpose === "oauth.state") return entry.state;
+  return isCacheBinding(purpose) ? entry.tokenCache : entry.atRest;
 }
 
 /** v2 additional data: the column and the client's id (or the state's purpose). */
 function additionalData(purpose: SealPurpose): Uint8Array<ArrayBuffer> {
-  return utf8(purpose === "oauth.state" ? "oauth.state" : `${purpose.column}|client:${purpose.clientId}`);
+  if (purpose === "oauth.state") return utf8("oauth.state");
+  if (isCacheBinding(purpose)) return utf8(`token-cache|${purpose.tokenCache}`);
+  return utf8(`${purpose.column}|client:${purpose.clientId}`);
 }
 
 /** v1 additional data: the column (or purpose) name alone. */
 function legacyAdditionalData(purpose: SealPurpose): Uint8Array<ArrayBuffer> {
-  return utf8(purpose === "oauth.state" ? "oauth.state" : purpose.column);
+  if (purpose === "oauth.state" || isCacheBinding(purpose)) return additionalData(purpose);
+  return utf8(purpose.column);
 }
 
 export async function seal(keyring: Keyring, plaintext: string, purpose: SealPurpose): Promise<string> {
@@ -157,7 +186,9 @@ export function envelopeInfo(envelope: string): { version: string; keyId: string
  */
 export async function open(keyring: Keyring, envelope: string, purpose: SealPurpose): Promise<string> {
   const fail = (reason: string) =>
-    purpose === "oauth.state" ? new CryptoError(reason) : new SealedValueError(purpose, reason);
+    purpose === "oauth.state" || isCacheBinding(purpose)
+      ? new CryptoError(reason)
+      : new SealedValueError(purpose, reason);
   const [version, keyId, iv, ciphertext, ...rest] = envelope.split(".");
   const legacy = version === LEGACY_ENVELOPE_VERSION;
   if ((version !== ENVELOPE_VERSION && !legacy) || !keyId || !iv || !ciphertext || rest.length > 0) {
@@ -181,6 +212,14 @@ export async function open(keyring: Keyring, envelope: string, purpose: SealPurp
     throw fail("sealed value failed authentication (altered, or sealed for another row)");
   }
   return fromUtf8(plaintext);
+}
+
+/**
+ * The edge cache's key for a branch: HMAC-SHA-256 of the branch id with the current key's cache-key
+ * sub-key (base64url), so cache keys do not reveal branch ids. A key rotation starts a new key space.
+ */
+export async function tokenCacheKey(keyring: Keyring, branchId: string): Promise<string> {
+  return toBase64Url(await crypto.subtle.sign("HMAC", keyring.current.tokenCacheKey, utf8(branchId)));
 }
 
 /** HMAC-SHA-256 over `message` with the current key's link-signing sub-key (base64url). */

@@ -13,7 +13,9 @@ import {
   updateClient,
 } from "../services/clients";
 import { createLoginLink } from "../services/login-links";
+import { dropToken } from "../services/token-cache";
 import { API_KEY_SECURITY, jsonContent as json, problem } from "./schemas";
+import { cacheDeps } from "./tokens";
 
 const LIMITS = { id: 255, secret: 1024, url: 2048, branch: 128, email: 320, name: 255, scopes: 2048 } as const;
 
@@ -205,6 +207,10 @@ const remove = createRoute({
           client_id: z.number(),
           tokens_revoked: z.number(),
           revocation_failures: z.number(),
+          cache_max_age_seconds: z.number().int().openapi({
+            description:
+              "Other Cloudflare locations may still serve the branch's token from their cache for at most this many seconds.",
+          }),
         }),
       ),
     },
@@ -291,7 +297,7 @@ export function registerClientRoutes(app: App): void {
   app.openapi(patch, async (c) => {
     const { id } = c.req.valid("param");
     const body = c.req.valid("json");
-    await updateClient(c.var.db, c.var.keyring, id, {
+    const updated = await updateClient(c.var.db, c.var.keyring, id, {
       clientSecret: body.client_secret,
       redirectUri: body.redirect_uri,
       workspaceEmail: body.workspace_email,
@@ -299,6 +305,8 @@ export function registerClientRoutes(app: App): void {
       scopes: body.scopes,
       isActive: body.is_active,
     });
+    // Deactivated, or new credentials: this location stops serving the cached token at once.
+    if (body.is_active === false || body.client_secret !== undefined) await dropToken(cacheDeps(c), updated.branchId);
     return c.json(
       { success: true as const, message: "Client updated.", ...clientView(await getClient(c.var.db, id)) },
       200,
@@ -308,13 +316,16 @@ export function registerClientRoutes(app: App): void {
   app.openapi(remove, async (c) => {
     const { id } = c.req.valid("param");
     const result = await deleteClient(c.var.db, c.var.keyring, c.var.provider, id);
+    await dropToken(cacheDeps(c), result.branchId);
+    const maxAge = c.var.config.TOKEN_CACHE_MAX_AGE_SECONDS;
     return c.json(
       {
         success: true as const,
-        message: "Client deleted.",
+        message: `Client deleted. Other locations may serve its token from their cache for up to ${maxAge} s.`,
         client_id: id,
         tokens_revoked: result.revoked,
         revocation_failures: result.revocationFailures,
+        cache_max_age_seconds: maxAge,
       },
       200,
     );

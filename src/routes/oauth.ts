@@ -9,6 +9,8 @@ import { PAGE_HEADERS, page } from "../lib/html";
 import { describeError, logError, logInfo } from "../lib/log";
 import { BINDING_COOKIE, completeLogin, STATE_TTL_SECONDS, startLogin } from "../services/authorization";
 import { checkLoginLink } from "../services/login-links";
+import { dropToken } from "../services/token-cache";
+import { cacheDeps } from "./tokens";
 
 /** The two browser endpoints: the start of the consent flow and the provider's redirect back. */
 
@@ -102,6 +104,8 @@ export function registerOAuthRoutes(app: App): void {
           getCookie(c, BINDING_COOKIE),
           new Date(),
         );
+        // A new consent replaces the token: this location stops serving the old one at once.
+        await dropToken(cacheDeps(c), result.client.branchId);
         logInfo("branch_connected", {
           request_id: c.var.requestId,
           client: result.client.id,

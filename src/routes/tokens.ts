@@ -1,8 +1,19 @@
 import { createRoute, z } from "@hono/zod-openapi";
 import type { App } from "../app";
 import type { AppContext } from "../context";
+import { AppError } from "../errors";
 import { requireKey } from "../lib/api-key";
-import { forceRefresh, getBranchToken, revokeBranchToken, type ServedToken, type TokenDeps } from "../services/tokens";
+import { logInfo } from "../lib/log";
+import {
+  type CachedToken,
+  cachedTokenOf,
+  dropToken,
+  readThrough,
+  storeToken,
+  type TokenCacheDeps,
+  tokenCacheDeps,
+} from "../services/token-cache";
+import { forceRefresh, getBranchToken, revokeBranchToken, type TokenDeps } from "../services/tokens";
 import { API_KEY_SECURITY, jsonContent as json, problem } from "./schemas";
 
 const BranchParam = z.object({
@@ -37,6 +48,10 @@ const RefreshBody = z
 
 const security = API_KEY_SECURITY;
 const noStore = { "Cache-Control": "no-store" };
+/** RFC 9211 Cache-Status of a token read or refresh: which tier answered. */
+const cacheStatusHeader = {
+  "Cache-Status": z.string().openapi({ example: "token-management; hit; ttl=42; detail=memory" }),
+};
 const tokenErrors = {
   401: problem("Missing or wrong API key"),
   404: problem("Unknown branch"),
@@ -54,7 +69,7 @@ const get = createRoute({
   middleware: [requireKey("service")] as const,
   request: { params: BranchParam },
   responses: {
-    200: { description: "The token", content: json(TokenView) },
+    200: { description: "The token", content: json(TokenView), headers: z.object(cacheStatusHeader) },
     ...tokenErrors,
   },
 });
@@ -68,7 +83,7 @@ const refresh = createRoute({
   middleware: [requireKey("admin")] as const,
   request: { body: { required: true, content: json(RefreshBody) } },
   responses: {
-    200: { description: "The refreshed token", content: json(TokenView) },
+    200: { description: "The refreshed token", content: json(TokenView), headers: z.object(cacheStatusHeader) },
     ...tokenErrors,
     403: problem("Service key on an admin route"),
     422: problem("Invalid body"),
@@ -93,6 +108,10 @@ const revoke = createRoute({
           client_id: z.number(),
           branch_id: z.string(),
           revoked_at_provider: z.boolean(),
+          cache_max_age_seconds: z.number().int().openapi({
+            description:
+              "Other Cloudflare locations may still serve the old token from their cache for at most this many seconds.",
+          }),
         }),
       ),
     },
@@ -103,29 +122,65 @@ const revoke = createRoute({
 
 export function registerTokenRoutes(app: App): void {
   app.openapi(get, async (c) => {
-    const served = await getBranchToken(tokenDeps(c), c.req.valid("param").branch_id, new Date());
-    return c.json(tokenView(served, new Date()), 200, noStore);
+    const { branch_id: branchId } = c.req.valid("param");
+    const deps = tokenDeps(c);
+    const read = await readThrough(cacheDeps(c), branchId, new Date(), async () =>
+      cachedTokenOf(await getBranchToken(deps, branchId, new Date())),
+    );
+    logInfo("token_served", {
+      request_id: c.var.requestId,
+      client: read.token.clientId,
+      tier: read.tier,
+      refreshed: read.token.refreshed,
+      revalidating: read.revalidating,
+    });
+    return c.json(tokenView(read.token, new Date()), 200, { ...noStore, "Cache-Status": read.cacheStatus });
   });
 
   app.openapi(refresh, async (c) => {
     const body = c.req.valid("json");
     const target = "client_id" in body ? { clientId: body.client_id } : { branchId: body.branch_id };
-    const served = await forceRefresh(tokenDeps(c), target, new Date());
-    return c.json(tokenView(served, new Date()), 200, noStore);
+    const cache = cacheDeps(c);
+    const readAt = new Date();
+    let token: CachedToken;
+    try {
+      token = cachedTokenOf(await forceRefresh(tokenDeps(c), target, readAt));
+    } catch (error) {
+      // A dead or revoked grant stops being served from this location's cache at once.
+      const branchId = "branchId" in target ? target.branchId : branchOf(error);
+      if (branchId !== undefined && error instanceof AppError && error.status === 409) await dropToken(cache, branchId);
+      throw error;
+    }
+    await storeToken(cache, token, readAt);
+    logInfo("token_served", { request_id: c.var.requestId, client: token.clientId, tier: "database", refreshed: true });
+    return c.json(tokenView(token, new Date()), 200, {
+      ...noStore,
+      "Cache-Status": "token-management; fwd=request; stored; detail=database",
+    });
   });
 
   app.openapi(revoke, async (c) => {
     const { branch_id: branchId } = c.req.valid("param");
-    const result = await revokeBranchToken(tokenDeps(c), branchId);
+    let result: Awaited<ReturnType<typeof revokeBranchToken>>;
+    try {
+      result = await revokeBranchToken(tokenDeps(c), branchId);
+    } finally {
+      // Whatever happened at the provider or in the database, stop serving it from here.
+      await dropToken(cacheDeps(c), branchId);
+    }
+    const maxAge = c.var.config.TOKEN_CACHE_MAX_AGE_SECONDS;
     return c.json(
       {
         success: true as const,
-        message: result.revokedAtProvider
-          ? "Token revoked at the provider and here."
-          : "Token revoked here; the provider could not be reached or had nothing to revoke.",
+        message: `${
+          result.revokedAtProvider
+            ? "Token revoked at the provider and here."
+            : "Token revoked here; the provider could not be reached or had nothing to revoke."
+        } Other locations may serve it from their cache for up to ${maxAge} s.`,
         client_id: result.client.id,
         branch_id: result.client.branchId,
         revoked_at_provider: result.revokedAtProvider,
+        cache_max_age_seconds: maxAge,
       },
       200,
       noStore,
@@ -142,18 +197,28 @@ export function tokenDeps(c: AppContext): TokenDeps {
   };
 }
 
-function tokenView(served: ServedToken, now: Date) {
-  const expiresIn = Math.max(0, Math.floor((served.token.expiresAt.getTime() - now.getTime()) / 1000));
+export function cacheDeps(c: AppContext): TokenCacheDeps {
+  return tokenCacheDeps(c.var, (promise) => c.executionCtx.waitUntil(promise));
+}
+
+/** The branch an error names in its fields (the reconnect hint carries it). */
+function branchOf(error: unknown): string | undefined {
+  const branchId = error instanceof AppError ? error.extra.fields?.branch_id : undefined;
+  return typeof branchId === "string" ? branchId : undefined;
+}
+
+function tokenView(token: CachedToken, now: Date) {
+  const expiresIn = Math.max(0, Math.floor((token.expiresAt.getTime() - now.getTime()) / 1000));
   return {
     success: true as const,
-    message: served.refreshed ? "Token refreshed." : "Token is valid.",
-    client_id: served.client.id,
-    branch_id: served.client.branchId,
-    access_token: served.accessToken,
-    expires_at: served.token.expiresAt.toISOString(),
+    message: token.refreshed ? "Token refreshed." : "Token is valid.",
+    client_id: token.clientId,
+    branch_id: token.branchId,
+    access_token: token.accessToken,
+    expires_at: token.expiresAt.toISOString(),
     expires_in: expiresIn,
-    token_type: served.token.tokenType,
-    scope: served.token.scope,
-    refreshed: served.refreshed,
+    token_type: token.tokenType,
+    scope: token.scope,
+    refreshed: token.refreshed,
   };
 }

@@ -124,7 +124,7 @@ export async function deleteClient(
   keyring: Keyring,
   provider: Provider,
   id: number,
-): Promise<{ revoked: number; revocationFailures: number }> {
+): Promise<{ branchId: string; revoked: number; revocationFailures: number }> {
   const { client } = await getClient(db, id);
   const held = await db.select().from(tokens).where(eq(tokens.clientId, id)).orderBy(desc(tokens.id));
   // Each refresh token once (a row without a new one carries the previous one over); an access
@@ -157,7 +157,7 @@ export async function deleteClient(
     }
   }
   await db.delete(clients).where(eq(clients.id, id));
-  return { revoked, revocationFailures };
+  return { branchId: client.branchId, revoked, revocationFailures };
 }
 
 /** Revokes the refresh token when there is one (which revokes its access tokens), else the access token. */

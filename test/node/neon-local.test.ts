@@ -388,6 +388,37 @@ describe.each(backends)("neon-local on $name", ({ backend, enabled }) => {
       expect(local.stats()).toEqual({ requests: 0, queries: 0, batches: 0 });
     });
 
+    it("counts round trips per connection-string user, so concurrent clients can count their own", async () => {
+      local.resetStats();
+      const url = new URL(local.connectionString);
+      url.username = "counted_user";
+      const mine = neon(url.toString());
+      await mine`SELECT 1`;
+      await mine.query("SELECT 2");
+      await sql`SELECT 3`;
+      const byUser = async (user: string) => (await fetch(`${local.url}/stats?user=${user}`)).json();
+      expect(await byUser("counted_user")).toEqual({ requests: 2, queries: 2, batches: 0 });
+      expect(await byUser("nobody")).toEqual({ requests: 0, queries: 0, batches: 0 });
+      expect(local.stats().requests).toBe(3);
+      await fetch(`${local.url}/stats/reset`, { method: "POST" });
+      expect(await byUser("counted_user")).toEqual({ requests: 0, queries: 0, batches: 0 });
+    });
+
+    it("waits the injected latency before answering each query, and refuses a bad one", async () => {
+      const setLatency = (body: unknown) =>
+        fetch(`${local.url}/admin/latency`, { method: "POST", body: JSON.stringify(body) });
+      expect((await setLatency({ ms: -1 })).status).toBe(400);
+      expect((await setLatency({ ms: "80" })).status).toBe(400);
+      expect((await setLatency({ ms: 150 })).status).toBe(200);
+      try {
+        const started = performance.now();
+        expect(await sql`SELECT 1 AS n`).toEqual([{ n: 1 }]);
+        expect(performance.now() - started).toBeGreaterThanOrEqual(145);
+      } finally {
+        expect((await setLatency({ ms: 0 })).status).toBe(200);
+      }
+    });
+
     it("plays dead in 'down' mode and recovers", async () => {
       const down = await fetch(`${local.url}/admin/fail`, { method: "POST", body: JSON.stringify({ mode: "down" }) });
       expect(down.status).toBe(200);
