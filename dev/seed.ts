@@ -6,14 +6,23 @@
 import { existsSync, mkdirSync, readFileSync, writeFileSync } from "node:fs";
 import { dirname } from "node:path";
 import { readDevVars } from "../scripts/migrate.ts";
-import { SEEDED_OAUTH_CLIENTS } from "./dev.ts";
+import { devPaths, devStack } from "./dev.ts";
 
-const port = process.env.PORT || "8787";
-const worker = `http://127.0.0.1:${port}/token-management`;
-const vars = readDevVars(new URL("../.dev.vars", import.meta.url).pathname);
+// The same configuration and ports as `npm run dev` (DEV_VARS_FILE, DEV_DATA_DIR, PORT, OAUTH_SERVER_PORT).
+const paths = devPaths();
+const SEEDED_OAUTH_CLIENTS = paths.seededClients;
+const vars = readDevVars(paths.varsFile);
+const stack = devStack(vars);
+const worker = `http://127.0.0.1:${stack.workerPort}/token-management`;
 const adminKey = vars.ADMIN_API_KEY?.split(",")[0]?.trim();
-if (!adminKey || !vars.OAUTH_TOKEN_URL) {
-  console.error("ADMIN_API_KEY / OAUTH_TOKEN_URL missing from .dev.vars: run `npm run dev` first.");
+if (!adminKey) {
+  console.error(`ADMIN_API_KEY missing from ${paths.varsFile}: run \`npm run dev\` first.`);
+  process.exit(1);
+}
+if (stack.oauthServerPort === undefined) {
+  console.error(
+    `OAUTH_TOKEN_URL (${vars.OAUTH_TOKEN_URL ?? "unset"}) is not the built-in OAuth server: register your client at that provider and at the Worker (POST /clients) yourself.`,
+  );
   process.exit(1);
 }
 
@@ -56,7 +65,7 @@ const oauthClient = {
   client_secret: demo.client_secret,
   redirect_uris: [demo.redirect_uri],
 };
-const asUrl = new URL(vars.OAUTH_TOKEN_URL).origin;
+const asUrl = `http://127.0.0.1:${stack.oauthServerPort}`;
 const registered = await call("POST", `${asUrl}/admin/clients`, oauthClient);
 if (registered.status !== 201) {
   console.error(`OAuth server ${asUrl}: ${registered.status} ${JSON.stringify(registered.json)}`);
