@@ -3,7 +3,8 @@
  * one `SELECT` through the same driver (`neon()` + `drizzle-orm/neon-http`) to the same local
  * database. Bundled by `wrangler deploy --dry-run` like the real Worker and run in the same workerd.
  *
- * `/floor` is the floor. The other routes add the real read path's pieces one at a time, so the
+ * `/trivial` reads nothing: the floor of a cached token read (`npm run bench`'s cache part).
+ * `/floor` is the floor of an uncached read. The other routes add the real read path's pieces one at a time, so the
  * benchmark can say where the time between the floor and `GET /tokens/{branch_id}` goes:
  *   /floor-schema   the floor's query through createDb (drizzle with the schema, as the service builds it)
  *   /query          the service's own read query (`findForRead` in src/services/tokens.ts: the client's
@@ -32,6 +33,9 @@ export default {
     const url = new URL(request.url);
     const branchId = url.searchParams.get("branch") ?? "";
     switch (url.pathname) {
+      case "/trivial":
+        // The edge-cache floor: a Worker answering without reading anything.
+        return Response.json({ branch_id: branchId, ok: true });
       case "/floor": {
         if (env.NEON_LOCAL_FETCH_ENDPOINT) neonConfig.fetchEndpoint = env.NEON_LOCAL_FETCH_ENDPOINT;
         const db = drizzle({ client: neon(env.TOKEN_MANAGEMENT_DATABASE_URL) });

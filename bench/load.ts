@@ -7,11 +7,14 @@
 import { Agent, request } from "node:http";
 
 export interface LoadOptions {
-  url: string;
+  /** One URL, or several taken in turn (request i goes to urls[i % n]). */
+  url: string | string[];
   headers?: Record<string, string>;
   connections: number;
   durationMs: number;
   warmupMs?: number;
+  /** Count the values of this response header (e.g. Cache-Status) over the measured requests. */
+  tally?: string;
 }
 
 export interface LoadResult {
@@ -24,13 +27,22 @@ export interface LoadResult {
   p90Ms: number;
   p99Ms: number;
   meanMs: number;
+  /** Values of the tallied header and how often each came back. */
+  tally: Record<string, number>;
 }
 
-function once(agent: Agent, url: URL, headers: Record<string, string>): Promise<number> {
+function once(
+  agent: Agent,
+  url: URL,
+  headers: Record<string, string>,
+  tally: string | undefined,
+): Promise<{ status: number; tallied: string | undefined }> {
   return new Promise((resolve, reject) => {
     const req = request(url, { agent, method: "GET", headers }, (res) => {
+      const value = tally ? res.headers[tally] : undefined;
+      const tallied = Array.isArray(value) ? value.join(", ") : value;
       res.on("data", () => undefined);
-      res.on("end", () => resolve(res.statusCode ?? 0));
+      res.on("end", () => resolve({ status: res.statusCode ?? 0, tallied }));
       res.on("error", reject);
     });
     req.on("error", reject);
@@ -39,12 +51,13 @@ function once(agent: Agent, url: URL, headers: Record<string, string>): Promise<
 }
 
 export async function load(options: LoadOptions): Promise<LoadResult> {
-  const url = new URL(options.url);
+  const urls = (Array.isArray(options.url) ? options.url : [options.url]).map((u) => new URL(u));
   const headers = options.headers ?? {};
   const agent = new Agent({ keepAlive: true, maxSockets: options.connections });
+  const tally = options.tally?.toLowerCase();
   try {
-    if (options.warmupMs) await phase(agent, url, headers, options.connections, options.warmupMs);
-    return await phase(agent, url, headers, options.connections, options.durationMs);
+    if (options.warmupMs) await phase(agent, urls, headers, options.connections, options.warmupMs, tally);
+    return await phase(agent, urls, headers, options.connections, options.durationMs, tally);
   } finally {
     agent.destroy();
   }
@@ -52,12 +65,15 @@ export async function load(options: LoadOptions): Promise<LoadResult> {
 
 async function phase(
   agent: Agent,
-  url: URL,
+  urls: URL[],
   headers: Record<string, string>,
   connections: number,
   durationMs: number,
+  tally: string | undefined,
 ): Promise<LoadResult> {
   const latencies: number[] = [];
+  const tallied: Record<string, number> = {};
+  let sent = 0;
   let non2xx = 0;
   let errors = 0;
   const started = performance.now();
@@ -66,9 +82,10 @@ async function phase(
     while (performance.now() < deadline) {
       const t0 = performance.now();
       try {
-        const status = await once(agent, url, headers);
+        const { status, tallied: value } = await once(agent, urls[sent++ % urls.length]!, headers, tally);
         latencies.push(performance.now() - t0);
         if (status < 200 || status > 299) non2xx++;
+        if (tally) tallied[value ?? "(none)"] = (tallied[value ?? "(none)"] ?? 0) + 1;
       } catch {
         errors++;
       }
@@ -89,5 +106,6 @@ async function phase(
     p90Ms: pct(90),
     p99Ms: pct(99),
     meanMs: mean,
+    tally: tallied,
   };
 }
