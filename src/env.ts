@@ -43,7 +43,7 @@ const flag = z
   .default("false")
   .transform((value) => value === "true" || value === "1");
 
-const EnvSchema = z.object({
+const EnvFields = z.object({
   TOKEN_MANAGEMENT_DATABASE_URL: z.url({ protocol: /^postgres(ql)?$/ }),
   NEON_LOCAL_FETCH_ENDPOINT: httpUrl.optional(),
   TOKEN_ENCRYPTION_KEY: base64Key,
@@ -81,6 +81,8 @@ const EnvSchema = z.object({
   TOKEN_CACHE_MEMORY_ENTRIES: z.coerce.number().int().min(0).max(1_000_000).default(10_000),
 });
 
+const EnvSchema = EnvFields;
+
 export type Config = z.infer<typeof EnvSchema>;
 
 const parsed = new WeakMap<object, Config>();
@@ -88,12 +90,31 @@ const parsed = new WeakMap<object, Config>();
 export function parseEnv(env: object): Config {
   const cached = parsed.get(env);
   if (cached) return cached;
-  const result = EnvSchema.safeParse(stringBindings(env));
+  const config = parseWith(EnvSchema, env, "The Worker is misconfigured.");
+  parsed.set(env, config);
+  return config;
+}
+
+/** What `npm run db:reseal` needs (the database and the keys), checked by the Worker's own rules. */
+const ResealSchema = EnvFields.pick({
+  TOKEN_MANAGEMENT_DATABASE_URL: true,
+  NEON_LOCAL_FETCH_ENDPOINT: true,
+  TOKEN_ENCRYPTION_KEY: true,
+  TOKEN_ENCRYPTION_PREVIOUS_KEYS: true,
+});
+
+export type ResealConfig = z.infer<typeof ResealSchema>;
+
+export function parseResealEnv(env: object): ResealConfig {
+  return parseWith(ResealSchema, env, "The configuration is incomplete.");
+}
+
+function parseWith<T extends z.ZodType>(schema: T, env: object, summary: string): z.infer<T> {
+  const result = schema.safeParse(stringBindings(env));
   if (!result.success) {
     const problems = result.error.issues.map((issue) => `${issue.path.join(".")}: ${issue.message}`);
-    throw new AppError("configuration_error", `The Worker is misconfigured. ${problems.join("; ")}.`);
+    throw new AppError("configuration_error", `${summary} ${problems.join("; ")}.`);
   }
-  parsed.set(env, result.data);
   return result.data;
 }
 

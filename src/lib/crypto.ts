@@ -173,11 +173,9 @@ export async function seal(keyring: Keyring, plaintext: string, purpose: SealPur
   return [ENVELOPE_VERSION, keyring.current.id, toBase64Url(iv), toBase64Url(ciphertext)].join(".");
 }
 
-/** Envelope facts that need no key: its version and the id of the key that sealed it. */
-export function envelopeInfo(envelope: string): { version: string; keyId: string } | undefined {
-  const [version, keyId, iv, ciphertext, ...rest] = envelope.split(".");
-  if (!version || !keyId || !iv || !ciphertext || rest.length > 0) return undefined;
-  return { version, keyId };
+/** How every value sealed now begins: resealing rewrites whatever does not. */
+export function currentEnvelopePrefix(keyring: Keyring): string {
+  return `${ENVELOPE_VERSION}.${keyring.current.id}.`;
 }
 
 /**

@@ -170,6 +170,27 @@ describe("key rotation", () => {
     await expect(open(await newOnlyRing(), old, REFRESH)).rejects.toBeInstanceOf(CryptoError);
   });
 
+  it("once the previous key is removed, nothing it sealed or signed is accepted: values, states, login links", async () => {
+    const old = await oldRing();
+    const [value, state, link] = await Promise.all([
+      seal(old, "old token", ACCESS),
+      seal(old, "{}", "oauth.state"),
+      createLoginLink(old, BASE, 1, new Date(), 600),
+    ]);
+    const signature = new URL(link.url).searchParams.get("signature") ?? "";
+    const expires = new URL(link.url).searchParams.get("expires") ?? "";
+    // During the rotation (old key listed as previous) all three still work...
+    const rotated = await rotatedRing();
+    expect(await open(rotated, value, ACCESS)).toBe("old token");
+    expect(await open(rotated, state, "oauth.state")).toBe("{}");
+    expect(await checkLoginLink(rotated, 1, expires, signature, new Date())).toBe("valid");
+    // ...and none once the previous keys are emptied.
+    const after = await newOnlyRing();
+    await expect(open(after, value, ACCESS)).rejects.toThrow(/unknown key/);
+    await expect(open(after, state, "oauth.state")).rejects.toThrow(/unknown key/);
+    expect(await checkLoginLink(after, 1, expires, signature, new Date())).toBe("invalid");
+  });
+
   it("keeps the current key first even when it is also listed as previous", async () => {
     const ring = await loadKeyring(NEW_KEY, [OLD_KEY, NEW_KEY]);
     expect(ring.current.id).toBe((await newOnlyRing()).current.id);
