@@ -16,7 +16,7 @@ import { createDb } from "../src/db/client";
 import { parseResealEnv } from "../src/env";
 import { currentEnvelopePrefix, loadKeyring } from "../src/lib/crypto";
 import { DEFAULT_RESEAL_BATCH_SIZE, type ResealResult, resealAll } from "../src/services/reseal";
-import { readDevVars } from "./migrate";
+import { describeTarget, readDevVars } from "./migrate.ts";
 
 interface Flags {
   batchSize: number;
@@ -59,7 +59,10 @@ export async function runReseal(
     databaseUrl: config.TOKEN_MANAGEMENT_DATABASE_URL,
     localFetchEndpoint: config.NEON_LOCAL_FETCH_ENDPOINT,
   });
-  const target = config.NEON_LOCAL_FETCH_ENDPOINT ? `local endpoint ${config.NEON_LOCAL_FETCH_ENDPOINT}` : "Neon";
+  const target = describeTarget({
+    url: config.TOKEN_MANAGEMENT_DATABASE_URL,
+    localFetchEndpoint: config.NEON_LOCAL_FETCH_ENDPOINT,
+  });
   print(
     `resealing under key ${keyring.current.id} (${currentEnvelopePrefix(keyring)}…) on ${target}, ` +
       `${keyring.byId.size - 1} previous key(s), batches of ${flags.batchSize}`,
