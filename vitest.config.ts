@@ -31,6 +31,9 @@ export default defineConfig({
           OAUTH_SERVER_URL: inject<string>("oauthServerUrl"),
           // The local server's issuer is another origin than its endpoints, as Google's is.
           OAUTH_ISSUER: inject<string>("oauthIssuer"),
+          // Not WEBHOOK_URL: only the tests of events deliver (to inboxes of their own), so other
+          // files' changes are logged as not_sent and never reach another test's inbox.
+          WEBHOOK_RECEIVER_URL: inject<string>("webhookReceiverUrl"),
           OAUTH_AUTHORIZATION_URL: `${inject<string>("oauthServerUrl")}/authorize`,
           OAUTH_TOKEN_URL: `${inject<string>("oauthServerUrl")}/token`,
           OAUTH_REVOCATION_URL: `${inject<string>("oauthServerUrl")}/revoke`,

@@ -114,7 +114,8 @@ export function devStack(vars: Record<string, string>, env: NodeJS.ProcessEnv = 
 export function fillDevVarsTemplate(template: string): string {
   return template
     .replaceAll("<random-base64-32>", () => randomBytes(32).toString("base64"))
-    .replaceAll("<random-key>", () => randomBytes(32).toString("base64url"));
+    .replaceAll("<random-key>", () => randomBytes(32).toString("base64url"))
+    .replaceAll("<random-whsec>", () => `whsec_${randomBytes(32).toString("base64")}`);
 }
 
 /** A startup problem the user can fix: printed as one line, no stack trace. */
@@ -402,6 +403,11 @@ async function main(): Promise<void> {
     });
   });
   log(`wrangler dev on http://127.0.0.1:${port}/token-management (health: /token-management/health)`);
+  log(
+    vars.WEBHOOK_URL
+      ? `events: logged (GET /token-management/events) and sent to ${vars.WEBHOOK_URL}; watch them with npm run dev:webhooks`
+      : "events: logged only (GET /token-management/events); set WEBHOOK_URL and WEBHOOK_SECRET in .dev.vars to send them",
+  );
   log(`cron: curl "http://127.0.0.1:${port}/cdn-cgi/local/scheduled" (or /__scheduled)`);
 
   const code = await lifelineExit;

@@ -7,9 +7,11 @@ import { type AppEnv, createServices } from "./context";
 import { AppError, problemResponse, toAppError, validationFailed } from "./errors";
 import { describeError, logError } from "./lib/log";
 import { registerClientRoutes } from "./routes/clients";
+import { registerEventRoutes } from "./routes/events";
 import { registerHealthRoutes } from "./routes/health";
 import { registerOAuthRoutes } from "./routes/oauth";
 import { registerTokenRoutes } from "./routes/tokens";
+import { deliverAfterChange } from "./services/webhooks";
 
 export const BASE_PATH = "/token-management";
 const MAX_BODY_BYTES = 64 * 1024;
@@ -27,8 +29,13 @@ export function createApp(): App {
     c.set("db", services.db);
     c.set("keyring", services.keyring);
     c.set("provider", services.provider);
-    c.set("baseUrl", `${new URL(c.req.url).origin}${BASE_PATH}`);
+    c.set("events", services.events);
+    const baseUrl = `${new URL(c.req.url).origin}${BASE_PATH}`;
+    c.set("baseUrl", baseUrl);
     await next();
+    // A change that wrote events (even one that then answered an error): first delivery attempt
+    // after the response, so a slow or failing receiver never delays or fails this request.
+    if (services.events.touched) c.executionCtx.waitUntil(deliverAfterChange(services, new Date(), baseUrl));
   });
   app.use(
     bodyLimit({
@@ -43,6 +50,7 @@ export function createApp(): App {
   registerClientRoutes(app);
   registerOAuthRoutes(app);
   registerTokenRoutes(app);
+  registerEventRoutes(app);
 
   app.doc31("/openapi.json", {
     openapi: "3.1.0",

@@ -3,6 +3,7 @@ import { createDb, type Db } from "./db/client";
 import { type Config, parseEnv } from "./env";
 import { type Keyring, loadKeyring } from "./lib/crypto";
 import { type Provider, providerFromConfig } from "./oauth/provider";
+import { type EventContext, eventContext } from "./services/events";
 
 /** What every invocation works with: requests, cron runs and queue batches build it the same way. */
 export interface Services {
@@ -10,6 +11,8 @@ export interface Services {
   db: Db;
   keyring: Keyring;
   provider: Provider;
+  /** Whether state changes queue their events for delivery, and whether one ran (see events.ts). */
+  events: EventContext;
 }
 
 /** Parses the environment (once per env object) and builds this invocation's services. */
@@ -25,6 +28,7 @@ export async function createServices(env: Env): Promise<Services> {
       acceptV1: config.TOKEN_ENCRYPTION_ACCEPT_V1,
     }),
     provider: providerFromConfig(config),
+    events: eventContext(config.WEBHOOK_URL !== undefined),
   };
 }
 

@@ -37,6 +37,27 @@ const apiKeys = commaList.pipe(
 );
 
 const httpUrl = z.url({ protocol: /^https?$/ });
+
+/** Standard Webhooks secrets: `whsec_` and the base64 of 24 to 64 random bytes. */
+export const WEBHOOK_SECRET_PREFIX = "whsec_";
+const WEBHOOK_SECRET_MIN_BYTES = 24;
+const WEBHOOK_SECRET_MAX_BYTES = 64;
+const webhookSecret = z
+  .string()
+  .refine(
+    (value) =>
+      value.startsWith(WEBHOOK_SECRET_PREFIX) &&
+      decodedLength(value.slice(WEBHOOK_SECRET_PREFIX.length)) >= WEBHOOK_SECRET_MIN_BYTES &&
+      decodedLength(value.slice(WEBHOOK_SECRET_PREFIX.length)) <= WEBHOOK_SECRET_MAX_BYTES,
+    {
+      message: `must be ${WEBHOOK_SECRET_PREFIX} followed by the base64 of ${WEBHOOK_SECRET_MIN_BYTES} to ${WEBHOOK_SECRET_MAX_BYTES} random bytes`,
+    },
+  );
+const spaceList = z.string().transform((value) => value.split(/\s+/).filter((item) => item.length > 0));
+
+/** A receiver's answer may take this long before the attempt counts as failed. */
+const WEBHOOK_TIMEOUT_MS = 15_000;
+const EVENT_RETENTION_DAYS = 90;
 const seconds = (fallback: number) => z.coerce.number().int().positive().default(fallback);
 const flag = z
   .enum(["true", "false", "1", "0", ""])
@@ -79,9 +100,36 @@ const EnvFields = z.object({
   TOKEN_CACHE_MAX_AGE_SECONDS: z.coerce.number().int().min(0).max(3600).default(60),
   /** Entries of the per-isolate memory tier; 0 leaves only the location tier (Cache API). */
   TOKEN_CACHE_MEMORY_ENTRIES: z.coerce.number().int().min(0).max(1_000_000).default(10_000),
+
+  /** Where events are delivered (Standard Webhooks). Unset: events are only logged. */
+  WEBHOOK_URL: z.url({ protocol: /^https?$/, message: "must be an https URL" }).optional(),
+  WEBHOOK_SECRET: webhookSecret.optional(),
+  /** During a secret rotation: the previous secrets, space-separated; deliveries are signed with each. */
+  WEBHOOK_PREVIOUS_SECRETS: spaceList.pipe(z.array(webhookSecret)).default([]),
+  WEBHOOK_TIMEOUT_MS: z.coerce.number().int().positive().default(WEBHOOK_TIMEOUT_MS),
+  EVENT_RETENTION_DAYS: z.coerce.number().int().positive().default(EVENT_RETENTION_DAYS),
+  /**
+   * The service's public root (e.g. https://tokens.example.com/token-management), for the login
+   * link in a needs_reauth webhook. Unset: the request's origin when a request caused the delivery.
+   */
+  PUBLIC_BASE_URL: httpUrl.optional(),
 });
 
-const EnvSchema = EnvFields;
+const EnvSchema = EnvFields.superRefine((config, context) => {
+  if (config.WEBHOOK_URL === undefined) return;
+  if (config.WEBHOOK_SECRET === undefined) {
+    context.addIssue({ code: "custom", path: ["WEBHOOK_SECRET"], message: "is required when WEBHOOK_URL is set" });
+  }
+  const url = new URL(config.WEBHOOK_URL);
+  if (url.protocol === "http:" && !(config.OAUTH_ALLOW_INSECURE_HTTP && isLoopback(url.hostname))) {
+    context.addIssue({
+      code: "custom",
+      path: ["WEBHOOK_URL"],
+      message:
+        "must be an https URL (http only for localhost or 127.0.0.1 in local development, with OAUTH_ALLOW_INSECURE_HTTP=true)",
+    });
+  }
+});
 
 export type Config = z.infer<typeof EnvSchema>;
 
@@ -125,6 +173,10 @@ function stringBindings(env: object): Record<string, string> {
     if (typeof value === "string" && value !== "") out[name] = value;
   }
   return out;
+}
+
+function isLoopback(hostname: string): boolean {
+  return hostname === "localhost" || hostname === "[::1]" || /^127(\.\d{1,3}){3}$/.test(hostname);
 }
 
 function decodedLength(value: string): number {

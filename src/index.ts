@@ -1,6 +1,8 @@
 import { createApp, handleError } from "./app";
+import { createServices } from "./context";
 import { describeError, logError } from "./lib/log";
 import { consumeRefreshBatch, type RefreshMessage, runScheduledRefresh, type SchedulerEnv } from "./services/scheduled";
+import { deliverPending, runScheduledEvents } from "./services/webhooks";
 
 const app = createApp();
 
@@ -14,15 +16,27 @@ export default {
     }
   },
   async scheduled(controller, env) {
+    const now = new Date(controller.scheduledTime);
+    let failure: unknown;
     try {
-      await runScheduledRefresh(env, new Date(controller.scheduledTime));
+      await runScheduledRefresh(env, now);
     } catch (error) {
-      // One structured line, then rethrow so the invocation is recorded as failed.
+      failure = error;
       logError("scheduled_refresh_failed", { error: describeError(error) });
-      throw error;
     }
+    // Then webhooks (the refreshes may have written events), even when refreshing failed.
+    try {
+      await runScheduledEvents(await createServices(env), now);
+    } catch (error) {
+      failure ??= error;
+      logError("scheduled_events_failed", { error: describeError(error) });
+    }
+    // Rethrow so the invocation is recorded as failed.
+    if (failure !== undefined) throw failure;
   },
   async queue(batch, env) {
     await consumeRefreshBatch(env, batch, new Date());
+    // Events the batch's refreshes wrote get their first attempt now rather than at the next cron run.
+    await deliverPending(await createServices(env), new Date());
   },
 } satisfies ExportedHandler<SchedulerEnv, RefreshMessage>;

@@ -1,5 +1,5 @@
 import { sql } from "drizzle-orm";
-import { boolean, index, integer, pgTable, serial, text, timestamp, uniqueIndex } from "drizzle-orm/pg-core";
+import { bigserial, boolean, index, integer, pgTable, serial, text, timestamp, uniqueIndex } from "drizzle-orm/pg-core";
 
 export const TOKEN_STATUSES = ["active", "needs_reauth", "revoked"] as const;
 
@@ -23,6 +23,11 @@ export const clients = pgTable("clients", {
   lastStateNonce: text("last_state_nonce"),
   /** Set when the provider answered `invalid_client`: the stored credentials need fixing. */
   credentialsRejectedAt: timestamp("credentials_rejected_at", { withTimezone: true }),
+  /**
+   * Sequence number of the branch's latest event (see `events.seq`). Bumped in the statement that
+   * writes the event, so the row lock orders concurrent events of one branch.
+   */
+  eventSeq: integer("event_seq").notNull().default(0),
   createdAt: timestamp("created_at", { withTimezone: true }).notNull().defaultNow(),
   updatedAt: timestamp("updated_at", { withTimezone: true }).notNull().defaultNow(),
 });
@@ -66,5 +71,66 @@ export const tokens = pgTable(
   ],
 );
 
+export const EVENT_TYPES = [
+  "connection.created",
+  "connection.reauthorized",
+  "connection.needs_reauth",
+  "connection.credentials_rejected",
+  "connection.degraded",
+  "connection.recovered",
+  "connection.revoked",
+  "connection.deleted",
+  "client.deactivated",
+  "client.reactivated",
+] as const;
+export type EventType = (typeof EVENT_TYPES)[number];
+
+/**
+ * `pending` (to deliver; `next_attempt_at` says when), `delivered` (a 2xx), `failed` (the retry
+ * ladder ran out; redeliverable), `stopped` (the receiver answered 410 Gone), `not_sent` (no
+ * WEBHOOK_URL was configured when it happened: logged only).
+ */
+export const DELIVERY_STATES = ["pending", "delivered", "failed", "stopped", "not_sent"] as const;
+export type DeliveryState = (typeof DELIVERY_STATES)[number];
+
+/**
+ * Connection events: one row per change of a branch's state, written in the same statement or
+ * batch as the change. No foreign key to clients on purpose: `connection.deleted` outlives its client.
+ */
+export const events = pgTable(
+  "events",
+  {
+    /** Sortable: the log's cursor and the Standard Webhooks `webhook-id` (`evt_<id>`). */
+    id: bigserial("id", { mode: "number" }).primaryKey(),
+    type: text("type", { enum: EVENT_TYPES }).notNull(),
+    /** Internal client id (the API's client_id). */
+    clientId: integer("client_id").notNull(),
+    /** The branch as callers name it in /tokens/{branch_id}; copied so it survives the client. */
+    branchId: text("branch_id").notNull(),
+    /** Per-branch order (1, 2, …), visible even when deliveries overtake each other. */
+    seq: integer("seq").notNull(),
+    statusBefore: text("status_before").notNull(),
+    statusAfter: text("status_after").notNull(),
+    reason: text("reason"),
+    createdAt: timestamp("created_at", { withTimezone: true }).notNull(),
+    deliveryState: text("delivery_state", { enum: DELIVERY_STATES }).notNull(),
+    attempts: integer("attempts").notNull().default(0),
+    /** When pending: the next attempt; while an attempt runs, the end of its claim. */
+    nextAttemptAt: timestamp("next_attempt_at", { withTimezone: true }),
+    lastAttemptAt: timestamp("last_attempt_at", { withTimezone: true }),
+    /** The last attempt's failure (HTTP status or network error), never a secret. */
+    lastError: text("last_error"),
+    deliveredAt: timestamp("delivered_at", { withTimezone: true }),
+  },
+  (t) => [
+    index("events_client_id_id_idx").on(t.clientId, t.id),
+    index("events_branch_id_id_idx").on(t.branchId, t.id),
+    index("events_type_id_idx").on(t.type, t.id),
+    index("events_delivery_due_idx").on(t.nextAttemptAt).where(sql`${t.deliveryState} = 'pending'`),
+    index("events_created_at_idx").on(t.createdAt),
+  ],
+);
+
+export type EventRow = typeof events.$inferSelect;
 export type ClientRow = typeof clients.$inferSelect;
 export type TokenRow = typeof tokens.$inferSelect;

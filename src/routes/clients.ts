@@ -297,14 +297,21 @@ export function registerClientRoutes(app: App): void {
   app.openapi(patch, async (c) => {
     const { id } = c.req.valid("param");
     const body = c.req.valid("json");
-    const updated = await updateClient(c.var.db, c.var.keyring, id, {
-      clientSecret: body.client_secret,
-      redirectUri: body.redirect_uri,
-      workspaceEmail: body.workspace_email,
-      workspaceName: body.workspace_name,
-      scopes: body.scopes,
-      isActive: body.is_active,
-    });
+    const updated = await updateClient(
+      c.var.db,
+      c.var.keyring,
+      c.var.events,
+      id,
+      {
+        clientSecret: body.client_secret,
+        redirectUri: body.redirect_uri,
+        workspaceEmail: body.workspace_email,
+        workspaceName: body.workspace_name,
+        scopes: body.scopes,
+        isActive: body.is_active,
+      },
+      new Date(),
+    );
     // Deactivated, or new credentials: this location stops serving the cached token at once.
     if (body.is_active === false || body.client_secret !== undefined) await dropToken(cacheDeps(c), updated.branchId);
     return c.json(
@@ -315,7 +322,7 @@ export function registerClientRoutes(app: App): void {
 
   app.openapi(remove, async (c) => {
     const { id } = c.req.valid("param");
-    const result = await deleteClient(c.var.db, c.var.keyring, c.var.provider, id);
+    const result = await deleteClient(c.var.db, c.var.keyring, c.var.provider, c.var.events, id, new Date());
     await dropToken(cacheDeps(c), result.branchId);
     const maxAge = c.var.config.TOKEN_CACHE_MAX_AGE_SECONDS;
     return c.json(

@@ -1,11 +1,12 @@
 import { and, asc, desc, eq, gt, sql } from "drizzle-orm";
 import type { Db } from "../db/client";
 import { allTokenColumns, latestTokenOfClient } from "../db/queries";
-import { type ClientRow, clients, type TokenRow, tokens } from "../db/schema";
+import { type ClientRow, clients, type EventType, type TokenRow, tokens } from "../db/schema";
 import { AppError, constraintName, sqlState } from "../errors";
 import { type Keyring, open, seal } from "../lib/crypto";
 import { describeError, logWarn } from "../lib/log";
 import { type ClientCredentials, type Provider, revokeToken } from "../oauth/provider";
+import { clientEvent, currentStatusSql, type EventContext, withEvents } from "./events";
 
 /** The client registry: one OAuth client per branch, its secret sealed at rest. */
 
@@ -92,8 +93,15 @@ export async function getClient(db: Db, id: number): Promise<ClientWithToken> {
   return toClientWithToken(row);
 }
 
-export async function updateClient(db: Db, keyring: Keyring, id: number, changes: ClientChanges): Promise<ClientRow> {
-  const values: Partial<typeof clients.$inferInsert> = { updatedAt: new Date() };
+export async function updateClient(
+  db: Db,
+  keyring: Keyring,
+  events: EventContext,
+  id: number,
+  changes: ClientChanges,
+  now: Date,
+): Promise<ClientRow> {
+  const values: Partial<typeof clients.$inferInsert> = { updatedAt: now };
   if (changes.clientSecret !== undefined) {
     values.clientSecret = await seal(keyring, changes.clientSecret, { column: "clients.client_secret", clientId: id });
     // New credentials: whatever the provider said about the old ones no longer applies.
@@ -104,13 +112,37 @@ export async function updateClient(db: Db, keyring: Keyring, id: number, changes
   if (changes.workspaceName !== undefined) values.workspaceName = changes.workspaceName;
   if (changes.scopes !== undefined) values.scopes = changes.scopes;
   if (changes.isActive !== undefined) values.isActive = changes.isActive;
+  const update = db.update(clients).set(values).where(eq(clients.id, id)).returning();
   try {
-    const [row] = await db.update(clients).set(values).where(eq(clients.id, id)).returning();
+    let row: ClientRow | undefined;
+    if (changes.isActive === undefined) [row] = await update;
+    else {
+      // One transaction: the event (read before the update changes is_active) and the update.
+      const [, updated] = await db.batch([activationEvent(db, events, id, changes.isActive, now), update]);
+      [row] = updated;
+    }
     if (!row) throw clientNotFound(id);
     return row;
   } catch (error) {
     throw duplicateOr(error);
   }
+}
+
+/** client.deactivated / client.reactivated, only when is_active actually changes. */
+function activationEvent(db: Db, events: EventContext, id: number, isActive: boolean, now: Date) {
+  const type: EventType = isActive ? "client.reactivated" : "client.deactivated";
+  return clientEvent(
+    db,
+    events,
+    id,
+    {
+      type: sql`case when ${clients.isActive} <> ${isActive} then ${type} end`,
+      before: sql`case when ${clients.isActive} then 'active' else 'inactive' end`,
+      after: isActive ? "active" : "inactive",
+      reason: isActive ? "reactivated by an administrator" : "deactivated by an administrator",
+    },
+    now,
+  );
 }
 
 /**
@@ -123,7 +155,9 @@ export async function deleteClient(
   db: Db,
   keyring: Keyring,
   provider: Provider,
+  events: EventContext,
   id: number,
+  now: Date,
 ): Promise<{ branchId: string; revoked: number; revocationFailures: number }> {
   const { client } = await getClient(db, id);
   const held = await db.select().from(tokens).where(eq(tokens.clientId, id)).orderBy(desc(tokens.id));
@@ -156,7 +190,18 @@ export async function deleteClient(
       }
     }
   }
-  await db.delete(clients).where(eq(clients.id, id));
+  const reason = `deleted by an administrator; ${revoked} grant(s) revoked at the provider${revocationFailures ? `, ${revocationFailures} revocation(s) failed` : ""}`;
+  // One statement: the client goes (its tokens by cascade) and connection.deleted is written. The
+  // event has no foreign key to the client, so it outlives it.
+  await withEvents(
+    db,
+    events,
+    sql`delete from ${clients} c where c.id = ${id}
+      returning c.id as client_id, c.branch_id, c.event_seq + 1 as seq, 'connection.deleted' as event_type,
+        ${currentStatusSql("c")} as status_before, 'deleted' as status_after, ${reason}::text as reason`,
+    now,
+    "returned",
+  );
   return { branchId: client.branchId, revoked, revocationFailures };
 }
 

@@ -4,6 +4,7 @@ import { createServices, type Services } from "../context";
 import type { Db } from "../db/client";
 import { leaseIsFree } from "../db/queries";
 import { clients, tokens } from "../db/schema";
+import { forEachBounded, MAX_OUTBOUND_CONNECTIONS } from "../lib/concurrency";
 import { open } from "../lib/crypto";
 import { describeError, logError, logInfo } from "../lib/log";
 import { ProviderError, refreshGrant } from "../oauth/provider";
@@ -18,8 +19,7 @@ import { failureStatements, type Leased, PERSIST_ATTEMPTS, refreshedValues } fro
  * refresh goes to REFRESH_QUEUE when that binding exists, else to the next run.
  */
 
-/** Workers allow six simultaneous outbound connections per invocation. */
-export const PROVIDER_CONCURRENCY = 6;
+export const PROVIDER_CONCURRENCY = MAX_OUTBOUND_CONNECTIONS;
 /** Tokens leased per statement. */
 export const PAGE_SIZE = 100;
 /** Results are written when this many are pending, or FLUSH_INTERVAL_MS after the first one. */
@@ -223,14 +223,6 @@ class BatchWriter {
       }
     }
   }
-}
-
-async function forEachBounded<T>(items: T[], concurrency: number, run: (item: T) => Promise<void>): Promise<void> {
-  let next = 0;
-  const lane = async () => {
-    while (next < items.length) await run(items[next++]!);
-  };
-  await Promise.all(Array.from({ length: Math.min(concurrency, items.length) }, lane));
 }
 
 function chunk<T>(items: T[], size: number): T[][] {

@@ -1,6 +1,7 @@
 import type { TestProject } from "vitest/node";
 import { startNeonLocal } from "../../dev/neon-local/server";
 import { startOAuthServer } from "../../dev/oauth-server/server";
+import { startWebhookReceiver } from "../../dev/webhook-receiver/server";
 import { applyMigrations } from "../../scripts/migrate";
 
 declare module "vitest" {
@@ -10,13 +11,15 @@ declare module "vitest" {
     neonLocalUrl: string;
     oauthServerUrl: string;
     oauthIssuer: string;
+    webhookReceiverUrl: string;
   }
 }
 
 /**
  * Starts, on free ports, the local database (PGlite in memory, or the PostgreSQL server named by
- * TEST_DATABASE_URL) migrated from drizzle/, and the local OAuth authorization server with its
- * Google profile (tests that need the textbook behaviours, e.g. rotation, set it per client).
+ * TEST_DATABASE_URL) migrated from drizzle/, the local OAuth authorization server with its
+ * Google profile (tests that need the textbook behaviours, e.g. rotation, set it per client) and
+ * the local webhook receiver (dev/webhook-receiver: tests point WEBHOOK_URL at an inbox of their own).
  */
 export default async function setup(project: TestProject) {
   const postgresUrl = process.env.TEST_DATABASE_URL;
@@ -26,6 +29,7 @@ export default async function setup(project: TestProject) {
   if (postgresUrl) await resetPostgres(db.sqlEndpoint, db.connectionString);
   await applyMigrations(db.connectionString, db.sqlEndpoint);
   const oauth = await startOAuthServer({ profile: "google" });
+  const receiver = await startWebhookReceiver();
   console.log(
     `worker tests: database ${postgresUrl ? "PostgreSQL" : "PGlite (memory)"} at ${db.url}, OAuth server at ${oauth.url}`,
   );
@@ -35,8 +39,10 @@ export default async function setup(project: TestProject) {
   project.provide("neonLocalUrl", db.url);
   project.provide("oauthServerUrl", oauth.url);
   project.provide("oauthIssuer", oauth.issuer);
+  project.provide("webhookReceiverUrl", receiver.url);
 
   return async () => {
+    await receiver.close();
     await oauth.close();
     await db.close();
   };

@@ -8,6 +8,7 @@ export const BASE = "http://token-manager.test/token-management";
 export interface TestEnv extends Env {
   NEON_LOCAL_URL: string;
   OAUTH_SERVER_URL: string;
+  WEBHOOK_RECEIVER_URL: string;
 }
 export const testEnv = env as TestEnv;
 

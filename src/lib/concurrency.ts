@@ -1,0 +1,15 @@
+/** Workers allow six simultaneous outbound connections per invocation. */
+export const MAX_OUTBOUND_CONNECTIONS = 6;
+
+/** Runs `run` over `items` with at most `concurrency` calls in flight (outbound connection limits). */
+export async function forEachBounded<T>(
+  items: readonly T[],
+  concurrency: number,
+  run: (item: T) => Promise<void>,
+): Promise<void> {
+  let next = 0;
+  const lane = async () => {
+    while (next < items.length) await run(items[next++]!);
+  };
+  await Promise.all(Array.from({ length: Math.min(concurrency, items.length) }, lane));
+}

@@ -1,0 +1,295 @@
+import { and, asc, eq, gt, inArray, lte, type SQL, sql } from "drizzle-orm";
+import type { Db } from "../db/client";
+import { clients, type DeliveryState, type EventRow, type EventType, events } from "../db/schema";
+import { AppError } from "../errors";
+
+/**
+ * The event log: one row per change of a branch's state, written in the same statement (or the same
+ * `db.batch`, one transaction) as the change, so an event exists if and only if its change committed.
+ * Only transitions are events: a thousand failed refreshes of one branch write one.
+ *
+ * Statement builders here return SQL to run in place of (or beside, in the same batch as) the state
+ * change; the webhook delivery (src/services/webhooks.ts) reads the rows they write.
+ */
+
+/** Consecutive transient refresh failures (429, 5xx, timeouts) that make a connection `degraded`. */
+export const DEGRADED_AFTER_FAILURES = 3;
+export const LIST_MAX_LIMIT = 200;
+/** Events deleted per statement when pruning, and statements per cron run. */
+export const PRUNE_BATCH_SIZE = 1_000;
+export const PRUNE_MAX_BATCHES = 10;
+
+/**
+ * What the invocation's state changes need to know to write events. `deliver` is false when no
+ * WEBHOOK_URL is configured (events are then logged as `not_sent`); `touched` is set once a change
+ * that may have written an event ran, so the invocation then makes the first delivery attempt.
+ */
+export interface EventContext {
+  deliver: boolean;
+  touched: boolean;
+}
+
+export function eventContext(deliver: boolean): EventContext {
+  return { deliver, touched: false };
+}
+
+/**
+ * A connection's status as events name it, from a token row `t` (all columns null when the client
+ * has none) and its client row `c`. Statuses: never_connected, connected, degraded,
+ * credentials_rejected, needs_reauth, revoked (and deleted, active, inactive in their events).
+ */
+export function connectionStatusSql(t: string, c: string): SQL {
+  return sql.raw(`(case
+    when ${t}.id is null then 'never_connected'
+    when ${t}.status = 'revoked' then 'revoked'
+    when ${t}.status = 'needs_reauth' or not ${t}.is_valid then 'needs_reauth'
+    when ${c}.credentials_rejected_at is not null then 'credentials_rejected'
+    when ${t}.failure_count >= ${DEGRADED_AFTER_FAILURES} then 'degraded'
+    else 'connected' end)`);
+}
+
+/** The connection status of client `c` (an alias in the outer query) from its latest token. */
+export function currentStatusSql(c: string): SQL {
+  return sql`coalesce((select ${connectionStatusSql("t", c)} from ${sql.raw("tokens")} t
+    where t.client_id = ${sql.raw(c)}.id order by t.id desc limit 1), 'never_connected')`;
+}
+
+/** The type of the branch's latest event, or null (for rules like "recovered after degraded"). */
+export function latestEventTypeSql(clientIdColumn: SQL): SQL {
+  return sql`(select e.type from ${events} e where e.client_id = ${clientIdColumn} order by e.id desc limit 1)`;
+}
+
+const INSERT_COLUMNS = sql.raw(
+  "(type, client_id, branch_id, seq, status_before, status_after, reason, created_at, delivery_state, next_attempt_at)",
+);
+
+function deliveryValues(context: EventContext, now: Date): SQL {
+  const state: DeliveryState = context.deliver ? "pending" : "not_sent";
+  return context.deliver ? sql`${now}, ${state}, ${now}` : sql`${now}, ${state}, null`;
+}
+
+/**
+ * Wraps a state change so that its transitions are recorded in the same statement.
+ *
+ * `change` is an UPDATE/INSERT/DELETE … RETURNING these columns:
+ *   client_id, event_type (null when the row changed without a transition), status_before,
+ *   status_after, reason;
+ * with `seq: "bump"` (changes to token rows) the client's event_seq is bumped here for each event;
+ * with `seq: "returned"` (changes to the client row itself, which cannot be updated twice in one
+ * statement) the change bumps `event_seq` itself and also returns `branch_id` and `seq`.
+ *
+ * The statement answers one row: `changed` (rows the change touched, whether or not they were
+ * transitions) and `event_ids`.
+ */
+export function withEvents(db: Db, context: EventContext, change: SQL, now: Date, seq: "bump" | "returned" = "bump") {
+  context.touched = true;
+  const source =
+    seq === "bump"
+      ? sql`, source as (
+          update ${clients} set event_seq = ${clients}.event_seq + 1
+          from changed
+          where ${clients}.id = changed.client_id and changed.event_type is not null
+          returning ${clients}.id as client_id, ${clients}.branch_id, ${clients}.event_seq as seq,
+            changed.event_type, changed.status_before, changed.status_after, changed.reason
+        )`
+      : sql`, source as (select * from changed where event_type is not null)`;
+  return db.execute<{ changed: number; event_ids: number[] | string }>(sql`
+    with changed as (${change})${source},
+    inserted as (
+      insert into ${events} ${INSERT_COLUMNS}
+      select event_type, client_id, branch_id, seq, status_before, status_after, left(reason, 500),
+        ${deliveryValues(context, now)}
+      from source
+      returning id
+    )
+    select (select count(*) from changed)::int as changed,
+      coalesce((select json_agg(id order by id) from inserted), '[]'::json) as event_ids`);
+}
+
+/**
+ * One event for one client, for a change made by other statements of the same batch. Put it before
+ * them when `before` reads the state they change. `type` and `before` may be SQL over `clients`
+ * (the client's row) to decide in the database; a null type writes nothing.
+ */
+export function clientEvent(
+  db: Db,
+  context: EventContext,
+  clientId: number,
+  event: { type: EventType | SQL; before: string | SQL; after: string; reason?: string | null },
+  now: Date,
+) {
+  return withEvents(
+    db,
+    context,
+    sql`select ${clients}.id as client_id, (${event.type})::text as event_type,
+          (${event.before})::text as status_before, ${event.after}::text as status_after,
+          ${event.reason ?? null}::text as reason
+        from ${clients} where ${clients}.id = ${clientId}`,
+    now,
+  );
+}
+
+/** The event ids a `withEvents` statement wrote (from its result, batched or not). */
+export function writtenEventIds(result: unknown): number[] {
+  const row = (result as { rows?: { event_ids?: unknown }[] }).rows?.[0];
+  const ids = typeof row?.event_ids === "string" ? JSON.parse(row.event_ids) : row?.event_ids;
+  return Array.isArray(ids) ? ids.map(Number) : [];
+}
+
+/** How many rows the change itself touched (to tell a conditional write that matched nothing). */
+export function changedRows(result: unknown): number {
+  return Number((result as { rows?: { changed?: unknown }[] }).rows?.[0]?.changed ?? 0);
+}
+
+// ---------------------------------------------------------------------------------------------
+// The log.
+
+export interface EventFilters {
+  /** Cursor: only events with a larger id (the previous page's `next_cursor`). */
+  after?: number | undefined;
+  branchId?: string | undefined;
+  clientId?: number | undefined;
+  type?: EventType | undefined;
+  limit: number;
+}
+
+/** A page of the log, oldest first: the audit trail of what happened to a branch. */
+export async function listEvents(
+  db: Db,
+  filters: EventFilters,
+): Promise<{ events: EventRow[]; nextCursor: number | null }> {
+  const limit = Math.min(Math.max(1, filters.limit), LIST_MAX_LIMIT);
+  const conditions = [
+    filters.after === undefined ? undefined : gt(events.id, filters.after),
+    filters.branchId === undefined ? undefined : eq(events.branchId, filters.branchId),
+    filters.clientId === undefined ? undefined : eq(events.clientId, filters.clientId),
+    filters.type === undefined ? undefined : eq(events.type, filters.type),
+  ].filter((c) => c !== undefined);
+  const rows = await db
+    .select()
+    .from(events)
+    .where(conditions.length ? and(...conditions) : undefined)
+    .orderBy(asc(events.id))
+    .limit(limit);
+  return { events: rows, nextCursor: rows.length === limit ? rows.at(-1)!.id : null };
+}
+
+export async function getEvent(db: Db, id: number): Promise<EventRow> {
+  const [row] = await db.select().from(events).where(eq(events.id, id));
+  if (!row) throw new AppError("not_found", `No event with id ${id}.`);
+  return row;
+}
+
+/**
+ * Queues an event for delivery again, whatever its state (delivered, failed, stopped, not sent):
+ * a fresh ladder starting now. The caller makes the first attempt (the route, with waitUntil).
+ */
+export async function redeliverEvent(db: Db, id: number, now: Date): Promise<EventRow> {
+  const [row] = await db
+    .update(events)
+    .set({ deliveryState: "pending", attempts: 0, nextAttemptAt: now, deliveredAt: null })
+    .where(eq(events.id, id))
+    .returning();
+  if (!row) throw new AppError("not_found", `No event with id ${id}.`);
+  return row;
+}
+
+// ---------------------------------------------------------------------------------------------
+// The delivery queue (used by src/services/webhooks.ts).
+
+/**
+ * Claims up to `limit` due events in one statement: counts the attempt and moves `next_attempt_at`
+ * to `claimUntil`, so a concurrent pass skips them and a crashed one gives them back then.
+ */
+export async function claimDueEvents(
+  db: Db,
+  now: Date,
+  claimUntil: Date,
+  limit: number,
+  onlyIds?: number[],
+): Promise<EventRow[]> {
+  const due = db
+    .select({ id: events.id })
+    .from(events)
+    .where(
+      and(
+        eq(events.deliveryState, "pending"),
+        lte(events.nextAttemptAt, now),
+        onlyIds ? inArray(events.id, onlyIds) : undefined,
+      ),
+    )
+    .orderBy(asc(events.nextAttemptAt), asc(events.id))
+    .limit(limit)
+    .for("update", { skipLocked: true });
+  const rows = await db
+    .update(events)
+    .set({ attempts: sql`${events.attempts} + 1`, nextAttemptAt: claimUntil, lastAttemptAt: now })
+    .where(inArray(events.id, due))
+    .returning();
+  return rows.sort((a, b) => a.id - b.id);
+}
+
+export interface DeliveryOutcome {
+  id: number;
+  state: "delivered" | "pending" | "failed" | "stopped";
+  attemptedAt: Date;
+  error: string | null;
+  nextAttemptAt: Date | null;
+}
+
+/** Records a page of attempts in one batch (one round trip). */
+export async function recordDeliveries(db: Db, outcomes: DeliveryOutcome[]): Promise<void> {
+  const [first, ...rest] = outcomes.map((outcome) =>
+    db
+      .update(events)
+      .set({
+        deliveryState: outcome.state,
+        nextAttemptAt: outcome.nextAttemptAt,
+        lastError: outcome.error,
+        ...(outcome.state === "delivered" ? { deliveredAt: outcome.attemptedAt } : {}),
+      })
+      // A redelivery requested meanwhile (attempts back to 0) wins over this older attempt's outcome.
+      .where(and(eq(events.id, outcome.id), eq(events.deliveryState, "pending"), gt(events.attempts, 0))),
+  );
+  if (first) await db.batch([first, ...rest]);
+}
+
+/** After a 410 Gone: nothing else pending goes to that receiver. */
+export async function stopPendingDeliveries(db: Db, reason: string): Promise<number> {
+  const rows = await db
+    .update(events)
+    .set({ deliveryState: "stopped", nextAttemptAt: null, lastError: reason })
+    .where(eq(events.deliveryState, "pending"))
+    .returning({ id: events.id });
+  return rows.length;
+}
+
+/** Which of the page's needs_reauth events still have a client to make a login link for. */
+export async function loginLinkClients(db: Db, page: EventRow[]): Promise<Set<number>> {
+  const ids = [...new Set(page.filter((e) => e.type === "connection.needs_reauth").map((e) => e.clientId))];
+  if (ids.length === 0) return new Set();
+  const rows = await db.select({ id: clients.id }).from(clients).where(inArray(clients.id, ids));
+  return new Set(rows.map((row) => row.id));
+}
+
+/**
+ * Retention: deletes events older than `retentionDays`, PRUNE_BATCH_SIZE per statement and at most
+ * PRUNE_MAX_BATCHES statements per call (the cron comes back for the rest). Events still pending
+ * delivery are kept.
+ */
+export async function pruneEvents(db: Db, now: Date, retentionDays: number): Promise<number> {
+  const cutoff = new Date(now.getTime() - retentionDays * 24 * 3600 * 1000);
+  let pruned = 0;
+  for (let batch = 0; batch < PRUNE_MAX_BATCHES; batch++) {
+    const old = db
+      .select({ id: events.id })
+      .from(events)
+      .where(and(sql`${events.createdAt} < ${cutoff}`, sql`${events.deliveryState} <> 'pending'`))
+      .orderBy(asc(events.id))
+      .limit(PRUNE_BATCH_SIZE);
+    const deleted = await db.delete(events).where(inArray(events.id, old)).returning({ id: events.id });
+    pruned += deleted.length;
+    if (deleted.length < PRUNE_BATCH_SIZE) break;
+  }
+  return pruned;
+}

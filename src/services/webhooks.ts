@@ -1,0 +1,327 @@
+import type { Services } from "../context";
+import type { Db } from "../db/client";
+import type { EventRow } from "../db/schema";
+import { type Config, WEBHOOK_SECRET_PREFIX } from "../env";
+import { forEachBounded, MAX_OUTBOUND_CONNECTIONS } from "../lib/concurrency";
+import type { Keyring } from "../lib/crypto";
+import { fromBase64, utf8 } from "../lib/encoding";
+import { describeError, logInfo, logWarn } from "../lib/log";
+import {
+  claimDueEvents,
+  type DeliveryOutcome,
+  loginLinkClients,
+  pruneEvents,
+  recordDeliveries,
+  stopPendingDeliveries,
+} from "./events";
+import { createLoginLink } from "./login-links";
+
+/**
+ * Webhooks by the Standard Webhooks specification (https://www.standardwebhooks.com): each delivery
+ * carries `webhook-id` (the same on every retry, so receivers can deduplicate), `webhook-timestamp`
+ * (Unix seconds of this attempt) and `webhook-signature` (`v1,<base64 HMAC-SHA256 over
+ * id.timestamp.body>`, once per secret during a rotation). Delivery is at least once: an event is
+ * marked delivered only after a 2xx, and until then the cron retries it on a growing ladder.
+ */
+
+/** Waits after the failed attempt number i+1 (attempt 1 is right after the change commits). */
+export const RETRY_LADDER_SECONDS = [5, 5 * 60, 30 * 60, 2 * 3600, 5 * 3600, 10 * 3600, 10 * 3600] as const;
+export const MAX_ATTEMPTS = RETRY_LADDER_SECONDS.length + 1;
+/** Events claimed per statement, and at most this many per delivery pass. */
+export const DELIVERY_PAGE_SIZE = 100;
+export const DELIVERY_MAX_PER_RUN = 1_000;
+export const DELIVERY_CONCURRENCY = MAX_OUTBOUND_CONNECTIONS;
+/** Room beyond the attempt timeout before a claimed event may be claimed again (a crashed attempt). */
+const CLAIM_MARGIN_MS = 30_000;
+/** Kept from a receiver's answer in `last_error`: enough to diagnose, never the whole body. */
+const ERROR_BODY_CHARS = 200;
+
+export interface WebhookTarget {
+  url: string;
+  /** `whsec_…` secrets: the current one first, then the previous ones. */
+  secrets: readonly string[];
+  timeoutMs: number;
+}
+
+/** The configured receiver, or undefined when events are only logged. */
+export function webhookTarget(config: Config): WebhookTarget | undefined {
+  if (!config.WEBHOOK_URL || !config.WEBHOOK_SECRET) return undefined;
+  return {
+    url: config.WEBHOOK_URL,
+    secrets: [config.WEBHOOK_SECRET, ...config.WEBHOOK_PREVIOUS_SECRETS],
+    timeoutMs: config.WEBHOOK_TIMEOUT_MS,
+  };
+}
+
+const hmacKeys = new Map<string, Promise<CryptoKey>>();
+
+function hmacKey(secret: string): Promise<CryptoKey> {
+  let key = hmacKeys.get(secret);
+  if (!key) {
+    const raw = fromBase64(secret.slice(WEBHOOK_SECRET_PREFIX.length));
+    key = crypto.subtle.importKey("raw", raw, { name: "HMAC", hash: "SHA-256" }, false, ["sign"]);
+    hmacKeys.set(secret, key);
+  }
+  return key;
+}
+
+/** `v1,<sig>` for each secret, space-separated: a receiver holding any one of them verifies. */
+export async function signWebhook(
+  secrets: readonly string[],
+  id: string,
+  timestampSeconds: number,
+  body: string,
+): Promise<string> {
+  const content = utf8(`${id}.${timestampSeconds}.${body}`);
+  const signatures = await Promise.all(
+    secrets.map(async (secret) => {
+      const mac = new Uint8Array(await crypto.subtle.sign("HMAC", await hmacKey(secret), content));
+      let binary = "";
+      for (const byte of mac) binary += String.fromCharCode(byte);
+      return `v1,${btoa(binary)}`;
+    }),
+  );
+  return signatures.join(" ");
+}
+
+export const webhookId = (eventId: number) => `evt_${eventId}`;
+
+/** The thin payload: what happened to which branch, never a token or a secret. */
+export interface WebhookPayload {
+  type: EventRow["type"];
+  timestamp: string;
+  data: {
+    event_id: string;
+    /** The branch as callers use it in /tokens/{branch_id}. */
+    branch_id: string;
+    /** The internal client id (the API's client_id). */
+    client_id: number;
+    /** Per-branch order: deliveries may overtake each other, this does not. */
+    sequence: number;
+    status_before: string;
+    status_after: string;
+    reason: string | null;
+    /** needs_reauth only: a fresh login link to send to someone at the branch. */
+    login_url?: string;
+    login_url_expires_at?: string;
+    /** needs_reauth when no public URL is known: where an operator gets a link. */
+    login_hint?: string;
+  };
+}
+
+export interface PayloadDeps {
+  keyring: Keyring;
+  /** The service's public root; without it a needs_reauth payload carries `login_hint` instead of a link. */
+  baseUrl: string | undefined;
+  loginLinkTtlSeconds: number;
+}
+
+export async function buildPayload(
+  deps: PayloadDeps,
+  event: EventRow,
+  clientStillExists: boolean,
+  now: Date,
+): Promise<WebhookPayload> {
+  const data: WebhookPayload["data"] = {
+    event_id: webhookId(event.id),
+    branch_id: event.branchId,
+    client_id: event.clientId,
+    sequence: event.seq,
+    status_before: event.statusBefore,
+    status_after: event.statusAfter,
+    reason: event.reason,
+  };
+  if (event.type === "connection.needs_reauth" && clientStillExists) {
+    if (deps.baseUrl) {
+      const link = await createLoginLink(deps.keyring, deps.baseUrl, event.clientId, now, deps.loginLinkTtlSeconds);
+      data.login_url = link.url;
+      data.login_url_expires_at = link.expiresAt.toISOString();
+    } else {
+      data.login_hint = `/token-management/clients/${event.clientId}/login-url`;
+    }
+  }
+  return { type: event.type, timestamp: event.createdAt.toISOString(), data };
+}
+
+export type AttemptResult =
+  | { kind: "delivered"; status: number }
+  | { kind: "gone"; status: 410 }
+  | { kind: "failed"; error: string };
+
+/** One POST to the receiver, bounded by the timeout. Never throws. */
+export async function sendWebhook(
+  target: WebhookTarget,
+  id: string,
+  body: string,
+  now: Date,
+  fetcher: typeof fetch = fetch,
+): Promise<AttemptResult> {
+  const timestamp = Math.floor(now.getTime() / 1000);
+  const headers = {
+    "content-type": "application/json",
+    "user-agent": "token-management-webhooks/1",
+    "webhook-id": id,
+    "webhook-timestamp": String(timestamp),
+    "webhook-signature": await signWebhook(target.secrets, id, timestamp, body),
+  };
+  try {
+    const response = await fetcher(target.url, {
+      method: "POST",
+      headers,
+      body,
+      redirect: "manual",
+      signal: AbortSignal.timeout(target.timeoutMs),
+    });
+    if (response.status >= 200 && response.status < 300) {
+      await response.body?.cancel();
+      return { kind: "delivered", status: response.status };
+    }
+    if (response.status === 410) {
+      await response.body?.cancel();
+      return { kind: "gone", status: 410 };
+    }
+    const text = (await response.text().catch(() => "")).slice(0, ERROR_BODY_CHARS);
+    return { kind: "failed", error: `HTTP ${response.status}${text ? `: ${text}` : ""}` };
+  } catch (error) {
+    const timedOut = error instanceof DOMException && error.name === "TimeoutError";
+    return { kind: "failed", error: timedOut ? `no answer within ${target.timeoutMs} ms` : describeError(error) };
+  }
+}
+
+/** When the next attempt is due after `attempts` failed ones, or undefined when the ladder is spent. */
+export function nextAttemptAfter(attempts: number, now: Date): Date | undefined {
+  const wait = RETRY_LADDER_SECONDS[attempts - 1];
+  return wait === undefined ? undefined : new Date(now.getTime() + wait * 1000);
+}
+
+export interface DeliveryDeps extends PayloadDeps {
+  db: Db;
+  target: WebhookTarget;
+  fetcher?: typeof fetch;
+}
+
+export interface DeliverySummary {
+  attempted: number;
+  delivered: number;
+  failed: number;
+  /** Events whose ladder ran out in this pass. */
+  exhausted: number;
+  stopped: number;
+}
+
+/**
+ * Delivers what is due: claims pending events a page at a time (each claim holds the event for the
+ * attempt's timeout, so a concurrent pass cannot send it too), posts them with bounded concurrency
+ * and records the outcomes in one batch per page. `onlyIds` limits the pass to the events a change
+ * just wrote (the first attempt, from waitUntil).
+ */
+export async function deliverDueEvents(
+  deps: DeliveryDeps,
+  now: Date,
+  options: { onlyIds?: number[]; max?: number } = {},
+): Promise<DeliverySummary> {
+  const summary: DeliverySummary = { attempted: 0, delivered: 0, failed: 0, exhausted: 0, stopped: 0 };
+  const started = Date.now();
+  const at = () => new Date(now.getTime() + (Date.now() - started));
+  const max = options.max ?? DELIVERY_MAX_PER_RUN;
+  let gone = false;
+  while (summary.attempted < max && !gone) {
+    const claimUntil = new Date(at().getTime() + deps.target.timeoutMs + CLAIM_MARGIN_MS);
+    const page = await claimDueEvents(
+      deps.db,
+      at(),
+      claimUntil,
+      Math.min(DELIVERY_PAGE_SIZE, max - summary.attempted),
+      options.onlyIds,
+    );
+    if (page.length === 0) break;
+    summary.attempted += page.length;
+    const existing = await loginLinkClients(deps.db, page);
+    const outcomes: DeliveryOutcome[] = [];
+    await forEachBounded(page, DELIVERY_CONCURRENCY, async (event) => {
+      const attemptAt = at();
+      const body = JSON.stringify(await buildPayload(deps, event, existing.has(event.clientId), attemptAt));
+      const result = await sendWebhook(deps.target, webhookId(event.id), body, attemptAt, deps.fetcher);
+      outcomes.push(outcomeOf(event, result, at()));
+    });
+    for (const outcome of outcomes) {
+      if (outcome.state === "delivered") summary.delivered++;
+      else if (outcome.state === "stopped") summary.stopped++;
+      else {
+        summary.failed++;
+        if (outcome.state === "failed") summary.exhausted++;
+      }
+    }
+    await recordDeliveries(deps.db, outcomes);
+    if (outcomes.some((outcome) => outcome.state === "stopped")) {
+      // 410 Gone: the receiver asked for no more. Every event waiting for this URL stops too;
+      // they stay in the log and can be redelivered once the receiver wants them again.
+      summary.stopped += await stopPendingDeliveries(deps.db, "the receiver answered 410 Gone");
+      logWarn("webhook_gone", { url_host: new URL(deps.target.url).host });
+      gone = true;
+    }
+    if (options.onlyIds) break;
+  }
+  if (summary.attempted > 0) logInfo("webhook_delivery", { ...summary, duration_ms: Date.now() - started });
+  return summary;
+}
+
+function outcomeOf(event: EventRow, result: AttemptResult, now: Date): DeliveryOutcome {
+  const attempts = event.attempts;
+  if (result.kind === "delivered")
+    return { id: event.id, state: "delivered", attemptedAt: now, error: null, nextAttemptAt: null };
+  if (result.kind === "gone") {
+    return { id: event.id, state: "stopped", attemptedAt: now, error: "HTTP 410 Gone", nextAttemptAt: null };
+  }
+  const next = nextAttemptAfter(attempts, now);
+  return next
+    ? { id: event.id, state: "pending", attemptedAt: now, error: result.error, nextAttemptAt: next }
+    : { id: event.id, state: "failed", attemptedAt: now, error: result.error, nextAttemptAt: null };
+}
+
+/** The delivery dependencies of an invocation, or undefined when no WEBHOOK_URL is configured. */
+export function deliveryDeps(services: Services, requestBaseUrl?: string): DeliveryDeps | undefined {
+  const target = webhookTarget(services.config);
+  if (!target) return undefined;
+  return {
+    db: services.db,
+    keyring: services.keyring,
+    target,
+    baseUrl: services.config.PUBLIC_BASE_URL?.replace(/\/+$/, "") ?? requestBaseUrl,
+    loginLinkTtlSeconds: services.config.LOGIN_LINK_TTL_SECONDS,
+  };
+}
+
+/**
+ * The first attempt, right after an invocation's changes committed (from waitUntil, so it never
+ * delays the response). Never throws: what it cannot deliver stays pending for the cron.
+ */
+export async function deliverAfterChange(services: Services, now: Date, requestBaseUrl?: string): Promise<void> {
+  if (services.events.touched) await deliverPending(services, now, requestBaseUrl);
+}
+
+/** One bounded delivery pass over what is due. Never throws. */
+export async function deliverPending(services: Services, now: Date, requestBaseUrl?: string): Promise<void> {
+  const deps = deliveryDeps(services, requestBaseUrl);
+  if (!deps) return;
+  try {
+    await deliverDueEvents(deps, now, { max: DELIVERY_PAGE_SIZE });
+  } catch (error) {
+    logWarn("webhook_delivery_failed", { error: describeError(error) });
+  }
+}
+
+export interface EventCronSummary extends DeliverySummary {
+  pruned: number;
+}
+
+/** The cron's share: retry what is due (bounded), then prune what is past retention (bounded). */
+export async function runScheduledEvents(services: Services, now: Date): Promise<EventCronSummary> {
+  const deps = deliveryDeps(services);
+  const delivered = deps
+    ? await deliverDueEvents(deps, now)
+    : { attempted: 0, delivered: 0, failed: 0, exhausted: 0, stopped: 0 };
+  const pruned = await pruneEvents(services.db, now, services.config.EVENT_RETENTION_DAYS);
+  if (pruned > 0) logInfo("events_pruned", { pruned });
+  return { ...delivered, pruned };
+}

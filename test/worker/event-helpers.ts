@@ -1,0 +1,110 @@
+import { createServices } from "../../src/context";
+import { runScheduledEvents } from "../../src/services/webhooks";
+import type { CallOptions, TestEnv } from "./helpers";
+import { testEnv, uniqueId } from "./helpers";
+import { sql } from "./oauth-helpers";
+
+/**
+ * Helpers for the tests of events and webhooks: the events table as stored, and inboxes at the
+ * local webhook receiver (dev/webhook-receiver), which verifies every delivery with the
+ * `standardwebhooks` package.
+ */
+
+export interface RawEvent {
+  id: number;
+  type: string;
+  client_id: number;
+  branch_id: string;
+  seq: number;
+  status_before: string;
+  status_after: string;
+  reason: string | null;
+  created_at: string;
+  delivery_state: string;
+  attempts: number;
+  next_attempt_at: string | null;
+  last_error: string | null;
+  delivered_at: string | null;
+}
+
+/** The client's events, oldest first, exactly as stored. */
+export async function eventsOf(clientId: number): Promise<RawEvent[]> {
+  const rows = await sql("select row_to_json(e)::text from events e where client_id = $1 order by id", [clientId]);
+  return rows.map(([value]) => JSON.parse(value as string) as RawEvent);
+}
+
+export async function eventById(id: number): Promise<RawEvent | undefined> {
+  const rows = await sql("select row_to_json(e)::text from events e where id = $1", [id]);
+  return rows[0] ? (JSON.parse(rows[0][0] as string) as RawEvent) : undefined;
+}
+
+/** As if the retry ladder's wait had elapsed: the event is due now. */
+export async function makeDue(eventIds: number[]): Promise<void> {
+  await sql("update events set next_attempt_at = now() - interval '1 second' where id = any($1::bigint[])", [
+    `{${eventIds.join(",")}}`,
+  ]);
+}
+
+/** base64 of 32 bytes: fixed test secrets (nothing real is protected by them). */
+export const TEST_WEBHOOK_SECRET = "whsec_C2FVsBQIhrscChlQIMV+b5sSYspob7oD6MYsfm1IOmw=";
+export const TEST_WEBHOOK_OLD_SECRET = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
+export const UNRELATED_WEBHOOK_SECRET = "whsec_Zm9vYmFyYmF6cXV4Zm9vYmFyYmF6cXV4MTIzNDU2Nzg=";
+
+export interface ReceivedDelivery {
+  id: string | null;
+  timestamp: string | null;
+  verifiedWith: number[];
+  answered: number;
+  payload: {
+    type: string;
+    timestamp: string;
+    data: Record<string, unknown> & { event_id: string; branch_id: string; sequence: number };
+  };
+}
+
+export interface Inbox {
+  name: string;
+  url: string;
+  set(mode: "ok" | "fail" | "hang" | "gone", extra?: { status?: number; secrets?: string[] }): Promise<void>;
+  deliveries(): Promise<ReceivedDelivery[]>;
+}
+
+/** A fresh inbox at the receiver, verifying with `secrets` (the current test secret by default). */
+export async function newInbox(secrets: string[] = [TEST_WEBHOOK_SECRET]): Promise<Inbox> {
+  const name = uniqueId("inbox");
+  const admin = `${testEnv.WEBHOOK_RECEIVER_URL}/admin/inboxes/${name}`;
+  const inbox: Inbox = {
+    name,
+    url: `${testEnv.WEBHOOK_RECEIVER_URL}/hooks/${name}`,
+    async set(mode, extra = {}) {
+      const response = await fetch(admin, {
+        method: "PUT",
+        headers: { "content-type": "application/json" },
+        body: JSON.stringify({ mode, ...extra }),
+      });
+      if (!response.ok) throw new Error(`setting the inbox failed: ${await response.text()}`);
+    },
+    async deliveries() {
+      const response = await fetch(admin);
+      return ((await response.json()) as { deliveries: ReceivedDelivery[] }).deliveries;
+    },
+  };
+  await inbox.set("ok", { secrets });
+  return inbox;
+}
+
+/** Bindings that send events to `url` (a short attempt timeout so a hanging receiver costs little). */
+export function webhookBindings(url: string, extra: Partial<Record<keyof TestEnv, string>> = {}) {
+  return {
+    WEBHOOK_URL: url,
+    WEBHOOK_SECRET: TEST_WEBHOOK_SECRET,
+    WEBHOOK_TIMEOUT_MS: "1000",
+    ...extra,
+  } satisfies CallOptions["envOverrides"];
+}
+
+/** The cron's event duties (retries due deliveries, prunes) with these bindings, at the real time. */
+export async function runEventCron(overrides: CallOptions["envOverrides"] = {}) {
+  const services = await createServices({ ...testEnv, ...overrides } as TestEnv);
+  return runScheduledEvents(services, new Date());
+}
