@@ -67,6 +67,8 @@ describe("OpenAPI", () => {
         "/token-management/clients",
         "/token-management/clients/{id}",
         "/token-management/clients/{id}/login-url",
+        "/token-management/events",
+        "/token-management/events/{id}/redeliver",
         "/token-management/health",
         "/token-management/oauth/login/{client_id}",
         "/token-management/tokens/refresh",
