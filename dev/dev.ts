@@ -308,9 +308,11 @@ async function main(): Promise<void> {
   watchLauncher(() => void shutdown(1, "the npm process that started this is gone"));
 
   let stack: DevStack;
+  let webhookUrl: string | undefined;
   try {
     mkdirSync(paths.dataDir, { recursive: true });
     const vars = ensureDevVars(paths.varsFile);
+    webhookUrl = vars.WEBHOOK_URL;
     stack = devStack(vars);
     await stopLeftovers(paths.pidFile);
 
@@ -404,8 +406,8 @@ async function main(): Promise<void> {
   });
   log(`wrangler dev on http://127.0.0.1:${port}/token-management (health: /token-management/health)`);
   log(
-    vars.WEBHOOK_URL
-      ? `events: logged (GET /token-management/events) and sent to ${vars.WEBHOOK_URL}; watch them with npm run dev:webhooks`
+    webhookUrl
+      ? `events: logged (GET /token-management/events) and sent to ${webhookUrl}; watch them with npm run dev:webhooks`
       : "events: logged only (GET /token-management/events); set WEBHOOK_URL and WEBHOOK_SECRET in .dev.vars to send them",
   );
   log(`cron: curl "http://127.0.0.1:${port}/cdn-cgi/local/scheduled" (or /__scheduled)`);
