@@ -3,8 +3,11 @@ import { Scalar } from "@scalar/hono-api-reference";
 import { bodyLimit } from "hono/body-limit";
 import { HTTPException } from "hono/http-exception";
 import type { ZodError } from "zod";
-import { type AppEnv, createServices } from "./context";
+import { type AppEnv, createServices, type Services } from "./context";
+import { parseApiKeys } from "./env";
 import { AppError, problemResponse, toAppError, validationFailed } from "./errors";
+import { presentedKey } from "./lib/api-key";
+import { matchesAny } from "./lib/crypto";
 import { describeError, logError } from "./lib/log";
 import { registerClientRoutes } from "./routes/clients";
 import { registerEventRoutes } from "./routes/events";
@@ -22,9 +25,23 @@ export type App = OpenAPIHono<AppEnv>;
 export function createApp(): App {
   const app = new OpenAPIHono<AppEnv>({ defaultHook: throwValidationError }).basePath(BASE_PATH);
 
+  // Nothing an API answers may be cached: tokens, login links and client data are capabilities or
+  // secrets. One header for every response (errors set it too, in problemResponse).
+  app.use(async (c, next) => {
+    await next();
+    if (c.res.headers.get("Cache-Control") === "no-store") return;
+    // A copy: a response's headers may be immutable (one read from the Cache API is).
+    c.res = new Response(c.res.body, c.res);
+    c.res.headers.set("Cache-Control", "no-store");
+  });
   app.use(async (c, next) => {
     c.set("requestId", c.req.header("cf-ray") ?? crypto.randomUUID());
-    const services = await createServices(c.env);
+    let services: Services;
+    try {
+      services = await createServices(c.env);
+    } catch (error) {
+      throw await configurationFailure(error, c.env, c.req.raw);
+    }
     c.set("config", services.config);
     c.set("db", services.db);
     c.set("keyring", services.keyring);
@@ -67,6 +84,19 @@ export function createApp(): App {
   );
   app.onError((error, c) => handleError(error, c.get("requestId")));
   return app;
+}
+
+/**
+ * A broken environment is named (which bindings, never their values) only to a caller presenting a
+ * configured API key; anyone else gets the generic 500. The names always reach the log, through the
+ * error's cause.
+ */
+async function configurationFailure(error: unknown, env: Env, request: Request): Promise<unknown> {
+  if (!(error instanceof AppError) || error.code !== "configuration_error") return error;
+  const presented = presentedKey(request);
+  const { admin, service } = parseApiKeys(env);
+  if (presented !== undefined && (await matchesAny(presented, [...admin, ...service]))) return error;
+  return new AppError("internal_error", "An unexpected error occurred.", { cause: error });
 }
 
 export function handleError(error: unknown, requestId: string | undefined): Response {

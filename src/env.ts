@@ -3,7 +3,8 @@ import { AppError } from "./errors";
 
 /**
  * The Worker's bindings, parsed once per environment object. A missing or malformed binding is a
- * clear configuration error that names the binding and never echoes its value.
+ * clear configuration error that names the binding and never echoes its value (the app shows
+ * those names only to callers holding a configured API key; see src/app.ts).
  */
 
 const DEFAULTS = {
@@ -58,6 +59,17 @@ const spaceList = z.string().transform((value) => value.split(/\s+/).filter((ite
 /** A receiver's answer may take this long before the attempt counts as failed. */
 const WEBHOOK_TIMEOUT_MS = 15_000;
 const EVENT_RETENTION_DAYS = 90;
+
+/** The provider's URLs: plain http only with OAUTH_ALLOW_INSECURE_HTTP (the local server). */
+const PROVIDER_URLS = ["OAUTH_ISSUER", "OAUTH_AUTHORIZATION_URL", "OAUTH_TOKEN_URL", "OAUTH_REVOCATION_URL"] as const;
+
+/**
+ * The local database program listens on loopback; a production binding pointing elsewhere would
+ * send every query (and the connection string) to that host, so anything else is refused.
+ */
+const loopbackUrl = httpUrl.refine((value) => URL.canParse(value) && isLoopback(new URL(value).hostname), {
+  message: "must point at a loopback host (127.0.0.0/8, ::1 or localhost): it is for the local database only",
+});
 const seconds = (fallback: number) => z.coerce.number().int().positive().default(fallback);
 const flag = z
   .enum(["true", "false", "1", "0", ""])
@@ -66,7 +78,7 @@ const flag = z
 
 const EnvFields = z.object({
   TOKEN_MANAGEMENT_DATABASE_URL: z.url({ protocol: /^postgres(ql)?$/ }),
-  NEON_LOCAL_FETCH_ENDPOINT: httpUrl.optional(),
+  NEON_LOCAL_FETCH_ENDPOINT: loopbackUrl.optional(),
   TOKEN_ENCRYPTION_KEY: base64Key,
   TOKEN_ENCRYPTION_PREVIOUS_KEYS: commaList.pipe(z.array(base64Key)).default([]),
   /**
@@ -116,6 +128,25 @@ const EnvFields = z.object({
 });
 
 const EnvSchema = EnvFields.superRefine((config, context) => {
+  if (!config.OAUTH_ALLOW_INSECURE_HTTP) {
+    for (const name of PROVIDER_URLS) {
+      if (config[name].startsWith("http:")) {
+        context.addIssue({
+          code: "custom",
+          path: [name],
+          message: "must be https (plain http only with OAUTH_ALLOW_INSECURE_HTTP=true, for a local server)",
+        });
+      }
+    }
+  }
+  // A key in both lists would make every service caller an admin.
+  if (config.ADMIN_API_KEY.some((key) => config.SERVICE_API_KEY.includes(key))) {
+    context.addIssue({
+      code: "custom",
+      path: ["SERVICE_API_KEY"],
+      message: "repeats a key of ADMIN_API_KEY: each key must have one role",
+    });
+  }
   if (config.WEBHOOK_URL === undefined) return;
   if (config.WEBHOOK_SECRET === undefined) {
     context.addIssue({ code: "custom", path: ["WEBHOOK_SECRET"], message: "is required when WEBHOOK_URL is set" });
@@ -175,6 +206,20 @@ function stringBindings(env: object): Record<string, string> {
   return out;
 }
 
+/**
+ * The API keys alone, each list by the Worker's own rules, for authenticating a caller while the
+ * rest of the configuration is broken. A list that does not parse authenticates nobody.
+ */
+export function parseApiKeys(env: object): { admin: string[]; service: string[] } {
+  const bindings = stringBindings(env);
+  const parse = (name: "ADMIN_API_KEY" | "SERVICE_API_KEY") => {
+    const result = apiKeys.safeParse(bindings[name]);
+    return result.success ? result.data : [];
+  };
+  return { admin: parse("ADMIN_API_KEY"), service: parse("SERVICE_API_KEY") };
+}
+
+/** 127.0.0.0/8, ::1 and localhost, as the URL parser normalises them. */
 function isLoopback(hostname: string): boolean {
   return hostname === "localhost" || hostname === "[::1]" || /^127(\.\d{1,3}){3}$/.test(hostname);
 }

@@ -13,7 +13,7 @@ const CHALLENGE = { "WWW-Authenticate": 'Bearer realm="token-management"' };
  */
 export function requireKey(role: KeyRole) {
   return createMiddleware<AppEnv>(async (c, next) => {
-    const presented = bearer(c.req.header("authorization")) ?? c.req.header("x-api-key");
+    const presented = presentedKey(c.req.raw);
     if (!presented) {
       throw new AppError("unauthorized", "An API key is required (Authorization: Bearer <key>).", {
         headers: CHALLENGE,
@@ -29,6 +29,11 @@ export function requireKey(role: KeyRole) {
       headers: { "WWW-Authenticate": 'Bearer realm="token-management", error="invalid_token"' },
     });
   });
+}
+
+/** The API key a request presents, if any. */
+export function presentedKey(request: Request): string | undefined {
+  return bearer(request.headers.get("authorization") ?? undefined) ?? request.headers.get("x-api-key") ?? undefined;
 }
 
 function bearer(header: string | undefined): string | undefined {
