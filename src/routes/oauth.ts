@@ -7,7 +7,7 @@ import { AppError, toAppError, validationFailed } from "../errors";
 import { matchesAny } from "../lib/crypto";
 import { PAGE_HEADERS, page } from "../lib/html";
 import { describeError, logError, logInfo } from "../lib/log";
-import { BINDING_COOKIE, completeLogin, STATE_TTL_SECONDS, startLogin } from "../services/authorization";
+import { bindingCookie, completeLogin, STATE_TTL_SECONDS, startLogin } from "../services/authorization";
 import { checkLoginLink } from "../services/login-links";
 import { dropToken } from "../services/token-cache";
 import { cacheDeps } from "./tokens";
@@ -66,19 +66,20 @@ export function registerOAuthRoutes(app: App): void {
         const { expires, signature } = c.req.valid("query");
         const now = new Date();
         await authorizeLogin(c, clientId, expires, signature, now);
+        const cookie = bindingCookie(c.var.baseUrl);
         const start = await startLogin(
           c.var.db,
           c.var.keyring,
           c.var.provider,
           clientId,
-          getCookie(c, BINDING_COOKIE),
+          getCookie(c, cookie.name),
           now,
         );
-        setCookie(c, BINDING_COOKIE, start.bindingCookie, {
+        setCookie(c, cookie.name, start.bindingCookie, {
           httpOnly: true,
-          secure: true,
+          secure: cookie.secure,
           sameSite: "Lax",
-          path: `${new URL(c.var.baseUrl).pathname}/auth/callback`,
+          path: "/",
           maxAge: STATE_TTL_SECONDS,
         });
         c.header("Cache-Control", "no-store");
@@ -101,7 +102,7 @@ export function registerOAuthRoutes(app: App): void {
           c.var.keyring,
           c.var.provider,
           url.searchParams,
-          getCookie(c, BINDING_COOKIE),
+          getCookie(c, bindingCookie(c.var.baseUrl).name),
           new Date(),
         );
         // A new consent replaces the token: this location stops serving the old one at once.

@@ -22,7 +22,24 @@ import { expiryOf, lifetimeOf } from "./refresh-policy";
  */
 
 export const STATE_TTL_SECONDS = 10 * 60;
-export const BINDING_COOKIE = "tm_oauth_binding";
+const BINDING_COOKIE = "tm_oauth_binding";
+
+export interface BindingCookie {
+  name: string;
+  secure: boolean;
+}
+
+/**
+ * The browser-binding cookie. Path=/ so that it also reaches /oauth/login, where a second consent
+ * started in another tab reuses it instead of replacing it. On https it is `__Host-` prefixed and
+ * Secure (the browser then refuses it from any subdomain or without Secure); on plain http (local
+ * development) a browser would drop a Secure cookie, so it is the plain name.
+ */
+export function bindingCookie(origin: string): BindingCookie {
+  return new URL(origin).protocol === "https:"
+    ? { name: `__Host-${BINDING_COOKIE}`, secure: true }
+    : { name: BINDING_COOKIE, secure: false };
+}
 const MAX_SHOWN_ISSUER_CHARS = 200;
 
 interface StatePayload {

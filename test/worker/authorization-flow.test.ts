@@ -8,6 +8,7 @@ import { providerFromConfig } from "../../src/oauth/provider";
 import { completeLogin } from "../../src/services/authorization";
 import { createLoginLink } from "../../src/services/login-links";
 import { TEST_ENCRYPTION_KEY, TEST_SERVICE_KEY } from "./bindings";
+import { Browser } from "./browser";
 import { BASE, call, expectProblem, json, testEnv } from "./helpers";
 import {
   authorizeAtProvider,
@@ -31,6 +32,10 @@ import {
 } from "./oauth-helpers";
 
 const keyring = () => loadKeyring(TEST_ENCRYPTION_KEY);
+
+/** The same Worker reached over https (as deployed): the cookie is then __Host- and Secure. */
+const HTTPS_BASE = BASE.replace(/^http:/, "https:");
+const httpsUrl = (url: string) => url.replace(/^http:/, "https:");
 
 async function expectHtmlPage(response: Response, status: number, contains?: RegExp): Promise<string> {
   const text = await response.text();
@@ -80,16 +85,33 @@ describe("login link", () => {
     expect(authorizeUrl.searchParams.get("scope")).toBe(testEnv.OAUTH_SCOPES);
   });
 
-  it("sets an HttpOnly, Secure, SameSite=Lax binding cookie scoped to the callback", async () => {
+  it("on https sets a __Host- binding cookie: HttpOnly, Secure, SameSite=Lax, Path=/, no Domain", async () => {
     const branch = await registerBranch();
-    const { setCookie, cookie } = await startLogin(branch.loginUrl);
-    expect(cookie).toMatch(new RegExp(`^${BINDING_COOKIE_NAME}=[A-Za-z0-9_-]{43}$`));
+    const browser = new Browser(HTTPS_BASE);
+    const { setCookie, cookie } = await startLogin(httpsUrl(branch.loginUrl), {}, browser);
+    expect(cookie).toMatch(new RegExp(`^__Host-${BINDING_COOKIE_NAME}=[A-Za-z0-9_-]{43}$`));
     const attributes = setCookie.split(";").map((a) => a.trim().toLowerCase());
     expect(attributes).toContain("httponly");
     expect(attributes).toContain("secure");
     expect(attributes).toContain("samesite=lax");
-    expect(attributes).toContain("path=/token-management/auth/callback");
+    expect(attributes).toContain("path=/");
     expect(attributes).toContain("max-age=600");
+    expect(attributes.some((a) => a.startsWith("domain"))).toBe(false);
+    // The browser kept it (a __Host- cookie breaking the prefix rules would have been dropped).
+    expect(browser.names()).toEqual([`__Host-${BINDING_COOKIE_NAME}`]);
+  });
+
+  it("on plain http (local development) sets the plain name without Secure, so the browser keeps it", async () => {
+    const branch = await registerBranch();
+    const browser = new Browser();
+    const { setCookie, cookie } = await startLogin(branch.loginUrl, {}, browser);
+    expect(cookie).toMatch(new RegExp(`^${BINDING_COOKIE_NAME}=[A-Za-z0-9_-]{43}$`));
+    const attributes = setCookie.split(";").map((a) => a.trim().toLowerCase());
+    expect(attributes).toContain("httponly");
+    expect(attributes).toContain("samesite=lax");
+    expect(attributes).toContain("path=/");
+    expect(attributes).not.toContain("secure");
+    expect(browser.names()).toEqual([BINDING_COOKIE_NAME]);
   });
 
   it("gives every flow a fresh state and PKCE challenge", async () => {
@@ -102,11 +124,16 @@ describe("login link", () => {
     );
   });
 
-  it("reuses a well-formed binding cookie the browser already has", async () => {
+  it("reuses the binding cookie the browser already has (it reaches /oauth/login)", async () => {
     const branch = await registerBranch();
-    const first = await startLogin(branch.loginUrl);
-    const second = await startLogin(branch.loginUrl, { headers: { cookie: first.cookie } });
+    const browser = new Browser();
+    const first = await startLogin(branch.loginUrl, {}, browser);
+    const second = await startLogin(branch.loginUrl, {}, browser);
+    expect(first.cookie).toMatch(new RegExp(`^${BINDING_COOKIE_NAME}=[A-Za-z0-9_-]{43}$`));
     expect(second.cookie).toBe(first.cookie);
+    // A cookie that is not one of ours is replaced, not reused.
+    const forged = await startLogin(branch.loginUrl, { headers: { cookie: `${BINDING_COOKIE_NAME}=short` } });
+    expect(forged.cookie).not.toBe(`${BINDING_COOKIE_NAME}=short`);
   });
 
   it("answers 401 HTML when the signature is missing", async () => {
@@ -309,18 +336,25 @@ describe("callback: success", () => {
     expect((await tokenRows(branch.clientId)).filter((r) => r.is_valid)).toHaveLength(1);
   });
 
-  it("lets one browser connect two branches in parallel tabs", async () => {
-    const a = await registerBranch();
-    const b = await registerBranch();
-    const startA = await startLogin(a.loginUrl);
-    const startB = await startLogin(b.loginUrl, { headers: { cookie: startA.cookie } });
-    const backA = await authorizeAtProvider(startA.authorizeUrl);
-    const backB = await authorizeAtProvider(startB.authorizeUrl);
-    expect((await callCallback(backB, startB.cookie)).status).toBe(200);
-    expect((await callCallback(backA, startA.cookie)).status).toBe(200);
-    expect(await tokenRows(a.clientId)).toHaveLength(1);
-    expect(await tokenRows(b.clientId)).toHaveLength(1);
-  });
+  for (const scheme of ["http", "https"] as const) {
+    it(`lets one browser run two consents in parallel tabs, both completing (${scheme})`, async () => {
+      const a = await registerBranch();
+      const b = await registerBranch();
+      const browser = new Browser(scheme === "https" ? HTTPS_BASE : BASE);
+      const link = (url: string) => (scheme === "https" ? httpsUrl(url) : url);
+      // Tab 1 starts, then tab 2 starts before tab 1 comes back; each finishes in the other order.
+      const startA = await startLogin(link(a.loginUrl), {}, browser);
+      const startB = await startLogin(link(b.loginUrl), {}, browser);
+      const backA = await authorizeAtProvider(startA.authorizeUrl, browser);
+      const backB = await authorizeAtProvider(startB.authorizeUrl, browser);
+      const callbackB = await callCallback(backB, browser);
+      expect(callbackB.status, await callbackB.text()).toBe(200);
+      const callbackA = await callCallback(backA, browser);
+      expect(callbackA.status, await callbackA.text()).toBe(200);
+      expect(await tokenRows(a.clientId)).toHaveLength(1);
+      expect(await tokenRows(b.clientId)).toHaveLength(1);
+    });
+  }
 });
 
 describe("callback: rejected", () => {

@@ -1,6 +1,7 @@
 import { expect } from "vitest";
 import { loadKeyring, open, type SealPurpose } from "../../src/lib/crypto";
 import { TEST_ENCRYPTION_KEY } from "./bindings";
+import { Browser } from "./browser";
 import { BASE, type CallOptions, call, json, testEnv, uniqueId } from "./helpers";
 
 /**
@@ -223,21 +224,29 @@ export interface LoginStart {
   /** `name=value` for a Cookie header. */
   cookie: string;
   setCookie: string;
+  browser: Browser;
 }
 
-/** GETs a login link (or /oauth/login/{id} with options.key) and reads the redirect and cookie. */
-export async function startLogin(loginUrl: string, options: CallOptions = {}): Promise<LoginStart> {
-  const response = await call(loginUrl, options);
+/**
+ * GETs a login link (or /oauth/login/{id} with options.key) in `browser` (a fresh one by default)
+ * and reads the redirect and the cookie the browser will send to the callback.
+ */
+export async function startLogin(
+  loginUrl: string,
+  options: CallOptions = {},
+  browser: Browser = new Browser(),
+): Promise<LoginStart> {
+  const response = await browser.open(loginUrl, options);
   if (response.status !== 302) throw new Error(`login link answered ${response.status}: ${await response.text()}`);
   const setCookie = response.headers.get("set-cookie") ?? "";
-  const cookie = setCookie.split(";")[0] ?? "";
-  if (!cookie.startsWith(`${BINDING_COOKIE_NAME}=`)) throw new Error(`no binding cookie: ${setCookie}`);
-  return { response, authorizeUrl: new URL(response.headers.get("location") ?? ""), cookie, setCookie };
+  if (!setCookie.includes(`${BINDING_COOKIE_NAME}=`)) throw new Error(`no binding cookie: ${setCookie}`);
+  const cookie = browser.cookieHeader(`${browser.base}/auth/callback`);
+  return { response, authorizeUrl: new URL(response.headers.get("location") ?? ""), cookie, setCookie, browser };
 }
 
 /** GETs the provider's /authorize (auto-approves) and returns where it redirects the browser back to. */
-export async function authorizeAtProvider(authorizeUrl: URL | string): Promise<URL> {
-  const response = await fetch(authorizeUrl, { redirect: "manual" });
+export async function authorizeAtProvider(authorizeUrl: URL | string, browser: Browser = new Browser()): Promise<URL> {
+  const response = await browser.open(authorizeUrl);
   const location = response.headers.get("location");
   if (response.status !== 302 || !location) {
     throw new Error(`provider /authorize answered ${response.status}: ${await response.text()}`);
@@ -245,10 +254,13 @@ export async function authorizeAtProvider(authorizeUrl: URL | string): Promise<U
   return new URL(location);
 }
 
-/** Calls our callback with the query the provider redirected with, as the browser would. */
+/**
+ * Calls our callback with the query the provider redirected with: from `browser` (its cookies, as
+ * a browser sends them), or with a hand-made Cookie header (another browser, a forged cookie) or none.
+ */
 export function callCallback(
   providerRedirect: URL | string,
-  cookie: string | null,
+  cookie: Browser | string | null,
   accept: "json" | "html" = "json",
   envOverrides?: CallOptions["envOverrides"],
 ): Promise<Response> {
@@ -256,8 +268,10 @@ export function callCallback(
   const headers: Record<string, string> = {
     accept: accept === "json" ? "application/json" : "text/html,application/xhtml+xml",
   };
+  const options = { headers, ...(envOverrides ? { envOverrides } : {}) };
+  if (cookie instanceof Browser) return cookie.open(`${cookie.base}/auth/callback${search}`, options);
   if (cookie) headers.cookie = cookie;
-  return call(`${BASE}/auth/callback${search}`, { headers, ...(envOverrides ? { envOverrides } : {}) });
+  return call(`${BASE}/auth/callback${search}`, options);
 }
 
 export interface BrowserFlow {
@@ -274,10 +288,11 @@ export async function runBrowserFlow(
   loginUrl: string,
   accept: "json" | "html" = "json",
   options: CallOptions = {},
+  browser: Browser = new Browser(),
 ): Promise<BrowserFlow> {
-  const start = await startLogin(loginUrl, options);
-  const providerRedirect = await authorizeAtProvider(start.authorizeUrl);
-  const callback = await callCallback(providerRedirect, start.cookie, accept, options.envOverrides);
+  const start = await startLogin(loginUrl, options, browser);
+  const providerRedirect = await authorizeAtProvider(start.authorizeUrl, browser);
+  const callback = await callCallback(providerRedirect, browser, accept, options.envOverrides);
   return { start, providerRedirect, callback };
 }
 
