@@ -14,10 +14,21 @@ const DEFAULTS = {
   OAUTH_TOKEN_URL: "https://oauth2.googleapis.com/token",
   OAUTH_REVOCATION_URL: "https://oauth2.googleapis.com/revoke",
   OAUTH_SCOPES: "https://www.googleapis.com/auth/business.manage",
-  OAUTH_EXTRA_AUTHORIZATION_PARAMS: "access_type=offline&prompt=consent",
+  // No prompt=consent: Google then issues a refresh token only on an account's first consent, which
+  // is what tells a consent by another account (its old grant is revoked) from the same account
+  // consenting again (one grant: nothing may be revoked). See src/services/authorization.ts.
+  OAUTH_EXTRA_AUTHORIZATION_PARAMS: "access_type=offline",
 } as const;
 
 const ENCRYPTION_KEY_BYTES = 32;
+/**
+ * A login link is a bearer capability that travels by email or chat. 72 hours covers a link sent
+ * on a Friday evening and opened on Monday morning; shorter would mean resending links, longer
+ * only widens the window in which a leaked link works. It is also single use and revocable.
+ */
+export const LOGIN_LINK_TTL_DEFAULT_SECONDS = 72 * 60 * 60;
+/** The hard upper bound (the old default): a larger value is a configuration error at start-up. */
+export const LOGIN_LINK_TTL_MAX_SECONDS = 7 * 24 * 60 * 60;
 const MIN_API_KEY_LENGTH = 16;
 
 const base64Key = z.string().refine((value) => decodedLength(value) === ENCRYPTION_KEY_BYTES, {
@@ -104,7 +115,10 @@ const EnvFields = z.object({
   OAUTH_ALLOW_INSECURE_HTTP: flag,
   OAUTH_TIMEOUT_MS: z.coerce.number().int().positive().default(10_000),
 
-  LOGIN_LINK_TTL_SECONDS: seconds(7 * 24 * 60 * 60),
+  LOGIN_LINK_TTL_SECONDS: seconds(LOGIN_LINK_TTL_DEFAULT_SECONDS).refine(
+    (value) => value <= LOGIN_LINK_TTL_MAX_SECONDS,
+    `must be at most ${LOGIN_LINK_TTL_MAX_SECONDS} (7 days): a login link is a bearer capability`,
+  ),
   REFRESH_AHEAD_SECONDS: seconds(5 * 60),
   CRON_REFRESH_WINDOW_SECONDS: seconds(15 * 60),
   CRON_MAX_REFRESHES: z.coerce.number().int().positive().default(500),

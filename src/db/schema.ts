@@ -2,6 +2,8 @@ import { sql } from "drizzle-orm";
 import { bigserial, boolean, index, integer, pgTable, serial, text, timestamp, uniqueIndex } from "drizzle-orm/pg-core";
 
 export const TOKEN_STATUSES = ["active", "needs_reauth", "revoked"] as const;
+/** Why the last consent stored nothing (see src/services/authorization.ts). */
+export const CONSENT_PROBLEMS = ["scopes_not_granted", "no_refresh_token"] as const;
 
 /** One OAuth client per branch: the credentials this service uses at the provider. */
 export const clients = pgTable("clients", {
@@ -28,6 +30,16 @@ export const clients = pgTable("clients", {
    * writes the event, so the row lock orders concurrent events of one branch.
    */
   eventSeq: integer("event_seq").notNull().default(0),
+  /**
+   * Login links issued (and admin-started consents begun) before this instant no longer work.
+   * Revoking links moves it to now; a consent that stores tokens moves it past its link's issue
+   * time in the same transaction, so a link is single use and of two racing callbacks one stores.
+   */
+  loginLinksValidAfter: timestamp("login_links_valid_after", { withTimezone: true }),
+  /** The last consent stored nothing because of this (cleared when one stores tokens). */
+  consentProblem: text("consent_problem", { enum: CONSENT_PROBLEMS }),
+  consentProblemDetail: text("consent_problem_detail"),
+  consentProblemAt: timestamp("consent_problem_at", { withTimezone: true }),
   createdAt: timestamp("created_at", { withTimezone: true }).notNull().defaultNow(),
   updatedAt: timestamp("updated_at", { withTimezone: true }).notNull().defaultNow(),
 });

@@ -85,6 +85,8 @@ export interface AuthorizationRequest {
   scopes: string;
   state: string;
   codeChallenge: string;
+  /** Ask the provider to show its consent screen again (`prompt=consent`). */
+  forceConsent?: boolean;
 }
 
 export function buildAuthorizationUrl(provider: Provider, request: AuthorizationRequest): URL {
@@ -97,6 +99,11 @@ export function buildAuthorizationUrl(provider: Provider, request: Authorization
   url.searchParams.set("state", request.state);
   url.searchParams.set("code_challenge", request.codeChallenge);
   url.searchParams.set("code_challenge_method", "S256");
+  if (request.forceConsent) {
+    const prompts = new Set((url.searchParams.get("prompt") ?? "").split(" ").filter(Boolean));
+    prompts.add("consent");
+    url.searchParams.set("prompt", [...prompts].join(" "));
+  }
   return url;
 }
 
@@ -176,7 +183,12 @@ export async function revokeToken(
       ...options,
       additionalParameters: { token_type_hint: hint },
     });
-    await oauth.processRevocationResponse(response);
+    try {
+      await oauth.processRevocationResponse(response);
+    } catch (error) {
+      // Google answers 400 invalid_token for a token it no longer knows: already revoked, the goal.
+      if (!(error instanceof oauth.ResponseBodyError && error.error === "invalid_token")) throw error;
+    }
     return { access_token: "unused", token_type: "bearer" } as oauth.TokenEndpointResponse;
   });
 }

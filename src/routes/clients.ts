@@ -12,7 +12,7 @@ import {
   listClients,
   updateClient,
 } from "../services/clients";
-import { createLoginLink } from "../services/login-links";
+import { issueLoginLink, revokeLoginLinks } from "../services/login-links";
 import { dropToken } from "../services/token-cache";
 import { API_KEY_SECURITY, jsonContent as json, problem } from "./schemas";
 import { cacheDeps } from "./tokens";
@@ -60,6 +60,16 @@ const Connection = z.object({
   last_refreshed_at: z.string().nullable(),
   last_error: z.string().nullable(),
   credentials_rejected: z.boolean(),
+  consent_problem: z
+    .object({
+      code: z.enum(["scopes_not_granted", "no_refresh_token"]),
+      detail: z.string(),
+      at: z.string(),
+    })
+    .nullable()
+    .describe(
+      "Why the last consent stored nothing: the user did not grant every scope, or the provider issued no refresh token (the next sign-in then forces the consent screen). Cleared when a consent stores tokens.",
+    ),
 });
 
 const ClientView = z
@@ -224,12 +234,17 @@ const loginUrl = createRoute({
   path: "/clients/{id}/login-url",
   tags: ["clients"],
   summary: "A fresh signed login link to send to the branch",
+  description:
+    "A link works until it expires (LOGIN_LINK_TTL_SECONDS), until a consent made with any link of the client has stored tokens, or until the client's links are revoked. With revoke_previous=true every earlier link stops working at once.",
   security,
   middleware: [requireKey("admin")] as const,
-  request: { params: IdParam },
+  request: {
+    params: IdParam,
+    query: z.object({ revoke_previous: z.enum(["true", "false"]).optional() }).strict(),
+  },
   responses: {
     200: {
-      description: "The link",
+      description: "The link (Cache-Control: no-store)",
       content: json(
         z.object({
           success: z.literal(true),
@@ -237,6 +252,33 @@ const loginUrl = createRoute({
           client_id: z.number(),
           login_url: z.string(),
           expires_at: z.string(),
+        }),
+      ),
+    },
+    ...errors,
+    404: problem("No such client"),
+  },
+});
+
+const revokeLinks = createRoute({
+  method: "post",
+  path: "/clients/{id}/login-links/revoke",
+  tags: ["clients"],
+  summary: "Revoke every outstanding login link of the client",
+  description:
+    "Links issued so far stop working, and so do consents begun with them but not finished (their callback answers 409). Links issued afterwards work. The current connection, if any, is kept.",
+  security,
+  middleware: [requireKey("admin")] as const,
+  request: { params: IdParam },
+  responses: {
+    200: {
+      description: "Revoked",
+      content: json(
+        z.object({
+          success: z.literal(true),
+          message: z.string(),
+          client_id: z.number(),
+          revoked_before: z.string().describe("Links issued before this instant no longer work."),
         }),
       ),
     },
@@ -258,6 +300,8 @@ export function registerClientRoutes(app: App): void {
       scopes: body.scopes,
     });
     const link = await freshLoginLink(c, row.id);
+    // The body carries a login link, a capability: never cached.
+    c.header("Cache-Control", "no-store");
     return c.json(
       {
         success: true as const,
@@ -340,23 +384,47 @@ export function registerClientRoutes(app: App): void {
 
   app.openapi(loginUrl, async (c) => {
     const { id } = c.req.valid("param");
-    const { client } = await getClient(c.var.db, id);
-    const link = await freshLoginLink(c, client.id);
+    const revokePrevious = c.req.valid("query").revoke_previous === "true";
+    const link = await freshLoginLink(c, id, revokePrevious);
     return c.json(
       {
         success: true as const,
-        message: "Login link created.",
+        message: revokePrevious ? "Login link created; earlier links no longer work." : "Login link created.",
         client_id: id,
         login_url: link.url,
         expires_at: link.expiresAt.toISOString(),
       },
       200,
+      { "Cache-Control": "no-store" },
+    );
+  });
+
+  app.openapi(revokeLinks, async (c) => {
+    const { id } = c.req.valid("param");
+    const revokedBefore = await revokeLoginLinks(c.var.db, id, new Date());
+    return c.json(
+      {
+        success: true as const,
+        message: "Every login link issued so far, and any consent begun with one, no longer works.",
+        client_id: id,
+        revoked_before: revokedBefore.toISOString(),
+      },
+      200,
+      { "Cache-Control": "no-store" },
     );
   });
 }
 
-function freshLoginLink(c: AppContext, clientId: number) {
-  return createLoginLink(c.var.keyring, c.var.baseUrl, clientId, new Date(), c.var.config.LOGIN_LINK_TTL_SECONDS);
+function freshLoginLink(c: AppContext, clientId: number, revokePrevious = false) {
+  return issueLoginLink(
+    c.var.db,
+    c.var.keyring,
+    c.var.baseUrl,
+    clientId,
+    new Date(),
+    c.var.config.LOGIN_LINK_TTL_SECONDS,
+    revokePrevious,
+  );
 }
 
 export function clientView({ client, token }: { client: ClientRow; token: TokenRow | null }) {
@@ -378,6 +446,14 @@ export function clientView({ client, token }: { client: ClientRow; token: TokenR
       last_refreshed_at: token?.lastRefreshedAt?.toISOString() ?? null,
       last_error: token?.lastError ?? null,
       credentials_rejected: client.credentialsRejectedAt !== null,
+      consent_problem:
+        client.consentProblem && client.consentProblemAt
+          ? {
+              code: client.consentProblem,
+              detail: client.consentProblemDetail ?? "",
+              at: client.consentProblemAt.toISOString(),
+            }
+          : null,
     },
   };
 }

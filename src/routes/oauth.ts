@@ -28,11 +28,18 @@ const login = createRoute({
         .max(2_147_483_647)
         .openapi({ param: { name: "client_id", in: "path" } }),
     }),
-    query: z.object({ expires: z.string().max(20).optional(), signature: z.string().max(128).optional() }),
+    query: z.object({
+      issued: z.string().max(20).optional(),
+      expires: z.string().max(20).optional(),
+      signature: z.string().max(128).optional(),
+    }),
   },
   responses: {
     302: { description: "Redirect to the provider's consent page" },
-    401: { description: "Missing, expired or invalid login link", content: { "text/html": { schema: z.string() } } },
+    401: {
+      description: "Missing, expired, invalid, outdated, used or revoked login link",
+      content: { "text/html": { schema: z.string() } },
+    },
     404: { description: "Unknown or inactive client", content: { "text/html": { schema: z.string() } } },
   },
 });
@@ -52,7 +59,14 @@ const callback = createRoute({
   },
   responses: {
     200: { description: "Connected (HTML, or JSON with Accept: application/json)" },
-    400: { description: "Invalid, expired, replayed or unbound state, or access denied" },
+    400: {
+      description:
+        "Invalid, expired, replayed or unbound state; an unexpected issuer; access denied or not every scope granted",
+    },
+    409: {
+      description:
+        "Another consent for this client stored first or its links were revoked; or no refresh token was issued (the next sign-in forces the consent screen)",
+    },
     502: { description: "The provider failed or rejected the exchange" },
   },
 });
@@ -63,9 +77,9 @@ export function registerOAuthRoutes(app: App): void {
     async (c) => {
       try {
         const { client_id: clientId } = c.req.valid("param");
-        const { expires, signature } = c.req.valid("query");
+        const link = c.req.valid("query");
         const now = new Date();
-        await authorizeLogin(c, clientId, expires, signature, now);
+        const linkIssuedAt = await authorizeLogin(c, clientId, link, now);
         const cookie = bindingCookie(c.var.baseUrl);
         const start = await startLogin(
           c.var.db,
@@ -74,6 +88,7 @@ export function registerOAuthRoutes(app: App): void {
           clientId,
           getCookie(c, cookie.name),
           now,
+          linkIssuedAt,
         );
         setCookie(c, cookie.name, start.bindingCookie, {
           httpOnly: true,
@@ -104,6 +119,7 @@ export function registerOAuthRoutes(app: App): void {
           url.searchParams,
           getCookie(c, bindingCookie(c.var.baseUrl).name),
           new Date(),
+          (work) => c.executionCtx.waitUntil(work),
         );
         // A new consent replaces the token: this location stops serving the old one at once.
         await dropToken(cacheDeps(c), result.client.branchId);
@@ -142,22 +158,23 @@ export function registerOAuthRoutes(app: App): void {
   );
 }
 
+/** The link's issue time, or null when the admin key opened the page; throws when neither is good. */
 async function authorizeLogin(
   c: AppContext,
   clientId: number,
-  expires: string | undefined,
-  signature: string | undefined,
+  link: { issued?: string | undefined; expires?: string | undefined; signature?: string | undefined },
   now: Date,
-): Promise<void> {
+): Promise<Date | null> {
   const bearer = /^Bearer\s+(\S+)$/i.exec(c.req.header("authorization") ?? "")?.[1];
-  if (bearer && (await matchesAny(bearer, c.var.config.ADMIN_API_KEY))) return;
-  const check = await checkLoginLink(c.var.keyring, clientId, expires, signature, now);
-  if (check === "valid") return;
+  if (bearer && (await matchesAny(bearer, c.var.config.ADMIN_API_KEY))) return null;
+  const check = await checkLoginLink(c.var.keyring, clientId, link, now);
+  if (check.result === "valid") return check.issuedAt;
   const detail = {
     missing: "This page needs a login link. Ask your administrator for one.",
     expired: "This login link has expired. Ask your administrator for a new one.",
     invalid: "This login link is not valid. Ask your administrator for a new one.",
-  }[check];
+    outdated: "This login link is from before an upgrade and no longer works. Ask your administrator for a new one.",
+  }[check.result];
   throw new AppError("unauthorized", detail);
 }
 

@@ -1,43 +1,106 @@
+import { eq, sql } from "drizzle-orm";
+import type { Db } from "../db/client";
+import { clients } from "../db/schema";
 import { type Keyring, sign, verify } from "../lib/crypto";
+import { clientNotFound } from "./clients";
 
 /**
- * Signed login links: `/oauth/login/{id}?expires=<unix seconds>&signature=<HMAC>`. Whoever holds a
- * link may start the consent flow for that one client until it expires; nothing else is granted.
+ * Signed login links: `/oauth/login/{id}?issued=<unix ms>&expires=<unix s>&signature=<HMAC>`.
+ * Whoever holds a link may start the consent flow for that one client; nothing else is granted.
+ * A link is a capability, so it ends: at its expiry, when a consent made with it (or with any link
+ * of the client) has stored tokens, or when the client's links are revoked. The last two are one
+ * column, `clients.login_links_valid_after`: a link works only if it was issued at or after it.
+ *
+ * Links of the first format (`?expires&signature`, no issue time) cannot be checked against that
+ * column, so they are refused ("outdated"): the upgrade invalidated them.
  */
 
 export interface LoginLink {
   url: string;
+  issuedAt: Date;
   expiresAt: Date;
 }
 
-const message = (clientId: number, expiresUnix: number) => `login:${clientId}:${expiresUnix}`;
+const message = (clientId: number, issuedMs: number, expiresUnix: number) =>
+  `login:v2:${clientId}:${issuedMs}:${expiresUnix}`;
 
-export async function createLoginLink(
+/**
+ * A new link for the client, issued now (or at the client's `login_links_valid_after` if a clock
+ * of another isolate put it slightly ahead, so the new link is never born revoked). With
+ * `revokePrevious`, every earlier link stops working in the same statement.
+ */
+export async function issueLoginLink(
+  db: Db,
   keyring: Keyring,
   baseUrl: string,
   clientId: number,
   now: Date,
   ttlSeconds: number,
+  revokePrevious = false,
 ): Promise<LoginLink> {
-  const expiresUnix = Math.floor(now.getTime() / 1000) + ttlSeconds;
-  const url = new URL(`${baseUrl}/oauth/login/${clientId}`);
-  url.searchParams.set("expires", String(expiresUnix));
-  url.searchParams.set("signature", await sign(keyring, message(clientId, expiresUnix)));
-  return { url: url.toString(), expiresAt: new Date(expiresUnix * 1000) };
+  const [row] = revokePrevious
+    ? await db
+        .update(clients)
+        .set({ loginLinksValidAfter: sql`greatest(coalesce(${clients.loginLinksValidAfter}, ${now}), ${now})` })
+        .where(eq(clients.id, clientId))
+        .returning({ validAfter: clients.loginLinksValidAfter })
+    : await db.select({ validAfter: clients.loginLinksValidAfter }).from(clients).where(eq(clients.id, clientId));
+  if (!row) throw clientNotFound(clientId);
+  const issuedAt = row.validAfter && row.validAfter > now ? row.validAfter : now;
+  return signLoginLink(keyring, baseUrl, clientId, issuedAt, ttlSeconds);
 }
 
-export type LinkCheck = "valid" | "missing" | "expired" | "invalid";
+/** Revokes every link issued so far (and consents begun with them but not finished). */
+export async function revokeLoginLinks(db: Db, clientId: number, now: Date): Promise<Date> {
+  const [row] = await db
+    .update(clients)
+    .set({ loginLinksValidAfter: sql`greatest(coalesce(${clients.loginLinksValidAfter}, ${now}), ${now})` })
+    .where(eq(clients.id, clientId))
+    .returning({ validAfter: clients.loginLinksValidAfter });
+  if (!row?.validAfter) throw clientNotFound(clientId);
+  return row.validAfter;
+}
 
+/** Signs a link; the issue time is part of the signed message. */
+export async function signLoginLink(
+  keyring: Keyring,
+  baseUrl: string,
+  clientId: number,
+  issuedAt: Date,
+  ttlSeconds: number,
+): Promise<LoginLink> {
+  const issuedMs = issuedAt.getTime();
+  const expiresUnix = Math.floor(issuedMs / 1000) + ttlSeconds;
+  const url = new URL(`${baseUrl}/oauth/login/${clientId}`);
+  url.searchParams.set("issued", String(issuedMs));
+  url.searchParams.set("expires", String(expiresUnix));
+  url.searchParams.set("signature", await sign(keyring, message(clientId, issuedMs, expiresUnix)));
+  return { url: url.toString(), issuedAt, expiresAt: new Date(expiresUnix * 1000) };
+}
+
+export type LinkCheck =
+  | { result: "valid"; issuedAt: Date }
+  | { result: "missing" | "expired" | "invalid" | "outdated" };
+
+/** Checks the signature and expiry; whether the link was used or revoked needs the client row. */
 export async function checkLoginLink(
   keyring: Keyring,
   clientId: number,
-  expires: string | undefined,
-  signature: string | undefined,
+  link: { issued?: string | undefined; expires?: string | undefined; signature?: string | undefined },
   now: Date,
 ): Promise<LinkCheck> {
-  if (!expires || !signature) return "missing";
-  if (!/^\d{1,12}$/.test(expires)) return "invalid";
+  const { issued, expires, signature } = link;
+  if (!expires || !signature) return { result: "missing" };
+  if (!issued) return { result: "outdated" };
+  if (!/^\d{1,15}$/.test(issued) || !/^\d{1,12}$/.test(expires)) return { result: "invalid" };
+  const issuedMs = Number(issued);
   const expiresUnix = Number(expires);
-  if (!(await verify(keyring, message(clientId, expiresUnix), signature))) return "invalid";
-  return expiresUnix * 1000 > now.getTime() ? "valid" : "expired";
+  if (!(await verify(keyring, message(clientId, issuedMs, expiresUnix), signature))) return { result: "invalid" };
+  if (expiresUnix * 1000 <= now.getTime()) return { result: "expired" };
+  return { result: "valid", issuedAt: new Date(issuedMs) };
+}
+
+/** A link (or an admin-started consent) begun at `authorityAt` is still good for this client. */
+export function linkStillValid(client: { loginLinksValidAfter: Date | null }, authorityAt: Date): boolean {
+  return client.loginLinksValidAfter === null || authorityAt.getTime() >= client.loginLinksValidAfter.getTime();
 }

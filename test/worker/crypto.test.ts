@@ -1,7 +1,7 @@
 import { describe, expect, it } from "vitest";
 import { CryptoError, loadKeyring, matchesAny, open, SealedValueError, seal, sign, verify } from "../../src/lib/crypto";
 import { fromBase64Url, toBase64Url } from "../../src/lib/encoding";
-import { checkLoginLink, createLoginLink } from "../../src/services/login-links";
+import { checkLoginLink, signLoginLink } from "../../src/services/login-links";
 import { TEST_ENCRYPTION_KEY } from "./bindings";
 import { BASE, call } from "./helpers";
 import { sealV1 } from "./legacy-seal";
@@ -219,32 +219,46 @@ describe("signing and login links", () => {
     expect(await verify(await oldRing(), "login:7:100", newSignature)).toBe(false);
   });
 
-  it("checks login links: valid, expired, other client, tampered, missing", async () => {
+  it("checks login links: valid, expired, other client, tampered, missing, outdated format", async () => {
     const ring = await oldRing();
     const now = new Date("2030-01-01T00:00:00Z");
-    const link = await createLoginLink(ring, BASE, 42, now, 600);
+    const link = await signLoginLink(ring, BASE, 42, now, 600);
     expect(link.expiresAt.toISOString()).toBe("2030-01-01T00:10:00.000Z");
     const url = new URL(link.url);
     expect(url.pathname).toBe("/token-management/oauth/login/42");
-    const expires = url.searchParams.get("expires") ?? undefined;
-    const signature = url.searchParams.get("signature") ?? undefined;
+    const parts = {
+      issued: url.searchParams.get("issued") ?? undefined,
+      expires: url.searchParams.get("expires") ?? undefined,
+      signature: url.searchParams.get("signature") ?? undefined,
+    };
+    expect(parts.issued).toBe(String(now.getTime()));
+    const check = (clientId: number, changes: Partial<typeof parts>, at = now) =>
+      checkLoginLink(ring, clientId, { ...parts, ...changes }, at);
 
-    expect(await checkLoginLink(ring, 42, expires, signature, now)).toBe("valid");
-    expect(await checkLoginLink(ring, 42, expires, signature, new Date(now.getTime() + 599_000))).toBe("valid");
-    expect(await checkLoginLink(ring, 42, expires, signature, new Date(now.getTime() + 600_000))).toBe("expired");
-    expect(await checkLoginLink(ring, 43, expires, signature, now)).toBe("invalid");
-    expect(await checkLoginLink(ring, 42, String(Number(expires) + 1), signature, now)).toBe("invalid");
-    expect(await checkLoginLink(ring, 42, `${expires}.0`, signature, now)).toBe("invalid");
-    expect(await checkLoginLink(ring, 42, expires, undefined, now)).toBe("missing");
-    expect(await checkLoginLink(ring, 42, undefined, signature, now)).toBe("missing");
+    expect(await check(42, {})).toEqual({ result: "valid", issuedAt: now });
+    expect((await check(42, {}, new Date(now.getTime() + 599_000))).result).toBe("valid");
+    expect((await check(42, {}, new Date(now.getTime() + 600_000))).result).toBe("expired");
+    expect((await check(43, {})).result).toBe("invalid");
+    expect((await check(42, { expires: String(Number(parts.expires) + 1) })).result).toBe("invalid");
+    expect((await check(42, { expires: `${parts.expires}.0` })).result).toBe("invalid");
+    // The issue time is signed: moving it later (past a revocation) breaks the signature.
+    expect((await check(42, { issued: String(now.getTime() + 1) })).result).toBe("invalid");
+    expect((await check(42, { signature: undefined })).result).toBe("missing");
+    expect((await check(42, { expires: undefined })).result).toBe("missing");
+    // The first format had no issue time: it cannot be single use or revoked, so it is refused.
+    expect((await check(42, { issued: undefined })).result).toBe("outdated");
   });
 
   it("accepts login links signed before a rotation", async () => {
     const now = new Date();
-    const link = new URL((await createLoginLink(await oldRing(), BASE, 9, now, 600)).url);
-    const args = [link.searchParams.get("expires") ?? undefined, link.searchParams.get("signature") ?? undefined];
-    expect(await checkLoginLink(await rotatedRing(), 9, args[0], args[1], now)).toBe("valid");
-    expect(await checkLoginLink(await newOnlyRing(), 9, args[0], args[1], now)).toBe("invalid");
+    const link = new URL((await signLoginLink(await oldRing(), BASE, 9, now, 600)).url);
+    const parts = {
+      issued: link.searchParams.get("issued") ?? undefined,
+      expires: link.searchParams.get("expires") ?? undefined,
+      signature: link.searchParams.get("signature") ?? undefined,
+    };
+    expect((await checkLoginLink(await rotatedRing(), 9, parts, now)).result).toBe("valid");
+    expect((await checkLoginLink(await newOnlyRing(), 9, parts, now)).result).toBe("invalid");
   });
 });
 
@@ -269,8 +283,8 @@ describe("key rotation through the Worker", () => {
     const newKid = (await newOnlyRing()).current.id;
     expect((await tokenRows(branch.clientId))[0]?.access_token.split(".")[1]).toBe(oldKid);
 
-    // The login link signed with the old key and the secret sealed with it both still work.
-    const { callback } = await runBrowserFlow(branch.loginUrl, "json", { envOverrides: rotated });
+    // A login link signed with the old key and the secret sealed with it both still work.
+    const { callback } = await runBrowserFlow(await unusedLink(branch.clientId), "json", { envOverrides: rotated });
     expect(callback.status, await callback.clone().text()).toBe(200);
 
     const rows = await tokenRows(branch.clientId);
@@ -293,7 +307,16 @@ describe("key rotation through the Worker", () => {
 
   it("rejects old login links once the old key is dropped", async () => {
     const branch = await connectBranch();
-    const response = await call(branch.loginUrl, { envOverrides: { TOKEN_ENCRYPTION_KEY: NEW_KEY } });
+    const link = await unusedLink(branch.clientId);
+    expect((await call(link, { envOverrides: rotated })).status).toBe(302);
+    const response = await call(link, { envOverrides: { TOKEN_ENCRYPTION_KEY: NEW_KEY } });
     expect(response.status).toBe(401);
+    expect(await response.text()).toMatch(/not valid/);
   });
+
+  /** A fresh login link signed with the test (old) key: the registration's link was used to connect. */
+  async function unusedLink(clientId: number): Promise<string> {
+    const response = await call(`/clients/${clientId}/login-url`, { key: "admin" });
+    return ((await response.json()) as { login_url: string }).login_url;
+  }
 });
