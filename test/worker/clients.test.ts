@@ -54,6 +54,7 @@ const ADMIN_ROUTES: { method: string; path: string; body?: unknown }[] = [
   { method: "PATCH", path: "/clients/1", body: { workspace_name: "x" } },
   { method: "DELETE", path: "/clients/1" },
   { method: "GET", path: "/clients/1/login-url" },
+  { method: "POST", path: "/clients/1/login-links/revoke" },
 ];
 
 function routeCall(route: (typeof ADMIN_ROUTES)[number], headers: Record<string, string>) {
@@ -342,6 +343,7 @@ describe("GET /clients/{id}", () => {
       last_refreshed_at: null,
       last_error: null,
       credentials_rejected: false,
+      consent_problem: null,
     });
 
     const { callback } = await runBrowserFlow(branch.loginUrl);
@@ -552,10 +554,15 @@ describe("DELETE /clients/{id}", () => {
   });
 
   it("also revokes an earlier grant that a later consent replaced", async () => {
-    // Textbook provider: each consent is its own grant, revoked on its own.
+    // Textbook provider: each consent is its own grant, revoked on its own. prompt=consent keeps
+    // the replacement from revoking the earlier grant (see README), so the deletion finds two.
     const branch = await connectBranch({ providerBehavior: { profile: "textbook" } });
     const first = await currentTokens(branch.clientId);
-    await reconnectBranch(branch);
+    const link = await call(`/clients/${branch.clientId}/login-url`, { key: "admin" });
+    const { callback } = await runBrowserFlow((await json<{ login_url: string }>(link)).login_url, "json", {
+      envOverrides: { OAUTH_EXTRA_AUTHORIZATION_PARAMS: "access_type=offline&prompt=consent" },
+    });
+    expect(callback.status).toBe(200);
     const second = await currentTokens(branch.clientId);
     expect(second.refreshToken).not.toBe(first.refreshToken);
     expect((await introspect(first.refreshToken as string, branch)).active).toBe(true);
@@ -606,8 +613,10 @@ describe("GET /clients/{id}/login-url", () => {
     const body = await json<{ success: boolean; client_id: number; login_url: string; expires_at: string }>(response);
     expect(body).toMatchObject({ success: true, client_id: branch.clientId });
     const expiresAt = Date.parse(body.expires_at);
-    expect(expiresAt).toBeGreaterThan(Date.now() + 6 * 24 * 3600_000);
-    expect(expiresAt).toBeLessThanOrEqual(Date.now() + 7 * 24 * 3600_000 + 1000);
+    // LOGIN_LINK_TTL_SECONDS defaults to 72 hours.
+    expect(expiresAt).toBeGreaterThan(Date.now() + 71 * 3600_000);
+    expect(expiresAt).toBeLessThanOrEqual(Date.now() + 72 * 3600_000 + 1000);
+    expect(response.headers.get("cache-control")).toBe("no-store");
     const { authorizeUrl } = await startLogin(body.login_url);
     expect(authorizeUrl.searchParams.get("client_id")).toBe(branch.oauthClientId);
   });

@@ -97,6 +97,10 @@ describe("database unreachable", () => {
       ["DELETE /clients/{id}", () => call(`/clients/${branch.clientId}`, { ...admin, method: "DELETE" })],
       ["GET /clients/{id}/login-url", () => call(`/clients/${branch.clientId}/login-url`, admin)],
       [
+        "POST /clients/{id}/login-links/revoke",
+        () => call(`/clients/${branch.clientId}/login-links/revoke`, { ...admin, method: "POST" }),
+      ],
+      [
         "GET /oauth/login/{id} (JSON)",
         () => call(`/oauth/login/${branch.clientId}`, { ...admin, headers: { accept: "application/json" } }),
       ],

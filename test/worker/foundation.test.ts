@@ -175,6 +175,7 @@ describe("OpenAPI", () => {
         "/token-management/clients",
         "/token-management/clients/{id}",
         "/token-management/clients/{id}/login-url",
+        "/token-management/clients/{id}/login-links/revoke",
         "/token-management/events",
         "/token-management/events/{id}/redeliver",
         "/token-management/health",
