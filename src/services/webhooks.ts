@@ -14,7 +14,7 @@ import {
   recordDeliveries,
   stopPendingDeliveries,
 } from "./events";
-import { createLoginLink } from "./login-links";
+import { signLoginLink } from "./login-links";
 
 /**
  * Webhooks by the Standard Webhooks specification (https://www.standardwebhooks.com): each delivery
@@ -133,7 +133,8 @@ export async function buildPayload(
   };
   if (event.type === "connection.needs_reauth" && clientStillExists) {
     if (deps.baseUrl) {
-      const link = await createLoginLink(deps.keyring, deps.baseUrl, event.clientId, now, deps.loginLinkTtlSeconds);
+      // Issued now: single use and revocable like any link (see login-links.ts).
+      const link = await signLoginLink(deps.keyring, deps.baseUrl, event.clientId, now, deps.loginLinkTtlSeconds);
       data.login_url = link.url;
       data.login_url_expires_at = link.expiresAt.toISOString();
     } else {
