@@ -1,6 +1,7 @@
 import { cloudflareTest } from "@cloudflare/vitest-plugin";
 import { defineConfig } from "vitest/config";
 import { unstable_readConfig } from "wrangler";
+import { ASSETS_DIR, copyDocsAssets } from "./scripts/docs-assets.ts";
 import { TEST_BINDINGS } from "./test/worker/bindings.ts";
 
 // The Worker as wrangler.toml declares it (entry, compatibility, [vars]), read by wrangler itself.
@@ -9,6 +10,8 @@ import { TEST_BINDINGS } from "./test/worker/bindings.ts";
 // so a user's local settings would change what the tests see. The tests are hermetic: their bindings
 // are wrangler.toml's [vars] and what is set below, nothing else.
 const worker = unstable_readConfig({ config: "wrangler.toml" });
+// The static assets the docs page loads, as `npm run dev` and `npm run deploy` ship them.
+copyDocsAssets();
 
 // The Worker's tests run inside workerd (the Workers runtime) against the local database program
 // and the local authorization server, both started by the global setup on free ports.
@@ -19,6 +22,7 @@ export default defineConfig({
       miniflare: {
         compatibilityDate: worker.compatibility_date,
         compatibilityFlags: worker.compatibility_flags,
+        assets: { directory: ASSETS_DIR, binding: "ASSETS", run_worker_first: true },
         // The optional growth-path queue (see wrangler.toml), consumed by this same Worker.
         queueProducers: { REFRESH_QUEUE: { queueName: "token-refresh" } },
         queueConsumers: { "token-refresh": { maxBatchSize: 10, maxBatchTimeout: 0.1 } },

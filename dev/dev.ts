@@ -30,6 +30,7 @@ import { existsSync, mkdirSync, readFileSync, rmSync, writeFileSync } from "node
 import { createServer } from "node:net";
 import { delimiter, dirname, join, resolve } from "node:path";
 import { fileURLToPath } from "node:url";
+import { copyDocsAssets } from "../scripts/docs-assets.ts";
 import { applyMigrations, readDevVars } from "../scripts/migrate.ts";
 import { signalGroup, stopGroup } from "./lifeline.ts";
 import { type BackendOptions, type NeonLocal, startNeonLocal } from "./neon-local/server.ts";
@@ -361,7 +362,9 @@ async function main(): Promise<void> {
   }
   if (shuttingDown) return;
 
-  // 3. wrangler dev, through the lifeline (its own process group, stopped when this process is gone).
+  // 3. wrangler dev, through the lifeline (its own process group, stopped when this process is gone),
+  // with the docs page's static assets in place.
+  copyDocsAssets();
   const port = String(stack.workerPort);
   const args = [
     "dev",

@@ -15,6 +15,7 @@ import { delimiter, dirname, join, resolve } from "node:path";
 import { fileURLToPath } from "node:url";
 import { promisify } from "node:util";
 import { convertV4MiniflareOptions, Miniflare, type WorkerdStructuredLog } from "miniflare";
+import { copyDocsAssets } from "../scripts/docs-assets.ts";
 import type { OAuthServer } from "./oauth-server/server.ts";
 
 /** The repository root. */
@@ -126,6 +127,7 @@ export interface WorkerBundle {
  * `configPath` describes.
  */
 export async function bundleWorker(outdir: string, configPath?: string): Promise<WorkerBundle> {
+  copyDocsAssets(); // wrangler.toml's [assets] directory must exist
   const args = ["deploy", "--dry-run", "--outdir", outdir, ...(configPath ? ["--config", configPath] : [])];
   const { stdout } = await execFileAsync(join(ROOT, "node_modules/.bin/wrangler"), args, {
     cwd: ROOT,

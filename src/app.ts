@@ -1,5 +1,4 @@
 import { OpenAPIHono } from "@hono/zod-openapi";
-import { Scalar } from "@scalar/hono-api-reference";
 import { bodyLimit } from "hono/body-limit";
 import { HTTPException } from "hono/http-exception";
 import type { ZodError } from "zod";
@@ -10,6 +9,7 @@ import { presentedKey } from "./lib/api-key";
 import { matchesAny } from "./lib/crypto";
 import { describeError, logError } from "./lib/log";
 import { registerClientRoutes } from "./routes/clients";
+import { registerDocsRoutes } from "./routes/docs";
 import { registerEventRoutes } from "./routes/events";
 import { registerHealthRoutes } from "./routes/health";
 import { registerOAuthRoutes } from "./routes/oauth";
@@ -74,7 +74,7 @@ export function createApp(): App {
     info: { title: "Token management", version: "1.0.0", description: "OAuth 2.0 token manager for branches." },
   });
   app.openAPIRegistry.registerComponent("securitySchemes", "apiKey", { type: "http", scheme: "bearer" });
-  app.get("/docs", Scalar({ url: `${BASE_PATH}/openapi.json` }));
+  registerDocsRoutes(app, BASE_PATH);
 
   app.notFound((c) =>
     problemResponse(

@@ -185,13 +185,6 @@ describe("OpenAPI", () => {
       ].sort(),
     );
   });
-
-  it("renders a docs page", async () => {
-    const response = await call("/docs");
-    expect(response.status).toBe(200);
-    expect(response.headers.get("content-type")).toContain("text/html");
-    expect(await response.text()).toContain("/token-management/openapi.json");
-  });
 });
 
 describe("scheduled handler", () => {
