@@ -19,6 +19,7 @@ import { gzipSync } from "node:zlib";
 import type { Miniflare } from "miniflare";
 import * as stack from "../dev/local-stack.ts";
 import { type OAuthServer, startOAuthServer } from "../dev/oauth-server/server.ts";
+import { ASSETS_DIR } from "../scripts/docs-assets.ts";
 import { applyMigrations } from "../scripts/migrate.ts";
 import { cpuBreakdown } from "./cpu.ts";
 import { type LoadResult, load } from "./load.ts";
@@ -68,6 +69,18 @@ async function buildBundle(outdir: string, configPath?: string): Promise<Bundle>
     jsBytes: js.reduce((s, f) => s + f.bytes, 0),
     jsGzipBytes: js.reduce((s, f) => s + f.gzipBytes, 0),
     wranglerReport: /Total Upload:[^\n]*/.exec(bundle.stdout)?.[0]?.trim() ?? null,
+  };
+}
+
+/** The Worker's static assets (wrangler.toml [assets]; bundleWorker copied them): not part of the script. */
+function staticAssetSizes(): { bytes: number; gzipBytes: number } {
+  const files = (readdirSync(ASSETS_DIR, { recursive: true }) as string[])
+    .map((name) => join(ASSETS_DIR, name))
+    .filter((path) => statSync(path).isFile())
+    .map((path) => readFileSync(path));
+  return {
+    bytes: files.reduce((sum, content) => sum + content.length, 0),
+    gzipBytes: files.reduce((sum, content) => sum + gzipSync(content).length, 0),
   };
 }
 
@@ -186,6 +199,8 @@ async function main(): Promise<void> {
       buildBundle(join(scratch, "cpu"), cpuConfig),
     ]);
     log(`bundle: ${app.jsBytes} B, gzip ${app.jsGzipBytes} B (${app.wranglerReport ?? "no wrangler report"})`);
+    const assets = staticAssetSizes();
+    log(`static assets (the docs renderer, not in the bundle): ${assets.bytes} B, gzip ${assets.gzipBytes} B`);
 
     // 2. Database and authorization server.
     db = await stack.startDatabase();
@@ -441,6 +456,7 @@ async function main(): Promise<void> {
         wranglerReport: app.wranglerReport,
         files: app.files,
         floorScriptGzipBytes: floor.jsGzipBytes,
+        staticAssets: assets,
       },
       benchWallSeconds: 0,
     };
@@ -486,7 +502,7 @@ function printTable(report: {
     tokens: number;
     providerDelayMs: number;
   };
-  bundle: { scriptBytes: number; scriptGzipBytes: number };
+  bundle: { scriptBytes: number; scriptGzipBytes: number; staticAssets: { bytes: number; gzipBytes: number } };
   machine: { cores: number; node: string };
 }): void {
   const t = report.tokenRead;
@@ -528,6 +544,11 @@ function printTable(report: {
     "bundle (gzip)",
     `${(report.bundle.scriptGzipBytes / 1024).toFixed(1)} KiB`,
     `raw ${(report.bundle.scriptBytes / 1024).toFixed(1)} KiB`,
+  );
+  row(
+    "static assets (gzip)",
+    `${(report.bundle.staticAssets.gzipBytes / 1024).toFixed(1)} KiB`,
+    `raw ${(report.bundle.staticAssets.bytes / 1024).toFixed(1)} KiB (docs renderer)`,
   );
   const w0 = Math.max(...rows.map((r) => r[0].length));
   const w1 = Math.max(...rows.map((r) => r[1].length));
