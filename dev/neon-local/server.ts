@@ -208,7 +208,8 @@ async function stopServer(server: ReturnType<typeof createServer>): Promise<void
 interface ServerState {
   backend: SqlBackend;
   maxBodyBytes: number;
-  down: boolean;
+  /** true: every POST /sql fails; a list: only those whose SQL or parameters contain every string. */
+  down: boolean | string[];
   /** Injected delay per POST /sql, as if the database were that far away. */
   latencyMs: number;
   stats: NeonStats;
@@ -263,15 +264,29 @@ async function handle(state: ServerState, req: IncomingMessage, res: ServerRespo
 async function handleFail(state: ServerState, req: IncomingMessage, res: ServerResponse): Promise<void> {
   const body = await readBody(req, state.maxBodyBytes);
   if (body === "too-large") return sendText(res, 413, "request body too large", { Connection: "close" });
-  let mode: unknown;
+  let request: { mode?: unknown; match?: unknown } | null;
   try {
-    mode = (JSON.parse(body.toString("utf8")) as { mode?: unknown } | null)?.mode;
+    request = JSON.parse(body.toString("utf8")) as { mode?: unknown; match?: unknown } | null;
   } catch {
-    mode = undefined;
+    request = null;
   }
-  if (mode !== "down" && mode !== "ok") return sendText(res, 400, 'expected {"mode": "down" | "ok"}');
-  state.down = mode === "down";
-  return sendJson(res, 200, { mode });
+  const mode = request?.mode;
+  const match = request?.match;
+  const validMatch =
+    match === undefined ||
+    (Array.isArray(match) && match.length > 0 && match.every((m) => typeof m === "string" && m.length > 0));
+  if ((mode !== "down" && mode !== "ok") || !validMatch || (mode === "ok" && match !== undefined)) {
+    return sendText(res, 400, 'expected {"mode": "down" | "ok"}, and for "down" an optional "match": [strings]');
+  }
+  state.down = mode === "ok" ? false : ((match as string[] | undefined) ?? true);
+  return sendJson(res, 200, match === undefined ? { mode } : { mode, match });
+}
+
+/** Whether fault injection fails this request: all of it, or only SQL matching every string. */
+function faulted(down: ServerState["down"], request: ParsedRequest): boolean {
+  if (down === true || down === false) return down;
+  const queries = "queries" in request ? request.queries : [request];
+  return queries.some((q) => down.every((text) => q.query.includes(text) || q.params.some((p) => p?.includes(text))));
 }
 
 async function handleLatency(state: ServerState, req: IncomingMessage, res: ServerResponse): Promise<void> {
@@ -322,11 +337,13 @@ async function handleSql(state: ServerState, req: IncomingMessage, res: ServerRe
     });
   }
   if (state.latencyMs > 0) await new Promise((resolve) => setTimeout(resolve, state.latencyMs));
-  if (state.down) return sendText(res, 503, "neon-local: database is down (fault injection)", cors());
+  const downMessage = "neon-local: database is down (fault injection)";
+  if (state.down === true) return sendText(res, 503, downMessage, cors());
 
   try {
     checkConnectionString(req.headers["neon-connection-string"]);
     const request = parseSqlRequest(body);
+    if (faulted(state.down, request)) return sendText(res, 503, downMessage, cors());
     const defaultArrayMode = header(req, "neon-array-mode") === "true";
     if ("queries" in request) {
       const options = batchOptions(req);

@@ -417,6 +417,27 @@ describe.each(backends)("neon-local on $name", ({ backend, enabled }) => {
       } finally {
         expect((await setLatency({ ms: 0 })).status).toBe(200);
       }
+    it("fails only the statements that match every string of a scoped fault", async () => {
+      const fail = (body: unknown) => fetch(`${local.url}/admin/fail`, { method: "POST", body: JSON.stringify(body) });
+      expect((await fail({ mode: "down", match: ["SELECT $1::text", "doomed"] })).status).toBe(200);
+      try {
+        const error = await rejection(sql.query("SELECT $1::text AS v", ["doomed-value"]));
+        expect(error.message).toMatch(/^Server error \(HTTP status 503\)/);
+        // Same SQL, other parameter; other SQL, same parameter: both run.
+        expect(await sql.query("SELECT $1::text AS v", ["fine"])).toEqual([{ v: "fine" }]);
+        expect(await sql.query("SELECT upper($1) AS v", ["doomed"])).toEqual([{ v: "DOOMED" }]);
+        // A batch fails as a whole when one of its statements matches.
+        const batch = await rejection(
+          db.batch([db.select().from(accounts), db.execute(dsql`SELECT ${"doomed"}::text`)]),
+        );
+        expect(String((batch.cause as Error | undefined)?.message ?? batch.message)).toMatch(/HTTP status 503/);
+      } finally {
+        await fail({ mode: "ok" });
+      }
+      expect(await sql.query("SELECT $1::text AS v", ["doomed"])).toEqual([{ v: "doomed" }]);
+      expect((await fail({ mode: "down", match: [] })).status).toBe(400);
+      expect((await fail({ mode: "down", match: [1] })).status).toBe(400);
+      expect((await fail({ mode: "ok", match: ["x"] })).status).toBe(400);
     });
 
     it("plays dead in 'down' mode and recovers", async () => {
