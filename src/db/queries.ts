@@ -1,4 +1,4 @@
-import { desc, eq, getTableColumns, isNull, lte, or } from "drizzle-orm";
+import { desc, eq, getTableColumns, isNull, lte, or, sql } from "drizzle-orm";
 import type { Db } from "./client";
 import { clients, tokens } from "./schema";
 
@@ -28,7 +28,15 @@ export function allTokenColumns(latest: LatestToken): LatestToken["_"]["selected
   ) as unknown as LatestToken["_"]["selectedFields"];
 }
 
-/** No refresh holds the token: never leased, or the holder's lease ran out (a crashed holder). */
-export function leaseIsFree(now: Date) {
-  return or(isNull(tokens.leaseExpiresAt), lte(tokens.leaseExpiresAt, now));
+/**
+ * No refresh holds the token: never leased, released, or the holder's lease ran out (a crashed
+ * holder). Leases live on the database's clock, the one clock every isolate shares.
+ */
+export function leaseIsFree() {
+  return or(isNull(tokens.leaseExpiresAt), lte(tokens.leaseExpiresAt, sql`now()`));
+}
+
+/** The lease's expiry for a claim now: the database's clock plus the lease length. */
+export function leaseExpiry(leaseMs: number) {
+  return sql`now() + make_interval(secs => ${leaseMs / 1000})`;
 }

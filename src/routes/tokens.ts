@@ -4,6 +4,7 @@ import type { AppContext } from "../context";
 import { AppError } from "../errors";
 import { requireKey } from "../lib/api-key";
 import { logInfo } from "../lib/log";
+import { leaseMsFor } from "../services/refresh-policy";
 import {
   type CachedToken,
   cachedTokenOf,
@@ -13,7 +14,13 @@ import {
   type TokenCacheDeps,
   tokenCacheDeps,
 } from "../services/token-cache";
-import { forceRefresh, getBranchToken, revokeBranchToken, type TokenDeps } from "../services/tokens";
+import {
+  forceRefresh,
+  getBranchToken,
+  REQUEST_BACKGROUND_BUDGET_MS,
+  revokeBranchToken,
+  type TokenDeps,
+} from "../services/tokens";
 import { API_KEY_SECURITY, jsonContent as json, problem } from "./schemas";
 
 const BranchParam = z.object({
@@ -194,6 +201,8 @@ export function tokenDeps(c: AppContext): TokenDeps {
     keyring: c.var.keyring,
     provider: c.var.provider,
     refreshAheadSeconds: c.var.config.REFRESH_AHEAD_SECONDS,
+    leaseMs: leaseMsFor(c.var.config.OAUTH_TIMEOUT_MS),
+    background: { defer: (task) => c.executionCtx.waitUntil(task), budgetMs: REQUEST_BACKGROUND_BUDGET_MS },
   };
 }
 

@@ -11,8 +11,30 @@ export const SHORT_LIFETIME_REFRESH_FRACTION = 0.5;
 export const MIN_SERVE_REMAINING_SECONDS = 5;
 export const BACKOFF_BASE_SECONDS = 30;
 export const BACKOFF_MAX_SECONDS = 60 * 60;
-/** How long a refresh lease lasts; a crashed holder blocks others at most this long. */
-export const LEASE_SECONDS = 30;
+/**
+ * What a refresh lease must outlive besides the provider call (which OAUTH_TIMEOUT_MS bounds):
+ * sealing the result and writing it with its retries (PERSIST_ATTEMPTS, about 0.7 s of backoff
+ * plus four round trips), and the cron's group commit (FLUSH_INTERVAL_MS).
+ */
+export const LEASE_WRITE_ALLOWANCE_MS = 5_000;
+
+/**
+ * A lease is taken just before the provider call and expires this long after the database's clock
+ * at the claim, so a holder that is still within its timeout always holds it; a crashed holder
+ * blocks others at most this long.
+ */
+export function leaseMsFor(oauthTimeoutMs: number): number {
+  return oauthTimeoutMs + LEASE_WRITE_ALLOWANCE_MS;
+}
+
+/** A request waiting on another's refresh re-reads after this, doubling up to WAIT_MAX_POLL_MS. */
+export const WAIT_FIRST_POLL_MS = 50;
+export const WAIT_MAX_POLL_MS = 1_000;
+
+/** The pause before the n-th re-read (0-based) while waiting on another's refresh. */
+export function waitPollMs(n: number): number {
+  return Math.min(WAIT_FIRST_POLL_MS * 2 ** n, WAIT_MAX_POLL_MS);
+}
 
 /** Seconds before expiry at which this token should be refreshed. */
 export function refreshWindowSeconds(lifetimeSeconds: number | null, refreshAheadSeconds: number): number {

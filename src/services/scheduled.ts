@@ -1,27 +1,36 @@
 import { and, asc, eq, inArray, isNotNull, isNull, lte, or } from "drizzle-orm";
-import type { BatchItem } from "drizzle-orm/batch";
 import { createServices, type Services } from "../context";
 import type { Db } from "../db/client";
 import { leaseIsFree } from "../db/queries";
 import { clients, tokens } from "../db/schema";
-import { forEachBounded, MAX_OUTBOUND_CONNECTIONS } from "../lib/concurrency";
+import { MAX_OUTBOUND_CONNECTIONS } from "../lib/concurrency";
 import { open } from "../lib/crypto";
-import { describeError, logError, logInfo } from "../lib/log";
+import { describeError, logError, logInfo, logWarn } from "../lib/log";
 import { ProviderError, refreshGrant } from "../oauth/provider";
-import { LEASE_SECONDS } from "./refresh-policy";
-import { failureStatements, type Leased, PERSIST_ATTEMPTS, refreshedValues } from "./tokens";
+import { leaseMsFor } from "./refresh-policy";
+import {
+  claimLeases,
+  failureStatements,
+  holdOf,
+  type Leased,
+  type LeaseHold,
+  PERSIST_ATTEMPTS,
+  persistInBackground,
+  type ResultWrite,
+  recordsDeadGrant,
+  refreshedValues,
+  successStatement,
+} from "./tokens";
 
 /**
  * The Cron Trigger's job: refresh every token that expires within CRON_REFRESH_WINDOW_SECONDS, oldest
- * expiry first, at most CRON_MAX_REFRESHES per run. Leases are taken a page at a time in one
- * statement, provider calls run with bounded concurrency, and results are written in batches
- * (group commit), so database round trips grow with pages, not with tokens. What one run may not
- * refresh goes to REFRESH_QUEUE when that binding exists, else to the next run.
+ * expiry first, at most CRON_MAX_REFRESHES per run. Provider calls run with bounded concurrency; a
+ * lease is claimed for the lanes free at that moment (one statement), and results are written in
+ * batches (group commit). What one run may not refresh goes to REFRESH_QUEUE when that binding
+ * exists, else to the next run.
  */
 
 export const PROVIDER_CONCURRENCY = MAX_OUTBOUND_CONNECTIONS;
-/** Tokens leased per statement. */
-export const PAGE_SIZE = 100;
 /** Results are written when this many are pending, or FLUSH_INTERVAL_MS after the first one. */
 export const FLUSH_BATCH_SIZE = 50;
 export const FLUSH_INTERVAL_MS = 250;
@@ -38,13 +47,22 @@ export interface SchedulerEnv extends Env {
 }
 
 /** What refreshing needs of the invocation's services. */
-export type RefreshDeps = Pick<Services, "db" | "keyring" | "provider">;
+export interface RefreshDeps extends Pick<Services, "db" | "keyring" | "provider"> {
+  /** How long a refresh lease lasts: leaseMsFor(OAUTH_TIMEOUT_MS); tests inject a shorter one. */
+  leaseMs: number;
+  /** How long a rotated refresh token whose write failed is retried before it is given up. */
+  persistBudgetMs: number;
+  /** Only what expires within this many seconds is (still) due. */
+  windowSeconds: number;
+}
 
 export interface RefreshCounts {
   refreshed: number;
   failed: number;
   dead: number;
   skipped: number;
+  /** Results not written because the lease was lost to another refresher (logged). */
+  dropped: number;
   /** Results that could not be written after every retry (logged). */
   unsaved: number;
 }
@@ -53,6 +71,24 @@ export interface CronSummary extends RefreshCounts {
   due: number;
   queued: number;
   duration_ms: number;
+}
+
+/**
+ * Cron and queue invocations may run for minutes (15 min of wall-clock time), unlike a request's
+ * waitUntil (30 s after the response): a rotated refresh token whose write failed is retried for
+ * this long, inside the invocation, and stays well short of the next cron run.
+ */
+export const INVOCATION_PERSIST_BUDGET_MS = 2 * 60_000;
+
+export function refreshDeps(d: Services): RefreshDeps {
+  return {
+    db: d.db,
+    keyring: d.keyring,
+    provider: d.provider,
+    leaseMs: leaseMsFor(d.config.OAUTH_TIMEOUT_MS),
+    persistBudgetMs: INVOCATION_PERSIST_BUDGET_MS,
+    windowSeconds: d.config.CRON_REFRESH_WINDOW_SECONDS,
+  };
 }
 
 export async function runScheduledRefresh(env: SchedulerEnv, now: Date): Promise<CronSummary> {
@@ -68,7 +104,7 @@ export async function runScheduledRefresh(env: SchedulerEnv, now: Date): Promise
     for (const group of chunk(messages, 100)) await env.REFRESH_QUEUE.sendBatch(group);
     queued = rest.length;
   }
-  const counts = await refreshTokens(d, mine, now);
+  const counts = await refreshTokens(refreshDeps(d), mine, now);
   const summary: CronSummary = {
     due: dueIds.length,
     ...counts,
@@ -80,9 +116,13 @@ export async function runScheduledRefresh(env: SchedulerEnv, now: Date): Promise
   return summary;
 }
 
-/** The queue consumer: the same refresh code, for the ids a cron run handed over. */
+/**
+ * The queue consumer: the same refresh code, for the ids a cron run handed over. The claim
+ * re-checks each token (still due, not leased, not refreshed meanwhile), so a message delivered
+ * twice refreshes nothing twice.
+ */
 export async function consumeRefreshBatch(env: Env, batch: MessageBatch<RefreshMessage>, now: Date): Promise<void> {
-  const d = await createServices(env);
+  const d = refreshDeps(await createServices(env));
   for (const message of batch.messages) {
     try {
       const counts = await refreshTokens(d, message.body.tokenIds, now);
@@ -101,10 +141,14 @@ export async function selectDue(db: Db, now: Date, windowSeconds: number, limit:
     .select({ id: tokens.id })
     .from(tokens)
     .innerJoin(clients, eq(clients.id, tokens.clientId))
-    .where(and(refreshable(now), lte(tokens.expiresAt, new Date(now.getTime() + windowSeconds * 1000))))
+    .where(and(refreshable(now), due(now, windowSeconds)))
     .orderBy(asc(tokens.expiresAt))
     .limit(limit);
   return rows.map((row) => row.id);
+}
+
+function due(now: Date, windowSeconds: number) {
+  return lte(tokens.expiresAt, new Date(now.getTime() + windowSeconds * 1000));
 }
 
 /** A token the scheduler may refresh now: current, alive, not in backoff, not leased, client usable. */
@@ -114,22 +158,34 @@ function refreshable(now: Date) {
     eq(tokens.status, "active"),
     isNotNull(tokens.refreshToken),
     or(isNull(tokens.nextAttemptAt), lte(tokens.nextAttemptAt, now)),
-    leaseIsFree(now),
+    leaseIsFree(),
     eq(clients.isActive, true),
     isNull(clients.credentialsRejectedAt),
   );
 }
 
-/** Refreshes the given tokens (those still refreshable when leased), a page at a time. */
+/**
+ * Refreshes the given tokens (those still due and refreshable when claimed). PROVIDER_CONCURRENCY
+ * lanes call the provider; a token is leased only when a lane is free to start on it (one claim
+ * statement for all lanes free at that moment), so no lease waits behind other calls. Results are
+ * written in batches (group commit), each write conditional on the lease.
+ */
 export async function refreshTokens(d: RefreshDeps, ids: number[], now: Date): Promise<RefreshCounts> {
-  const counts: RefreshCounts = { refreshed: 0, failed: 0, dead: 0, skipped: 0, unsaved: 0 };
+  const counts: RefreshCounts = { refreshed: 0, failed: 0, dead: 0, skipped: 0, dropped: 0, unsaved: 0 };
   const started = Date.now();
   const at = () => new Date(now.getTime() + (Date.now() - started));
-  const writer = new BatchWriter(d.db, counts);
-  for (const page of chunk(ids, PAGE_SIZE)) {
-    const leased = await leasePage(d.db, page, crypto.randomUUID(), at());
-    counts.skipped += page.length - leased.length;
-    await forEachBounded(leased, PROVIDER_CONCURRENCY, async ({ token, clientId, clientSecret }) => {
+  const owner = crypto.randomUUID();
+  const writer = new BatchWriter(d, counts);
+  const claimer = new Claimer(
+    ids,
+    (batch) =>
+      claimLeases(d.db, and(inArray(tokens.id, batch), refreshable(now), due(now, d.windowSeconds)), owner, d.leaseMs),
+    counts,
+  );
+  await forEachLane(PROVIDER_CONCURRENCY, async () => {
+    for (let leased = await claimer.next(); leased; leased = await claimer.next()) {
+      const { token, clientId, clientSecret } = leased;
+      const hold = holdOf(leased, owner);
       const sentAt = at();
       try {
         const issued = await refreshGrant(
@@ -143,54 +199,101 @@ export async function refreshTokens(d: RefreshDeps, ids: number[], now: Date): P
           },
           await open(d.keyring, token.refreshToken!, { column: "tokens.refresh_token", clientId: token.clientId }),
         );
-        writer.push([
-          d.db
-            .update(tokens)
-            .set(await refreshedValues(d.keyring, token.clientId, issued, sentAt))
-            .where(eq(tokens.id, token.id)),
-        ]);
-        counts.refreshed++;
+        const values = await refreshedValues(d.keyring, token.clientId, issued, sentAt);
+        writer.push({
+          write: [successStatement(d.db, hold, values)],
+          outcome: "refreshed",
+          hold,
+          rotated: values.refreshToken !== undefined,
+        });
       } catch (error) {
         const failure = error instanceof ProviderError ? error : new ProviderError("network", describeError(error));
-        writer.push(failureStatements(d.db, token, failure, at()));
-        if (failure.kind === "invalid_grant") counts.dead++;
-        else counts.failed++;
+        writer.push({
+          write: failureStatements(d.db, token, hold, failure, at()),
+          outcome: recordsDeadGrant(failure, hold) ? "dead" : "failed",
+          hold,
+          rotated: false,
+        });
       }
-    });
-  }
+    }
+  });
   await writer.drain();
   return counts;
 }
 
-/** One statement: lease every still-refreshable token of the page and return it with its client. */
-async function leasePage(db: Db, ids: number[], owner: string, now: Date): Promise<Leased[]> {
-  const leaseExpiresAt = new Date(now.getTime() + LEASE_SECONDS * 1000);
-  const rows = await db
-    .update(tokens)
-    .set({ leaseOwner: owner, leaseExpiresAt })
-    .from(clients)
-    .where(and(inArray(tokens.id, ids), eq(clients.id, tokens.clientId), refreshable(now)))
-    .returning({ token: tokens, clientId: clients.clientId, clientSecret: clients.clientSecret });
-  return rows as Leased[];
+/**
+ * Hands leased tokens to lanes as they free up: one claim statement at a time, for as many ids as
+ * lanes are waiting when it starts, so every lease taken has a lane about to use it.
+ */
+class Claimer {
+  private readonly ready: Leased[] = [];
+  private readonly pending: number[];
+  private waiting = 0;
+  private claiming: Promise<void> | undefined;
+
+  constructor(
+    ids: number[],
+    private readonly claim: (ids: number[]) => Promise<Leased[]>,
+    private readonly counts: RefreshCounts,
+  ) {
+    this.pending = [...ids];
+  }
+
+  async next(): Promise<Leased | undefined> {
+    for (;;) {
+      const leased = this.ready.shift();
+      if (leased) return leased;
+      if (!this.claiming && this.pending.length === 0) return undefined;
+      this.claiming ??= this.claimForWaitingLanes();
+      this.waiting++;
+      try {
+        await this.claiming;
+      } finally {
+        this.waiting--;
+      }
+    }
+  }
+
+  private async claimForWaitingLanes(): Promise<void> {
+    // Let every lane that is free right now line up before counting them.
+    await Promise.resolve();
+    try {
+      const ids = this.pending.splice(0, Math.max(1, this.waiting));
+      const leased = await this.claim(ids);
+      this.counts.skipped += ids.length - leased.length;
+      this.ready.push(...leased);
+    } finally {
+      this.claiming = undefined;
+    }
+  }
+}
+
+interface PendingResult {
+  write: ResultWrite;
+  outcome: "refreshed" | "failed" | "dead";
+  hold: LeaseHold;
+  rotated: boolean;
 }
 
 /**
  * Group commit: results wait at most FLUSH_INTERVAL_MS (or until FLUSH_BATCH_SIZE are pending) and
- * are written in one batch; a rotated refresh token is therefore persisted within that delay.
- * Writes are retried because a rotated refresh token exists nowhere else.
+ * are written in one batch, well inside the lease (LEASE_WRITE_ALLOWANCE_MS). A batch that keeps
+ * failing is retried; after that, each rotated refresh token in it is retried on its own for
+ * persistBudgetMs (it exists nowhere else), and the rest is counted unsaved.
  */
 class BatchWriter {
-  private pending: BatchItem<"pg">[][] = [];
+  private pending: PendingResult[] = [];
   private chain: Promise<void> = Promise.resolve();
   private timer: ReturnType<typeof setTimeout> | undefined;
+  private readonly late: Promise<void>[] = [];
 
   constructor(
-    private readonly db: Db,
+    private readonly d: RefreshDeps,
     private readonly counts: RefreshCounts,
   ) {}
 
-  push(statements: BatchItem<"pg">[]): void {
-    this.pending.push(statements);
+  push(result: PendingResult): void {
+    this.pending.push(result);
     if (this.pending.length >= FLUSH_BATCH_SIZE) this.flush();
     else this.timer ??= setTimeout(() => this.flush(), FLUSH_INTERVAL_MS);
   }
@@ -198,6 +301,7 @@ class BatchWriter {
   async drain(): Promise<void> {
     this.flush();
     await this.chain;
+    await Promise.all(this.late);
   }
 
   private flush(): void {
@@ -207,22 +311,54 @@ class BatchWriter {
     if (results.length > 0) this.chain = this.chain.then(() => this.write(results));
   }
 
-  private async write(results: BatchItem<"pg">[][]): Promise<void> {
-    const statements = results.flat() as [BatchItem<"pg">, ...BatchItem<"pg">[]];
+  private async write(results: PendingResult[]): Promise<void> {
+    const statements = results.flatMap((r) => r.write) as ResultWrite;
     for (let attempt = 1; attempt <= PERSIST_ATTEMPTS; attempt++) {
       try {
-        await this.db.batch(statements);
+        const written = (await this.d.db.batch(statements)) as unknown[][];
+        let end = 0;
+        for (const result of results) {
+          end += result.write.length;
+          this.record(result, written[end - 1]!.length > 0);
+        }
         return;
       } catch (error) {
         if (attempt === PERSIST_ATTEMPTS) {
-          this.counts.unsaved += results.length;
           logError("refresh_results_not_persisted", { results: results.length, error: describeError(error) });
+          for (const result of results) {
+            if (result.rotated) this.late.push(this.persistLate(result));
+            else this.counts.unsaved++;
+          }
           return;
         }
         await new Promise((resolve) => setTimeout(resolve, 100 * 2 ** (attempt - 1)));
       }
     }
   }
+
+  private async persistLate(result: PendingResult): Promise<void> {
+    const outcome = await persistInBackground(this.d.db, result.write, result.hold, this.d.persistBudgetMs);
+    if (outcome === "lost") this.counts.unsaved++;
+    else this.record(result, outcome === "stored");
+  }
+
+  private record(result: PendingResult, written: boolean): void {
+    if (written) {
+      this.counts[result.outcome]++;
+      return;
+    }
+    this.counts.dropped++;
+    logWarn("refresh_result_dropped", {
+      token: result.hold.tokenId,
+      outcome: result.outcome,
+      rotated: result.rotated,
+      reason: "superseded",
+    });
+  }
+}
+
+async function forEachLane(lanes: number, run: () => Promise<void>): Promise<void> {
+  await Promise.all(Array.from({ length: lanes }, run));
 }
 
 function chunk<T>(items: T[], size: number): T[][] {

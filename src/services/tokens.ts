@@ -1,27 +1,21 @@
-import { and, eq, lt, sql } from "drizzle-orm";
+import { and, eq, isNull, lt, or, type SQL, sql } from "drizzle-orm";
 import type { BatchItem } from "drizzle-orm/batch";
 import type { Db } from "../db/client";
-import { leaseIsFree } from "../db/queries";
+import { leaseExpiry, leaseIsFree } from "../db/queries";
 import { type ClientRow, clients, type TokenRow, tokens } from "../db/schema";
 import { AppError } from "../errors";
 import { type Keyring, open, seal } from "../lib/crypto";
-import { describeError, logError, logInfo, logWarn } from "../lib/log";
+import { describeError, type LogFields, logError, logInfo, logWarn } from "../lib/log";
 import { type IssuedTokens, type Provider, ProviderError, refreshGrant } from "../oauth/provider";
 import { clientCredentials, revokeGrant, selectWithLatestToken } from "./clients";
-import {
-  expiryOf,
-  inBackoff,
-  isServable,
-  LEASE_SECONDS,
-  lifetimeOf,
-  needsRefresh,
-  nextAttemptAt,
-} from "./refresh-policy";
+import { expiryOf, inBackoff, isServable, lifetimeOf, needsRefresh, nextAttemptAt, waitPollMs } from "./refresh-policy";
 
 /**
  * Serving and refreshing tokens. A refresh is single-flight across isolates: the refresher holds a
- * lease on the token row, taken with one conditional UPDATE … RETURNING; the others re-read until
- * the new token lands, or serve the current one while it is still good.
+ * lease on the token row, taken with one conditional UPDATE … RETURNING just before the provider
+ * call and long enough to outlive it and the write; the others re-read (plain reads, growing
+ * intervals) until the new token lands, or serve the current one while it is still good. Every
+ * write of a result is conditional on the lease (see successStatement and failureStatements).
  */
 
 export interface TokenDeps {
@@ -29,8 +23,18 @@ export interface TokenDeps {
   keyring: Keyring;
   provider: Provider;
   refreshAheadSeconds: number;
+  /** How long a refresh lease lasts: leaseMsFor(OAUTH_TIMEOUT_MS); tests inject a shorter one. */
+  leaseMs: number;
+  /** Where work that must outlive the response goes (the request's waitUntil). */
+  background: Background;
   /** Waiting between re-reads while another isolate refreshes; replaceable in tests. */
   sleep?: (ms: number) => Promise<void>;
+}
+
+/** Work that continues after the answer, and for how long it may. */
+export interface Background {
+  defer(task: Promise<unknown>): void;
+  budgetMs: number;
 }
 
 /** The columns a token read needs: the hot path reads nothing else. */
@@ -55,12 +59,17 @@ export interface ServedToken {
   refreshed: boolean;
 }
 
-/** Re-read interval and total patience of a request waiting on another isolate's refresh. */
-export const LEASE_POLL_MS = 50;
-export const LEASE_WAIT_MS = 15_000;
-/** A rotated refresh token exists nowhere else: its write is retried this many times. */
+/** A rotated refresh token exists nowhere else: its write is retried this many times at once… */
 export const PERSIST_ATTEMPTS = 4;
 const PERSIST_RETRY_BASE_MS = 100;
+/** …then in the background, pausing this long first, doubling up to the maximum. */
+export const BACKGROUND_FIRST_RETRY_MS = 500;
+export const BACKGROUND_MAX_RETRY_MS = 4_000;
+/**
+ * A Worker's waitUntil keeps running for up to 30 s after the response is sent; background work
+ * after a request stops short of that.
+ */
+export const REQUEST_BACKGROUND_BUDGET_MS = 25_000;
 
 const defaultSleep = (ms: number) => new Promise<void>((resolve) => setTimeout(resolve, ms));
 
@@ -242,6 +251,7 @@ async function refreshOrServe(
   const sleep = deps.sleep ?? defaultSleep;
   const owner = crypto.randomUUID();
   let current: ReadToken = seen;
+  let polls = 0;
   for (;;) {
     if (!force) {
       const blocked = refreshBlocked(client, current, at());
@@ -251,24 +261,41 @@ async function refreshOrServe(
       }
     }
     // Even a forced refresh yields to one that completed since we read the token.
-    const leased = await tryLease(deps.db, current.id, owner, at(), seen.expiresAt);
+    const [leased] = await claimLeases(
+      deps.db,
+      and(
+        eq(tokens.id, current.id),
+        eq(tokens.isValid, true),
+        eq(tokens.status, "active"),
+        // Nobody refreshed since we read it. The database keeps microseconds and JS dates keep
+        // milliseconds, so compare against the next millisecond.
+        lt(tokens.expiresAt, new Date(seen.expiresAt.getTime() + 1)),
+      ),
+      owner,
+      deps.leaseMs,
+    );
     if (leased) return refreshHeld(deps, client, leased, owner, at);
 
-    // Someone else holds the lease, or refreshed since we looked.
-    const latest = await readToken(deps.db, current.id);
-    if (latest?.status !== "active" || !latest.isValid) {
-      requireGrant({ client, token: latest ?? null }, client.branchId);
-      throw reauthorizationRequired(client);
+    // Someone else holds the lease, or refreshed since we looked: wait with plain reads, at
+    // growing intervals, for its result; claim again if its lease ends without one.
+    for (;;) {
+      const latest = await readForWait(deps.db, current.id);
+      if (latest?.token.status !== "active" || !latest.token.isValid) {
+        requireGrant({ client, token: latest?.token ?? null }, client.branchId);
+        throw reauthorizationRequired(client);
+      }
+      const { token, leaseFree } = latest;
+      if (token.expiresAt.getTime() > seen.expiresAt.getTime()) return serve(deps, client, token, true);
+      if (!force && isServable(token, at())) return serve(deps, client, token, false);
+      current = token;
+      if (leaseFree) break;
+      if (Date.now() - started > deps.leaseMs) {
+        throw new AppError("provider_unavailable", "The token is being refreshed and no fresh token arrived in time.", {
+          retryAfterSeconds: 1,
+        });
+      }
+      await sleep(waitPollMs(polls++));
     }
-    if (latest.expiresAt.getTime() > seen.expiresAt.getTime()) return serve(deps, client, latest, true);
-    if (!force && isServable(latest, at())) return serve(deps, client, latest, false);
-    if (Date.now() - started > LEASE_WAIT_MS) {
-      throw new AppError("provider_unavailable", "The token is being refreshed and no fresh token arrived in time.", {
-        retryAfterSeconds: 1,
-      });
-    }
-    current = latest;
-    await sleep(LEASE_POLL_MS);
   }
 }
 
@@ -292,31 +319,33 @@ function secondsLeftUntil(when: Date, now: Date): number {
   return Math.ceil((when.getTime() - now.getTime()) / 1000);
 }
 
-async function tryLease(
+/** The lease's previous holder, read from the statement's snapshot (before this claim's change). */
+const TOOK_OVER = sql<boolean>`(select p.lease_owner is not null from tokens p where p.id = ${tokens.id})`.mapWith(
+  (value: unknown) => value === true || value === "t",
+);
+
+/**
+ * One statement: lease every token matching `condition` whose lease is free, for `leaseMs` from the
+ * database's clock, and return each with its client's credentials. Callers claim only tokens whose
+ * provider call starts right away, so the lease outlives the call and the write of its result.
+ */
+export async function claimLeases(
   db: Db,
-  tokenId: number,
+  condition: SQL | undefined,
   owner: string,
-  now: Date,
-  unrefreshedSince: Date,
-): Promise<Leased | undefined> {
-  const [row] = await db
+  leaseMs: number,
+): Promise<Leased[]> {
+  return db
     .update(tokens)
-    .set({ leaseOwner: owner, leaseExpiresAt: new Date(now.getTime() + LEASE_SECONDS * 1000) })
+    .set({ leaseOwner: owner, leaseExpiresAt: leaseExpiry(leaseMs) })
     .from(clients)
-    .where(
-      and(
-        eq(tokens.id, tokenId),
-        eq(clients.id, tokens.clientId),
-        eq(tokens.isValid, true),
-        eq(tokens.status, "active"),
-        leaseIsFree(now),
-        // Nobody refreshed since we read it. The database keeps microseconds and JS dates keep
-        // milliseconds, so compare against the next millisecond.
-        lt(tokens.expiresAt, new Date(unrefreshedSince.getTime() + 1)),
-      ),
-    )
-    .returning({ token: tokens, clientId: clients.clientId, clientSecret: clients.clientSecret });
-  return row;
+    .where(and(eq(clients.id, tokens.clientId), leaseIsFree(), condition))
+    .returning({
+      token: tokens,
+      clientId: clients.clientId,
+      clientSecret: clients.clientSecret,
+      tookOver: TOOK_OVER,
+    });
 }
 
 /** The leased token row with the client's credentials (the secret still sealed). */
@@ -324,6 +353,50 @@ export interface Leased {
   token: TokenRow;
   clientId: string;
   clientSecret: string;
+  /**
+   * The claim took over a lease that ran out without being released: its holder may still be
+   * in flight, and may have rotated the refresh token we are about to use.
+   */
+  tookOver: boolean;
+}
+
+/** A lease held on a token row, and what every write of its result checks. */
+export interface LeaseHold {
+  tokenId: number;
+  owner: string;
+  /** The sealed refresh token the result is computed from: the result may only replace it. */
+  usedRefreshToken: string | null;
+  tookOver: boolean;
+}
+
+export function holdOf(leased: Leased, owner: string): LeaseHold {
+  return {
+    tokenId: leased.token.id,
+    owner,
+    usedRefreshToken: leased.token.refreshToken,
+    tookOver: leased.tookOver,
+  };
+}
+
+/** The row still carries the refresh token the result was computed from. */
+function computedFrom(hold: LeaseHold) {
+  return hold.usedRefreshToken === null ? isNull(tokens.refreshToken) : eq(tokens.refreshToken, hold.usedRefreshToken);
+}
+
+/** The row is leased by `hold` (whether or not the lease ran out: nobody took it over). */
+function heldBy(hold: LeaseHold) {
+  return and(eq(tokens.id, hold.tokenId), eq(tokens.leaseOwner, hold.owner), computedFrom(hold));
+}
+
+async function readForWait(db: Db, tokenId: number): Promise<{ token: TokenRow; leaseFree: boolean } | undefined> {
+  const [row] = await db
+    .select({
+      token: tokens,
+      leaseFree: sql<boolean>`(${leaseIsFree()})`.mapWith((value: unknown) => value === true || value === "t"),
+    })
+    .from(tokens)
+    .where(eq(tokens.id, tokenId));
+  return row;
 }
 
 async function readToken(db: Db, tokenId: number): Promise<TokenRow | undefined> {
@@ -331,16 +404,18 @@ async function readToken(db: Db, tokenId: number): Promise<TokenRow | undefined>
   return row;
 }
 
-/** We hold the lease on `row`: refresh at the provider and record the outcome. */
+/** We hold the lease on `leased`: refresh at the provider and record the outcome. */
 async function refreshHeld(
   deps: TokenDeps,
   client: ReadClient,
-  { token: row, clientId, clientSecret }: Leased,
+  leased: Leased,
   owner: string,
   at: () => Date,
 ): Promise<ServedToken> {
+  const { token: row, clientId, clientSecret } = leased;
+  const hold = holdOf(leased, owner);
   if (!row.refreshToken) {
-    await recordDead(deps.db, row.id, "no refresh token was ever issued");
+    await recordDead(deps.db, hold, "no refresh token was ever issued");
     throw reauthorizationRequired(client);
   }
   const sentAt = at();
@@ -359,20 +434,28 @@ async function refreshHeld(
     );
   } catch (error) {
     if (!(error instanceof ProviderError)) {
-      await releaseLease(deps.db, row.id, owner).catch(() => undefined);
+      await releaseLease(deps.db, hold).catch(() => undefined);
       throw error;
     }
-    return handleRefreshFailure(deps, client, row, error, at());
+    return handleRefreshFailure(deps, client, row, hold, error, at());
   }
-  const update = await refreshedValues(deps.keyring, row.clientId, issued, sentAt);
-  const stored = await persistWithRetry(deps.db, row.id, update, deps.sleep ?? defaultSleep);
-  logInfo("token_refreshed", {
-    client: client.id,
-    expires_in: lifetimeOf(issued),
-    rotated: issued.refreshToken !== undefined,
-  });
-  // If every write failed, the caller still gets the fresh token; the error was logged loudly.
-  const token = stored ?? { ...row, ...update, expiresAt: update.expiresAt };
+  const values = await refreshedValues(deps.keyring, row.clientId, issued, sentAt);
+  const rotated = values.refreshToken !== undefined;
+  const write: ResultWrite = [successStatement(deps.db, hold, values)];
+  const sleep = deps.sleep ?? defaultSleep;
+  const written = await persistWithRetry(deps.db, write, sleep, { token: row.id, rotated });
+  if (written === undefined) {
+    if (rotated) deps.background.defer(persistInBackground(deps.db, write, hold, deps.background.budgetMs, sleep));
+    else {
+      // Nothing is lost: the stored refresh token still works. The lease runs out by itself.
+      logWarn("refreshed_token_not_persisted", { token: row.id, rotated });
+    }
+  } else if (written.length === 0) {
+    logWarn("refresh_result_dropped", { token: row.id, outcome: "refreshed", rotated, reason: "superseded" });
+  }
+  logInfo("token_refreshed", { client: client.id, expires_in: lifetimeOf(issued), rotated });
+  const stored = written?.[0] as TokenRow | undefined;
+  const token = stored ?? { ...row, ...values };
   return { client, token, accessToken: issued.accessToken, refreshed: true };
 }
 
@@ -387,8 +470,6 @@ export interface RefreshedValues {
   failureCount: 0;
   lastError: null;
   nextAttemptAt: null;
-  leaseOwner: null;
-  leaseExpiresAt: null;
 }
 
 /**
@@ -416,61 +497,150 @@ export async function refreshedValues(
     failureCount: 0,
     lastError: null,
     nextAttemptAt: null,
-    leaseOwner: null,
-    leaseExpiresAt: null,
   };
+}
+
+/**
+ * The statements that record one refresh result, run as one batch. The last one updates the token
+ * row and returns what it wrote: nothing means the result was dropped (the lease was lost).
+ */
+export type ResultWrite = [BatchItem<"pg">, ...BatchItem<"pg">[]];
+
+/**
+ * The write of a successful refresh. It lands only while the row still carries the refresh token
+ * we refreshed with, and only for the lease holder, with one exception: a rotated refresh token
+ * that replaces the very token it was issued for lands even after the lease was lost (and does
+ * not touch the new holder's lease), because the provider already invalidated the stored one and
+ * dropping the new one would kill the grant. Shared by the on-demand path, the cron and the queue.
+ */
+export function successStatement(db: Db, hold: LeaseHold, values: RefreshedValues) {
+  const held = eq(tokens.leaseOwner, hold.owner);
+  const mayWrite =
+    values.refreshToken === undefined ? held : or(held, and(eq(tokens.isValid, true), eq(tokens.status, "active")));
+  return db
+    .update(tokens)
+    .set({
+      ...values,
+      leaseOwner: sql`nullif(${tokens.leaseOwner}, ${hold.owner})`,
+      leaseExpiresAt: sql`case when ${held} then null else ${tokens.leaseExpiresAt} end`,
+    })
+    .where(and(eq(tokens.id, hold.tokenId), computedFrom(hold), mayWrite))
+    .returning();
+}
+
+/**
+ * The writes that record a failed refresh, by kind of failure: a dead grant stops being current, a
+ * transient failure schedules the next attempt, and `invalid_client` also flags the client. Each
+ * lands only for the lease holder and while the row carries the refresh token that failed; a
+ * refresher that took over a lapsed lease never records a dead grant (the previous holder may have
+ * rotated the token, so `invalid_grant` proves nothing): it backs off instead, and the next clean
+ * attempt decides. Shared by the on-demand path, the cron and the queue; the token update is last.
+ */
+export function failureStatements(
+  db: Db,
+  token: Pick<TokenRow, "clientId" | "failureCount">,
+  hold: LeaseHold,
+  error: ProviderError,
+  now: Date,
+): ResultWrite {
+  const failureCount = token.failureCount + 1;
+  const dead = recordsDeadGrant(error, hold);
+  const lastError =
+    error.kind === "invalid_grant" && !dead
+      ? `${error.message} (after taking over a lapsed lease; confirmed on the next attempt)`
+      : error.message;
+  const common = { failureCount, lastError: lastError.slice(0, 500), leaseOwner: null, leaseExpiresAt: null };
+  const values = dead
+    ? { ...common, isValid: false, status: "needs_reauth" as const }
+    : { ...common, nextAttemptAt: nextAttemptAt(failureCount, now, error.retryAfterSeconds) };
+  const updateToken = db.update(tokens).set(values).where(heldBy(hold)).returning({ id: tokens.id });
+  if (error.kind !== "invalid_client") return [updateToken];
+  const stillHeld = sql`exists (select 1 from ${tokens} where ${heldBy(hold)})`;
+  return [
+    db
+      .update(clients)
+      .set({ credentialsRejectedAt: now })
+      .where(and(eq(clients.id, token.clientId), stillHeld)),
+    updateToken,
+  ];
+}
+
+/** Whether this failure, from this holder, is recorded as a dead grant. */
+export function recordsDeadGrant(error: ProviderError, hold: Pick<LeaseHold, "tookOver">): boolean {
+  return error.kind === "invalid_grant" && !hold.tookOver;
+}
+
+/** Runs a result's statements; the token row as written, [] when dropped. */
+export async function applyResult(db: Db, write: ResultWrite): Promise<unknown[]> {
+  const results = (await db.batch(write)) as unknown[];
+  return results.at(-1) as unknown[];
 }
 
 async function persistWithRetry(
   db: Db,
-  tokenId: number,
-  values: RefreshedValues,
+  write: ResultWrite,
   sleep: (ms: number) => Promise<void>,
-): Promise<TokenRow | undefined> {
+  fields: LogFields,
+): Promise<unknown[] | undefined> {
   for (let attempt = 1; attempt <= PERSIST_ATTEMPTS; attempt++) {
     try {
-      const [row] = await db.update(tokens).set(values).where(eq(tokens.id, tokenId)).returning();
-      return row;
+      return await applyResult(db, write);
     } catch (error) {
-      const lost = attempt === PERSIST_ATTEMPTS;
-      (lost ? logError : logWarn)(lost ? "refreshed_token_not_persisted" : "refreshed_token_write_retry", {
-        token: tokenId,
-        attempt,
-        rotated: values.refreshToken !== undefined,
-        error: describeError(error),
-      });
-      if (!lost) await sleep(PERSIST_RETRY_BASE_MS * 2 ** (attempt - 1));
+      logWarn("refreshed_token_write_retry", { ...fields, attempt, error: describeError(error) });
+      if (attempt < PERSIST_ATTEMPTS) await sleep(PERSIST_RETRY_BASE_MS * 2 ** (attempt - 1));
     }
   }
   return undefined;
 }
 
+export type BackgroundOutcome = "stored" | "dropped" | "lost";
+
 /**
- * The writes that record a failed refresh, by kind of failure: a dead grant stops being current, a
- * transient failure schedules the next attempt, and `invalid_client` also flags the client.
- * Shared by the on-demand path and the cron, which batches them.
+ * A rotated refresh token whose write failed exists only in memory: keep writing it, with growing
+ * pauses, for as long as the invocation may run (`budgetMs`), then release the lease. If it never
+ * lands, say so once, loudly: the stored refresh token is no longer valid at the provider.
  */
-export function failureStatements(
+export async function persistInBackground(
   db: Db,
-  token: Pick<TokenRow, "id" | "clientId" | "failureCount">,
-  error: ProviderError,
-  now: Date,
-): [BatchItem<"pg">, ...BatchItem<"pg">[]] {
-  const failureCount = token.failureCount + 1;
-  const common = { failureCount, lastError: error.message.slice(0, 500), leaseOwner: null, leaseExpiresAt: null };
-  const values =
-    error.kind === "invalid_grant"
-      ? { ...common, isValid: false, status: "needs_reauth" as const }
-      : { ...common, nextAttemptAt: nextAttemptAt(failureCount, now, error.retryAfterSeconds) };
-  const updateToken = db.update(tokens).set(values).where(eq(tokens.id, token.id));
-  if (error.kind !== "invalid_client") return [updateToken];
-  return [updateToken, db.update(clients).set({ credentialsRejectedAt: now }).where(eq(clients.id, token.clientId))];
+  write: ResultWrite,
+  hold: LeaseHold,
+  budgetMs: number,
+  sleep: (ms: number) => Promise<void> = defaultSleep,
+): Promise<BackgroundOutcome> {
+  const deadline = Date.now() + budgetMs;
+  let pause = BACKGROUND_FIRST_RETRY_MS;
+  let attempts = 0;
+  let lastError = "";
+  while (Date.now() + pause <= deadline) {
+    await sleep(pause);
+    attempts++;
+    try {
+      const written = await applyResult(db, write);
+      const outcome = written.length > 0 ? "stored" : "dropped";
+      logInfo("rotated_refresh_token_persisted_late", { token: hold.tokenId, attempts, outcome });
+      if (outcome === "dropped") await releaseLease(db, hold).catch(() => undefined);
+      return outcome;
+    } catch (error) {
+      lastError = describeError(error);
+    }
+    pause = Math.min(pause * 2, BACKGROUND_MAX_RETRY_MS);
+  }
+  await releaseLease(db, hold).catch(() => undefined);
+  logError("rotated_refresh_token_lost", {
+    token: hold.tokenId,
+    attempts: PERSIST_ATTEMPTS + attempts,
+    error: lastError,
+    message:
+      "The provider rotated this grant's refresh token and the new one could not be stored: the grant may need re-consent (a new login link) if its next refresh is refused.",
+  });
+  return "lost";
 }
 
 async function handleRefreshFailure(
   deps: TokenDeps,
   client: ReadClient,
   row: TokenRow,
+  hold: LeaseHold,
   error: ProviderError,
   now: Date,
 ): Promise<ServedToken> {
@@ -480,11 +650,24 @@ async function handleRefreshFailure(
     status: error.status,
     failures: row.failureCount + 1,
   });
-  await deps.db.batch(failureStatements(deps.db, row, error, now));
-  if (error.kind === "invalid_grant") throw reauthorizationRequired(client);
+  const recorded = (await applyResult(deps.db, failureStatements(deps.db, row, hold, error, now))).length > 0;
+  if (!recorded || (error.kind === "invalid_grant" && !recordsDeadGrant(error, hold))) {
+    // Our attempt is moot: we lost the lease, or another refresher rotated the token. Its result,
+    // if it landed, is the answer.
+    if (!recorded) {
+      logWarn("refresh_result_dropped", { token: row.id, outcome: error.kind, reason: "superseded" });
+      await releaseLease(deps.db, hold).catch(() => undefined);
+    }
+    const latest = await readToken(deps.db, row.id);
+    if (latest?.isValid && latest.status === "active" && latest.expiresAt.getTime() > row.expiresAt.getTime()) {
+      return serve(deps, client, latest, true);
+    }
+  } else if (error.kind === "invalid_grant") {
+    throw reauthorizationRequired(client);
+  }
   if (isServable(row, now)) return serve(deps, client, row, false);
   if (error.kind === "invalid_client") throw refreshBlocked({ ...client, credentialsRejectedAt: now }, row, now)!;
-  if (error.transient) {
+  if (error.transient || error.kind === "invalid_grant") {
     const retryAt = nextAttemptAt(row.failureCount + 1, now, error.retryAfterSeconds);
     throw new AppError(
       "provider_unavailable",
@@ -497,18 +680,19 @@ async function handleRefreshFailure(
   throw new AppError("provider_error", `The provider refused to refresh the token: ${error.message}.`);
 }
 
-async function recordDead(db: Db, tokenId: number, reason: string): Promise<void> {
+async function recordDead(db: Db, hold: LeaseHold, reason: string): Promise<void> {
   await db
     .update(tokens)
     .set({ isValid: false, status: "needs_reauth", lastError: reason, leaseOwner: null, leaseExpiresAt: null })
-    .where(eq(tokens.id, tokenId));
+    .where(heldBy(hold));
 }
 
-async function releaseLease(db: Db, tokenId: number, owner: string): Promise<void> {
+/** Gives the lease back, if we still hold it. */
+export async function releaseLease(db: Db, hold: Pick<LeaseHold, "tokenId" | "owner">): Promise<void> {
   await db
     .update(tokens)
     .set({ leaseOwner: null, leaseExpiresAt: null })
-    .where(and(eq(tokens.id, tokenId), eq(tokens.leaseOwner, owner)));
+    .where(and(eq(tokens.id, hold.tokenId), eq(tokens.leaseOwner, hold.owner)));
 }
 
 async function serve(deps: TokenDeps, client: ReadClient, token: ReadToken, refreshed: boolean): Promise<ServedToken> {

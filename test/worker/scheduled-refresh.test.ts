@@ -197,11 +197,16 @@ describe("scheduled refresh", () => {
     const era = nextEra();
     const branch = await connectBranch();
     await expireAt(branch, new Date(era.getTime() + minutes(3)));
-    await sql("update tokens set lease_owner = 'other', lease_expires_at = $2 where client_id = $1 and is_valid", [
-      branch.clientId,
-      new Date(era.getTime() + 20_000).toISOString(),
-    ]);
+    // Leases live on the database's clock, whatever time the cron run is for.
+    await sql(
+      "update tokens set lease_owner = 'other', lease_expires_at = now() + interval '1 minute' where client_id = $1 and is_valid",
+      [branch.clientId],
+    );
     expect(await cron(era)).toMatchObject({ due: 0, refreshed: 0 });
+    // The holder's lease runs out (it crashed): the next run takes the token over.
+    await sql("update tokens set lease_expires_at = now() - interval '1 second' where client_id = $1 and is_valid", [
+      branch.clientId,
+    ]);
     expect(await cron(new Date(era.getTime() + 30_000))).toMatchObject({ due: 1, refreshed: 1 });
   });
 
