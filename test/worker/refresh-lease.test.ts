@@ -230,6 +230,30 @@ describe("the refresh lease", () => {
     const { owner } = await leaseOf(branch.clientId);
     expect(owner).toBe("another-refresher");
   });
+  it("confirms invalid_grant after taking over a lapsed lease on the next clean attempt before marking the grant dead", async () => {
+    const branch = await connectBranch();
+    await expireIn(branch.clientId, -10);
+    // A holder's lease lapsed without a release: it may still be in flight, and may have rotated
+    // the refresh token, so an invalid_grant now proves nothing yet.
+    await sql(
+      "update tokens set lease_owner = 'stalled-isolate', lease_expires_at = now() - interval '1 second' where client_id = $1 and is_valid",
+      [branch.clientId],
+    );
+    await fetch(`${testEnv.OAUTH_SERVER_URL}/admin/refresh-tokens/${branch.oauthClientId}/revoke-all`, {
+      method: "POST",
+    });
+    const first = await call(`/tokens/${branch.branchId}`, { key: "service" });
+    expect(first.status).toBe(503);
+    expect((await tokenRows(branch.clientId)).at(-1)).toMatchObject({ status: "active", is_valid: true });
+    expect(await leaseOf(branch.clientId)).toEqual({ owner: null, remainingMs: null });
+
+    // The next attempt (after the backoff) holds a clean lease: now the grant is dead.
+    await sql("update tokens set next_attempt_at = null where client_id = $1 and is_valid", [branch.clientId]);
+    const second = await call(`/tokens/${branch.branchId}`, { key: "service" });
+    expect(second.status).toBe(409);
+    expect((await json<{ code: string }>(second)).code).toBe("reauthorization_required");
+    expect((await tokenRows(branch.clientId)).at(-1)).toMatchObject({ status: "needs_reauth", is_valid: false });
+  });
 });
 
 describe("waiting on another request's refresh", () => {
