@@ -279,6 +279,7 @@ async function refreshOrServe(
     // Someone else holds the lease, or refreshed since we looked: wait with plain reads, at
     // growing intervals, for its result; claim again if its lease ends without one.
     for (;;) {
+      await sleep(waitPollMs(polls++));
       const latest = await readForWait(deps.db, current.id);
       if (latest?.token.status !== "active" || !latest.token.isValid) {
         requireGrant({ client, token: latest?.token ?? null }, client.branchId);
@@ -294,7 +295,6 @@ async function refreshOrServe(
           retryAfterSeconds: 1,
         });
       }
-      await sleep(waitPollMs(polls++));
     }
   }
 }

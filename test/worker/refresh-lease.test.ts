@@ -125,15 +125,13 @@ describe("the refresh lease", () => {
     expect(remainingMs).toBeLessThanOrEqual(expectedMs);
     expect((await read).status).toBe(200);
 
-    // A cron run for a time long past still leases on the real clock.
+    // A cron run whose scheduled time is off the real clock (here by ten minutes) still leases on
+    // the database's clock. (Real-time expiries: the scheduled tests' past eras never see them.)
     const scheduled = await slowBranch(600);
-    const era = new Date(Date.UTC(2001, 0, 1));
-    await sql("update tokens set expires_at = $2 where client_id = $1 and is_valid", [
-      scheduled.clientId,
-      new Date(era.getTime() + 60_000).toISOString(),
-    ]);
+    const scheduledTime = new Date(Date.now() + 10 * 60_000);
+    await expireIn(scheduled.clientId, 15 * 60);
     const d = refreshDeps(await createServices(testEnv));
-    const run = refreshTokens(d, [(await currentTokens(scheduled.clientId)).row.id], era);
+    const run = refreshTokens(d, [(await currentTokens(scheduled.clientId)).row.id], scheduledTime);
     await leaseTaken(scheduled.clientId);
     const cronLease = await leaseOf(scheduled.clientId);
     expect(cronLease.remainingMs).toBeGreaterThan(expectedMs - 2_000);
