@@ -417,6 +417,8 @@ describe.each(backends)("neon-local on $name", ({ backend, enabled }) => {
       } finally {
         expect((await setLatency({ ms: 0 })).status).toBe(200);
       }
+    });
+
     it("fails only the statements that match every string of a scoped fault", async () => {
       const fail = (body: unknown) => fetch(`${local.url}/admin/fail`, { method: "POST", body: JSON.stringify(body) });
       expect((await fail({ mode: "down", match: ["SELECT $1::text", "doomed"] })).status).toBe(200);
