@@ -324,11 +324,16 @@ class BatchWriter {
         return;
       } catch (error) {
         if (attempt === PERSIST_ATTEMPTS) {
-          logError("refresh_results_not_persisted", { results: results.length, error: describeError(error) });
-          for (const result of results) {
-            if (result.rotated) this.late.push(this.persistLate(result));
-            else this.counts.unsaved++;
-          }
+          // A result without a rotated refresh token loses nothing (the stored one still works);
+          // a rotated one is retried on its own, and logs an error only if it never lands.
+          const rotated = results.filter((r) => r.rotated);
+          logWarn("refresh_results_not_persisted", {
+            results: results.length,
+            retried_in_background: rotated.length,
+            error: describeError(error),
+          });
+          for (const result of rotated) this.late.push(this.persistLate(result));
+          this.counts.unsaved += results.length - rotated.length;
           return;
         }
         await new Promise((resolve) => setTimeout(resolve, 100 * 2 ** (attempt - 1)));

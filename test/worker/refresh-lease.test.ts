@@ -356,6 +356,22 @@ describe("a rotated refresh token whose write fails", () => {
     await expectNewestRefreshTokenStored(branch, original);
   });
 
+  it("in a cron run, is retried on its own after the batch fails, and counted refreshed once it lands", async () => {
+    const branch = await slowBranch(800, { rotateRefreshTokens: true });
+    const original = (await currentTokens(branch.clientId)).refreshToken!;
+    await expireIn(branch.clientId, 60);
+    const d = { ...refreshDeps(await createServices(testEnv)), persistBudgetMs: 10_000 };
+    const run = refreshTokens(d, [(await currentTokens(branch.clientId)).row.id], new Date());
+    const owner = await leaseTaken(branch.clientId);
+    await neonFault({ mode: "down", match: [owner, 'set "access_token"'] });
+    // The batch's four attempts take about 0.7 s; the database comes back during the background retries.
+    const recovered = pause(2_000).then(() => neonFault({ mode: "ok" }));
+    const [counts] = await Promise.all([run, recovered]);
+    expect(counts).toMatchObject({ refreshed: 1, unsaved: 0, dropped: 0 });
+    await expectHealthyGrant(branch);
+    await expectNewestRefreshTokenStored(branch, original);
+  });
+
   it("is retried until the background budget ends, then logs one error line and releases the lease", async () => {
     const branch = await slowBranch(800, { rotateRefreshTokens: true });
     const before = await currentTokens(branch.clientId);
