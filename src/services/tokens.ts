@@ -289,8 +289,10 @@ async function refreshOrServe(
       if (token.expiresAt.getTime() > seen.expiresAt.getTime()) return serve(deps, client, token, true);
       if (!force && isServable(token, at())) return serve(deps, client, token, false);
       current = token;
-      if (leaseFree) break;
-      if (Date.now() - started > deps.leaseMs) {
+      const waitedMs = Date.now() - started;
+      // A lease that ends without a new token: claim it (once more at most, past the bound).
+      if (leaseFree && waitedMs <= 2 * deps.leaseMs) break;
+      if (waitedMs > deps.leaseMs) {
         throw new AppError("provider_unavailable", "The token is being refreshed and no fresh token arrived in time.", {
           retryAfterSeconds: 1,
         });
@@ -319,7 +321,7 @@ function secondsLeftUntil(when: Date, now: Date): number {
   return Math.ceil((when.getTime() - now.getTime()) / 1000);
 }
 
-/** The lease's previous holder, read from the statement's snapshot (before this claim's change). */
+/** Whether the row was still leased (a lapsed, unreleased lease), read from the statement's snapshot. */
 const TOOK_OVER = sql<boolean>`(select p.lease_owner is not null from tokens p where p.id = ${tokens.id})`.mapWith(
   (value: unknown) => value === true || value === "t",
 );
