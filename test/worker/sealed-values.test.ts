@@ -1,6 +1,8 @@
 import { describe, expect, it } from "vitest";
+import { createServices } from "../../src/context";
+import { refreshTokens } from "../../src/services/scheduled";
 import { TEST_ENCRYPTION_KEY } from "./bindings";
-import { call, expectProblem, json } from "./helpers";
+import { call, expectProblem, json, testEnv } from "./helpers";
 import { sealV1 } from "./legacy-seal";
 import { connectBranch, currentTokens, postJson, sql, tokenRows } from "./oauth-helpers";
 
@@ -76,6 +78,23 @@ describe("a sealed value copied to another branch's row", () => {
     const branch = await connectBranch();
     await sql("update tokens set access_token = refresh_token where client_id = $1 and is_valid", [branch.clientId]);
     await expectProblem(await getToken(branch.branchId), 409, "sealed_value_unreadable");
+  });
+});
+
+describe("the cron and a foreign value", () => {
+  it("refreshes every other branch; the one holding another's refresh token fails alone, its grant kept", async () => {
+    const [a, b] = await Promise.all([connectBranch(), connectBranch()]);
+    await copyCurrentToken("refresh_token", a.clientId, b.clientId);
+    const ids = [(await currentTokens(a.clientId)).row.id, (await tokenRows(b.clientId)).at(-1)!.id];
+
+    const counts = await refreshTokens(await createServices(testEnv), ids, new Date());
+    expect(counts).toMatchObject({ refreshed: 1, failed: 1, dead: 0 });
+    const [rowB] = (await tokenRows(b.clientId)).filter((row) => row.is_valid);
+    // Not a dead grant: still current and active, with the reason on record for the operator.
+    expect(rowB).toMatchObject({ status: "active" });
+    const [lastError] = await sql("select last_error from tokens where id = $1", [ids[1]]);
+    expect(lastError?.[0]).toMatch(/tokens\.refresh_token of client \d+: sealed value failed authentication/);
+    expect((await getToken(a.branchId)).status).toBe(200);
   });
 });
 
