@@ -180,8 +180,10 @@ export async function startWorker(options: {
   bundle: WorkerBundle;
   bindings: Record<string, string>;
   onLog?: (entry: WorkerdStructuredLog) => void;
+  /** More Miniflare worker options, e.g. queue producers and consumers. */
+  workerOptions?: Record<string, unknown>;
 }): Promise<RunningWorker> {
-  const { name, bundle, bindings, onLog } = options;
+  const { name, bundle, bindings, onLog, workerOptions } = options;
   const mf = new Miniflare(
     convertV4MiniflareOptions({
       host: "127.0.0.1",
@@ -194,6 +196,7 @@ export async function startWorker(options: {
           scriptPath: join(bundle.dir, bundle.main),
           compatibilityDate: COMPATIBILITY_DATE,
           bindings,
+          ...workerOptions,
         },
       ],
       ...(onLog ? { handleStructuredLogs: onLog } : {}),

@@ -122,6 +122,7 @@ export async function runScheduledRefresh(env: SchedulerEnv, now: Date): Promise
  * twice refreshes nothing twice.
  */
 export async function consumeRefreshBatch(env: Env, batch: MessageBatch<RefreshMessage>, now: Date): Promise<void> {
+  const started = Date.now();
   const d = refreshDeps(await createServices(env));
   for (const message of batch.messages) {
     try {
@@ -133,6 +134,8 @@ export async function consumeRefreshBatch(env: Env, batch: MessageBatch<RefreshM
       message.retry({ delaySeconds: 30 });
     }
   }
+  // One line per invocation, so operators (and the scale bench) can count invocations.
+  logInfo("queued_refresh_batch", { messages: batch.messages.length, duration_ms: Date.now() - started });
 }
 
 /** Ids of the tokens due for refresh, oldest expiry first. */

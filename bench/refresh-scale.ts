@@ -1,0 +1,192 @@
+/**
+ * `npm run bench:scale`: refresh at 10× the cron bench — 10,000 due tokens through the cron and the
+ * Queue path (Miniflare's local queues, the same Worker as producer and consumer), as a deployment
+ * with REFRESH_QUEUE runs it: the cron refreshes CRON_MAX_REFRESHES (500) itself and hands the rest
+ * to the queue in messages of 50 tokens; each queue invocation takes a batch of up to 10 messages.
+ *
+ * Reports wall time until nothing is due against the floor (tokens × provider latency ÷ 6
+ * connections ÷ invocations running at once; Miniflare delivers one batch at a time, so locally
+ * that is 1), invocations used, provider requests and SQL round trips per invocation, and asserts
+ * that no token was refreshed twice (provider refresh grants = tokens) and none due was missed.
+ *
+ * Knobs: BENCH_SCALE_TOKENS (10000), BENCH_SCALE_PROVIDER_DELAY_MS (20).
+ */
+import { randomBytes } from "node:crypto";
+import { mkdtempSync, rmSync, writeFileSync } from "node:fs";
+import { cpus, loadavg, tmpdir } from "node:os";
+import { join } from "node:path";
+import * as stack from "../dev/local-stack.ts";
+import { type OAuthServer, startOAuthServer } from "../dev/oauth-server/server.ts";
+import { applyMigrations } from "../scripts/migrate.ts";
+import { PROVIDER_CONCURRENCY, QUEUE_MESSAGE_TOKENS } from "../src/services/scheduled.ts";
+
+const RESULTS = join(stack.ROOT, "bench/scale-results.json");
+const TOKENS = Number(process.env.BENCH_SCALE_TOKENS ?? 10_000);
+const PROVIDER_DELAY_MS = Number(process.env.BENCH_SCALE_PROVIDER_DELAY_MS ?? 20);
+const CRON_MAX_REFRESHES = 500;
+const QUEUE_BATCH_MESSAGES = 10;
+const SEED_CONCURRENCY = 16;
+const CRON_WINDOW_SECONDS = 900;
+const GIVE_UP_MS = 20 * 60 * 1000;
+/** Workers Paid: 10,000 subrequests per invocation (1,000 before 2025); Free: 50. */
+const PAID_PLAN_SUBREQUESTS = 10_000;
+const LEGACY_PAID_PLAN_SUBREQUESTS = 1_000;
+
+const log = (message: string) => console.log(`[bench:scale] ${message}`);
+const round = (value: number, digits = 2) => Math.round(value * 10 ** digits) / 10 ** digits;
+
+async function asAdmin(oauth: OAuthServer, method: string, path: string, body?: unknown): Promise<unknown> {
+  const response = await fetch(`${oauth.url}${path}`, {
+    method,
+    headers: { "content-type": "application/json" },
+    body: body === undefined ? undefined : JSON.stringify(body),
+  });
+  if (!response.ok) throw new Error(`${method} ${path}: ${response.status} ${await response.text()}`);
+  return response.json();
+}
+
+async function count(db: stack.LocalDatabase, query: string): Promise<number> {
+  const [[value]] = (await stack.sql(db, query)) as [[string]];
+  return Number(value);
+}
+
+async function main(): Promise<void> {
+  const startedAt = new Date();
+  const scratch = mkdtempSync(join(tmpdir(), "tm-bench-scale-"));
+  let db: stack.LocalDatabase | undefined;
+  let oauth: OAuthServer | undefined;
+  let worker: stack.RunningWorker | undefined;
+  const events = new Map<string, number>();
+  const counted = new Map<string, number[]>();
+  try {
+    const bundle = await stack.bundleWorker(join(scratch, "app"));
+    db = await stack.startDatabase();
+    await applyMigrations(db.connectionString, db.sqlEndpoint);
+    oauth = await startOAuthServer({ port: 0 });
+    const adminKey = stack.randomApiKey();
+    const serviceKey = stack.randomApiKey();
+    worker = await stack.startWorker({
+      name: "token-management",
+      bundle,
+      bindings: {
+        ...stack.localBindings(db, oauth, { adminKey, serviceKey }),
+        CRON_MAX_REFRESHES: String(CRON_MAX_REFRESHES),
+        CRON_REFRESH_WINDOW_SECONDS: String(CRON_WINDOW_SECONDS),
+      },
+      workerOptions: {
+        queueProducers: { REFRESH_QUEUE: { queueName: "token-refresh" } },
+        queueConsumers: { "token-refresh": { maxBatchSize: QUEUE_BATCH_MESSAGES, maxBatchTimeout: 0.1 } },
+      },
+      onLog(entry) {
+        const message = entry.message ?? "";
+        const event = /"event":"([^"]+)"/.exec(message)?.[1];
+        if (!event) return;
+        events.set(event, (events.get(event) ?? 0) + 1);
+        if (event === "scheduled_refresh" || event === "queued_refresh") {
+          const refreshed = Number(/"refreshed":(\d+)/.exec(message)?.[1] ?? 0);
+          counted.set(event, [...(counted.get(event) ?? []), refreshed]);
+        }
+      },
+    });
+
+    const runId = randomBytes(4).toString("hex");
+    const seedStarted = performance.now();
+    let next = 0;
+    await Promise.all(
+      Array.from({ length: SEED_CONCURRENCY }, async () => {
+        while (next < TOKENS) {
+          const i = next++;
+          await stack.connectBranch(worker!.url, oauth!, adminKey, {
+            client_id: `scale-${runId}-${i}`,
+            client_secret: `scale-secret-${runId}-${i}`,
+            branch_id: `scale-branch-${i}`,
+            workspace_email: "bench@example.com",
+            workspace_name: "Bench",
+          });
+          if ((i + 1) % 1000 === 0) log(`connected ${i + 1}/${TOKENS}`);
+        }
+      }),
+    );
+    const seedMs = performance.now() - seedStarted;
+
+    await asAdmin(oauth, "PUT", "/admin/behavior", { tokenDelayMs: PROVIDER_DELAY_MS });
+    await stack.sql(db, "update tokens set expires_at = now() + interval '60 seconds' where is_valid");
+    const dueQuery = `select count(*) from tokens where is_valid and status = 'active' and expires_at <= now() + interval '${CRON_WINDOW_SECONDS} seconds'`;
+    const due = await count(db, dueQuery);
+    if (due !== TOKENS) throw new Error(`expected ${TOKENS} due, found ${due}`);
+    const grantsBefore = ((await asAdmin(oauth, "GET", "/admin/stats")) as { refreshGrants: number }).refreshGrants;
+    await fetch(`${db.url}/stats/reset`, { method: "POST" });
+
+    const started = performance.now();
+    const cron = await (await worker.mf.getWorker()).scheduled({ scheduledTime: new Date() });
+    const cronMs = performance.now() - started;
+    log(`cron invocation returned after ${(cronMs / 1000).toFixed(1)} s (${cron.outcome})`);
+    let left = due;
+    while (left > 0 && performance.now() - started < GIVE_UP_MS) {
+      await new Promise((r) => setTimeout(r, 250));
+      left = await count(db, dueQuery);
+    }
+    const wallMs = performance.now() - started;
+    // Let the last batch's log line arrive.
+    await new Promise((r) => setTimeout(r, 1000));
+    const sql = (await (await fetch(`${db.url}/stats`)).json()) as { requests: number; queries: number };
+    const grants = ((await asAdmin(oauth, "GET", "/admin/stats")) as { refreshGrants: number }).refreshGrants;
+    const refreshGrants = grants - grantsBefore;
+    const refreshedRows = await count(
+      db,
+      `select count(*) from tokens where is_valid and expires_at > now() + interval '${CRON_WINDOW_SECONDS} seconds'`,
+    );
+    const queueInvocations = events.get("queued_refresh_batch") ?? 0;
+    const invocations = 1 + queueInvocations;
+    const byCron = (counted.get("scheduled_refresh") ?? []).reduce((s, n) => s + n, 0);
+    const byQueue = (counted.get("queued_refresh") ?? []).reduce((s, n) => s + n, 0);
+    const floorMs = (TOKENS * PROVIDER_DELAY_MS) / PROVIDER_CONCURRENCY;
+    const providerPerInvocationMax = Math.max(CRON_MAX_REFRESHES, QUEUE_BATCH_MESSAGES * QUEUE_MESSAGE_TOKENS);
+    const sqlPerInvocation = sql.requests / invocations;
+    const report = {
+      date: startedAt.toISOString(),
+      machine: { cores: cpus().length, loadavgAtEnd: loadavg().map((v) => round(v, 2)), node: process.version },
+      tokens: TOKENS,
+      providerDelayMs: PROVIDER_DELAY_MS,
+      path: `cron (CRON_MAX_REFRESHES=${CRON_MAX_REFRESHES}) + REFRESH_QUEUE (messages of ${QUEUE_MESSAGE_TOKENS} tokens, batches of ${QUEUE_BATCH_MESSAGES})`,
+      wallMs: round(wallMs, 0),
+      cronInvocationMs: round(cronMs, 0),
+      floorMs: round(floorMs, 0),
+      floorFormula: `${TOKENS} × ${PROVIDER_DELAY_MS} ms ÷ ${PROVIDER_CONCURRENCY} connections ÷ 1 invocation at a time (Miniflare's local queue)`,
+      ratio: round(wallMs / floorMs, 3),
+      invocations: { total: invocations, cron: 1, queue: queueInvocations },
+      refreshed: { byCron, byQueue, rowsRefreshed: refreshedRows, providerRefreshGrants: refreshGrants },
+      sqlRoundTrips: sql.requests,
+      sqlRoundTripsPerInvocation: round(sqlPerInvocation, 1),
+      subrequestsPerInvocation: {
+        providerMax: providerPerInvocationMax,
+        sqlAverage: round(sqlPerInvocation, 1),
+        planLimit: `Workers Paid ${PAID_PLAN_SUBREQUESTS} per invocation (${LEGACY_PAID_PLAN_SUBREQUESTS} on older Paid plans), Free 50`,
+        withinLegacyPaidLimit: providerPerInvocationMax + sqlPerInvocation < LEGACY_PAID_PLAN_SUBREQUESTS,
+      },
+      checks: {
+        nothingMissed: left === 0 && refreshedRows === TOKENS,
+        nothingTwice: refreshGrants === TOKENS && byCron + byQueue === TOKENS,
+      },
+      seeding: { ms: round(seedMs, 0), flow: "POST /clients, login link, provider /authorize, callback" },
+    };
+    writeFileSync(RESULTS, `${JSON.stringify(report, null, 2)}\n`);
+    console.log(JSON.stringify(report, null, 2));
+    if (!report.checks.nothingMissed || !report.checks.nothingTwice) {
+      throw new Error(`checks failed: ${JSON.stringify(report.checks)} ${JSON.stringify(report.refreshed)}`);
+    }
+    log(
+      `${TOKENS} tokens in ${(wallMs / 1000).toFixed(1)} s (floor ${(floorMs / 1000).toFixed(1)} s, ${report.ratio}×), ${invocations} invocations, ${sql.requests} SQL round trips; nothing twice, nothing missed`,
+    );
+  } finally {
+    await worker?.mf.dispose().catch(() => undefined);
+    await oauth?.close().catch(() => undefined);
+    if (db) await stack.stopDatabase(db, 5000);
+    rmSync(scratch, { recursive: true, force: true });
+  }
+}
+
+main().catch((error: unknown) => {
+  console.error(`[bench:scale] failed: ${error instanceof Error ? (error.stack ?? error.message) : String(error)}`);
+  process.exit(1);
+});
