@@ -1,6 +1,6 @@
 import { describe, expect, it } from "vitest";
 import { createServices } from "../../src/context";
-import { refreshTokens } from "../../src/services/scheduled";
+import { refreshDeps, refreshTokens } from "../../src/services/scheduled";
 import { TEST_ENCRYPTION_KEY } from "./bindings";
 import { call, expectProblem, json, testEnv } from "./helpers";
 import { sealV1 } from "./legacy-seal";
@@ -87,7 +87,9 @@ describe("the cron and a foreign value", () => {
     await copyCurrentToken("refresh_token", a.clientId, b.clientId);
     const ids = [(await currentTokens(a.clientId)).row.id, (await tokenRows(b.clientId)).at(-1)!.id];
 
-    const counts = await refreshTokens(await createServices(testEnv), ids, new Date());
+    // Both tokens are fresh: widen the cron's window so both are due now.
+    const d = { ...refreshDeps(await createServices(testEnv)), windowSeconds: 24 * 60 * 60 };
+    const counts = await refreshTokens(d, ids, new Date());
     expect(counts).toMatchObject({ refreshed: 1, failed: 1, dead: 0 });
     const [rowB] = (await tokenRows(b.clientId)).filter((row) => row.is_valid);
     // Not a dead grant: still current and active, with the reason on record for the operator.
