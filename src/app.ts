@@ -30,9 +30,13 @@ export function createApp(): App {
   app.use(async (c, next) => {
     await next();
     if (c.res.headers.get("Cache-Control") === "no-store") return;
-    // A copy: a response's headers may be immutable (one read from the Cache API is).
-    c.res = new Response(c.res.body, c.res);
-    c.res.headers.set("Cache-Control", "no-store");
+    try {
+      c.res.headers.set("Cache-Control", "no-store");
+    } catch {
+      // Immutable headers (a response read from the Cache API): set it on a copy.
+      c.res = new Response(c.res.body, c.res);
+      c.res.headers.set("Cache-Control", "no-store");
+    }
   });
   app.use(async (c, next) => {
     c.set("requestId", c.req.header("cf-ray") ?? crypto.randomUUID());

@@ -301,7 +301,6 @@ export function registerClientRoutes(app: App): void {
     });
     const link = await freshLoginLink(c, row.id);
     // The body carries a login link, a capability: never cached.
-    c.header("Cache-Control", "no-store");
     return c.json(
       {
         success: true as const,
@@ -395,7 +394,6 @@ export function registerClientRoutes(app: App): void {
         expires_at: link.expiresAt.toISOString(),
       },
       200,
-      { "Cache-Control": "no-store" },
     );
   });
 
@@ -410,7 +408,6 @@ export function registerClientRoutes(app: App): void {
         revoked_before: revokedBefore.toISOString(),
       },
       200,
-      { "Cache-Control": "no-store" },
     );
   });
 }

@@ -97,7 +97,6 @@ export function registerOAuthRoutes(app: App): void {
           path: "/",
           maxAge: STATE_TTL_SECONDS,
         });
-        c.header("Cache-Control", "no-store");
         c.header("Referrer-Policy", "no-referrer");
         return c.redirect(start.redirectTo, 302);
       } catch (error) {
@@ -137,7 +136,7 @@ export function registerOAuthRoutes(app: App): void {
           scope: result.scope,
           refresh_token_received: result.hasRefreshToken,
         };
-        if (wantsJson(c)) return c.json(body, 200, { "Cache-Control": "no-store" });
+        if (wantsJson(c)) return c.json(body, 200);
         return c.body(
           page(
             "Connected",

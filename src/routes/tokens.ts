@@ -54,7 +54,6 @@ const RefreshBody = z
   .openapi("RefreshTarget", { description: "The internal client id (as before) or the branch id." });
 
 const security = API_KEY_SECURITY;
-const noStore = { "Cache-Control": "no-store" };
 /** RFC 9211 Cache-Status of a token read or refresh: which tier answered. */
 const cacheStatusHeader = {
   "Cache-Status": z.string().openapi({ example: "token-management; hit; ttl=42; detail=memory" }),
@@ -141,7 +140,7 @@ export function registerTokenRoutes(app: App): void {
       refreshed: read.token.refreshed,
       revalidating: read.revalidating,
     });
-    return c.json(tokenView(read.token, new Date()), 200, { ...noStore, "Cache-Status": read.cacheStatus });
+    return c.json(tokenView(read.token, new Date()), 200, { "Cache-Status": read.cacheStatus });
   });
 
   app.openapi(refresh, async (c) => {
@@ -161,7 +160,6 @@ export function registerTokenRoutes(app: App): void {
     await storeToken(cache, token, readAt);
     logInfo("token_served", { request_id: c.var.requestId, client: token.clientId, tier: "database", refreshed: true });
     return c.json(tokenView(token, new Date()), 200, {
-      ...noStore,
       "Cache-Status": "token-management; fwd=request; stored; detail=database",
     });
   });
@@ -190,7 +188,6 @@ export function registerTokenRoutes(app: App): void {
         cache_max_age_seconds: maxAge,
       },
       200,
-      noStore,
     );
   });
 }
