@@ -4,6 +4,7 @@ import { type Config, parseEnv } from "./env";
 import { type Keyring, loadKeyring } from "./lib/crypto";
 import { type Provider, providerFromConfig } from "./oauth/provider";
 import { type EventContext, eventContext } from "./services/events";
+import type { Operator } from "./services/operations";
 
 /** What every invocation works with: requests, cron runs and queue batches build it the same way. */
 export interface Services {
@@ -42,3 +43,9 @@ export interface AppEnv {
 }
 
 export type AppContext = Context<AppEnv>;
+
+/** The request's services as src/services/operations.ts takes them. */
+export function operatorOf(c: AppContext): Operator {
+  const { config, db, keyring, provider, events, baseUrl } = c.var;
+  return { config, db, keyring, provider, events, baseUrl, defer: (task) => c.executionCtx.waitUntil(task) };
+}

@@ -1,21 +1,18 @@
 import { createRoute, z } from "@hono/zod-openapi";
 import type { App } from "../app";
-import type { AppContext } from "../context";
+import { operatorOf } from "../context";
 import type { ClientRow, TokenRow } from "../db/schema";
 import { requireKey } from "../lib/api-key";
 import {
+  type ClientChanges,
   type ClientWithToken,
   connectionStatus,
-  createClient,
-  deleteClient,
   getClient,
   listClients,
-  updateClient,
+  type NewClient,
 } from "../services/clients";
-import { issueLoginLink, revokeLoginLinks } from "../services/login-links";
-import { dropToken } from "../services/token-cache";
+import { changeClient, newLoginLink, registerBranch, removeClient, revokeLoginLinks } from "../services/operations";
 import { API_KEY_SECURITY, jsonContent as json, problem } from "./schemas";
-import { cacheDeps } from "./tokens";
 
 const LIMITS = { id: 255, secret: 1024, url: 2048, branch: 128, email: 320, name: 255, scopes: 2048 } as const;
 
@@ -27,7 +24,8 @@ const redirectUri = z
   .max(LIMITS.url)
   .refine(isAllowedRedirectUri, "must be an https URL (http is allowed only for localhost and 127.0.0.1)");
 
-const ClientBody = z
+/** POST /clients' body; the console's register form validates with this same schema. */
+export const ClientBody = z
   .object({
     client_id: text(LIMITS.id),
     client_secret: text(LIMITS.secret),
@@ -40,7 +38,7 @@ const ClientBody = z
   .strict()
   .openapi("NewClient");
 
-const ClientPatch = z
+export const ClientPatch = z
   .object({
     client_secret: text(LIMITS.secret),
     redirect_uri: redirectUri,
@@ -290,22 +288,13 @@ const revokeLinks = createRoute({
 export function registerClientRoutes(app: App): void {
   app.openapi(create, async (c) => {
     const body = c.req.valid("json");
-    const row = await createClient(c.var.db, c.var.keyring, {
-      clientId: body.client_id,
-      clientSecret: body.client_secret,
-      redirectUri: body.redirect_uri,
-      branchId: body.branch_id,
-      workspaceEmail: body.workspace_email,
-      workspaceName: body.workspace_name,
-      scopes: body.scopes,
-    });
-    const link = await freshLoginLink(c, row.id);
+    const { client, link } = await registerBranch(operatorOf(c), newClientOf(body), new Date());
     // The body carries a login link, a capability: never cached.
     return c.json(
       {
         success: true as const,
         message: "Client registered. Send login_url to the branch to connect it.",
-        ...clientView({ client: row, token: null }),
+        ...clientView({ client, token: null }),
         login_url: link.url,
         login_url_expires_at: link.expiresAt.toISOString(),
       },
@@ -340,34 +329,14 @@ export function registerClientRoutes(app: App): void {
   app.openapi(patch, async (c) => {
     const { id } = c.req.valid("param");
     const body = c.req.valid("json");
-    const updated = await updateClient(
-      c.var.db,
-      c.var.keyring,
-      c.var.events,
-      id,
-      {
-        clientSecret: body.client_secret,
-        redirectUri: body.redirect_uri,
-        workspaceEmail: body.workspace_email,
-        workspaceName: body.workspace_name,
-        scopes: body.scopes,
-        isActive: body.is_active,
-      },
-      new Date(),
-    );
-    // Deactivated, or new credentials: this location stops serving the cached token at once.
-    if (body.is_active === false || body.client_secret !== undefined) await dropToken(cacheDeps(c), updated.branchId);
-    return c.json(
-      { success: true as const, message: "Client updated.", ...clientView(await getClient(c.var.db, id)) },
-      200,
-    );
+    const updated = await changeClient(operatorOf(c), id, clientChangesOf(body), new Date());
+    return c.json({ success: true as const, message: "Client updated.", ...clientView(updated) }, 200);
   });
 
   app.openapi(remove, async (c) => {
     const { id } = c.req.valid("param");
-    const result = await deleteClient(c.var.db, c.var.keyring, c.var.provider, c.var.events, id, new Date());
-    await dropToken(cacheDeps(c), result.branchId);
-    const maxAge = c.var.config.TOKEN_CACHE_MAX_AGE_SECONDS;
+    const result = await removeClient(operatorOf(c), id, new Date());
+    const maxAge = result.cacheMaxAgeSeconds;
     return c.json(
       {
         success: true as const,
@@ -384,7 +353,7 @@ export function registerClientRoutes(app: App): void {
   app.openapi(loginUrl, async (c) => {
     const { id } = c.req.valid("param");
     const revokePrevious = c.req.valid("query").revoke_previous === "true";
-    const link = await freshLoginLink(c, id, revokePrevious);
+    const link = await newLoginLink(operatorOf(c), id, revokePrevious, new Date());
     return c.json(
       {
         success: true as const,
@@ -399,7 +368,7 @@ export function registerClientRoutes(app: App): void {
 
   app.openapi(revokeLinks, async (c) => {
     const { id } = c.req.valid("param");
-    const revokedBefore = await revokeLoginLinks(c.var.db, id, new Date());
+    const revokedBefore = await revokeLoginLinks(operatorOf(c), id, new Date());
     return c.json(
       {
         success: true as const,
@@ -412,16 +381,29 @@ export function registerClientRoutes(app: App): void {
   });
 }
 
-function freshLoginLink(c: AppContext, clientId: number, revokePrevious = false) {
-  return issueLoginLink(
-    c.var.db,
-    c.var.keyring,
-    c.var.baseUrl,
-    clientId,
-    new Date(),
-    c.var.config.LOGIN_LINK_TTL_SECONDS,
-    revokePrevious,
-  );
+/** POST /clients' body as the registry takes it (the console's register form parses the same schema). */
+export function newClientOf(body: z.infer<typeof ClientBody>): NewClient {
+  return {
+    clientId: body.client_id,
+    clientSecret: body.client_secret,
+    redirectUri: body.redirect_uri,
+    branchId: body.branch_id,
+    workspaceEmail: body.workspace_email,
+    workspaceName: body.workspace_name,
+    scopes: body.scopes,
+  };
+}
+
+/** PATCH /clients/{id}'s body as the registry takes it. */
+export function clientChangesOf(body: z.infer<typeof ClientPatch>): ClientChanges {
+  return {
+    clientSecret: body.client_secret,
+    redirectUri: body.redirect_uri,
+    workspaceEmail: body.workspace_email,
+    workspaceName: body.workspace_name,
+    scopes: body.scopes,
+    isActive: body.is_active,
+  };
 }
 
 export function clientView({ client, token }: { client: ClientRow; token: TokenRow | null }) {

@@ -2,15 +2,14 @@ import { createRoute, z } from "@hono/zod-openapi";
 import { getCookie, setCookie } from "hono/cookie";
 import type { ZodError } from "zod";
 import type { App } from "../app";
-import type { AppContext } from "../context";
+import { type AppContext, operatorOf } from "../context";
 import { AppError, toAppError, validationFailed } from "../errors";
 import { matchesAny } from "../lib/crypto";
 import { PAGE_HEADERS, page } from "../lib/html";
 import { describeError, logError, logInfo } from "../lib/log";
-import { bindingCookie, completeLogin, STATE_TTL_SECONDS, startLogin } from "../services/authorization";
+import { bindingCookie, STATE_TTL_SECONDS, startLogin } from "../services/authorization";
 import { checkLoginLink } from "../services/login-links";
-import { dropToken } from "../services/token-cache";
-import { cacheDeps } from "./tokens";
+import { finishConsent } from "../services/operations";
 
 /** The two browser endpoints: the start of the consent flow and the provider's redirect back. */
 
@@ -111,17 +110,13 @@ export function registerOAuthRoutes(app: App): void {
     async (c) => {
       try {
         const url = new URL(c.req.url);
-        const result = await completeLogin(
-          c.var.db,
-          c.var.keyring,
-          c.var.provider,
+        // A new consent replaces the token: this location stops serving the old one at once.
+        const result = await finishConsent(
+          operatorOf(c),
           url.searchParams,
           getCookie(c, bindingCookie(c.var.baseUrl).name),
           new Date(),
-          (work) => c.executionCtx.waitUntil(work),
         );
-        // A new consent replaces the token: this location stops serving the old one at once.
-        await dropToken(cacheDeps(c), result.client.branchId);
         logInfo("branch_connected", {
           request_id: c.var.requestId,
           client: result.client.id,

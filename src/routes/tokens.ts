@@ -1,26 +1,10 @@
 import { createRoute, z } from "@hono/zod-openapi";
 import type { App } from "../app";
-import type { AppContext } from "../context";
-import { AppError } from "../errors";
+import { operatorOf } from "../context";
 import { requireKey } from "../lib/api-key";
 import { logInfo } from "../lib/log";
-import { leaseMsFor } from "../services/refresh-policy";
-import {
-  type CachedToken,
-  cachedTokenOf,
-  dropToken,
-  readThrough,
-  storeToken,
-  type TokenCacheDeps,
-  tokenCacheDeps,
-} from "../services/token-cache";
-import {
-  forceRefresh,
-  getBranchToken,
-  REQUEST_BACKGROUND_BUDGET_MS,
-  revokeBranchToken,
-  type TokenDeps,
-} from "../services/tokens";
+import { readToken, refreshNow, revokeToken } from "../services/operations";
+import type { CachedToken } from "../services/token-cache";
 import { API_KEY_SECURITY, jsonContent as json, problem } from "./schemas";
 
 const BranchParam = z.object({
@@ -129,10 +113,7 @@ const revoke = createRoute({
 export function registerTokenRoutes(app: App): void {
   app.openapi(get, async (c) => {
     const { branch_id: branchId } = c.req.valid("param");
-    const deps = tokenDeps(c);
-    const read = await readThrough(cacheDeps(c), branchId, new Date(), async () =>
-      cachedTokenOf(await getBranchToken(deps, branchId, new Date())),
-    );
+    const read = await readToken(operatorOf(c), branchId, new Date());
     logInfo("token_served", {
       request_id: c.var.requestId,
       client: read.token.clientId,
@@ -146,18 +127,7 @@ export function registerTokenRoutes(app: App): void {
   app.openapi(refresh, async (c) => {
     const body = c.req.valid("json");
     const target = "client_id" in body ? { clientId: body.client_id } : { branchId: body.branch_id };
-    const cache = cacheDeps(c);
-    const readAt = new Date();
-    let token: CachedToken;
-    try {
-      token = cachedTokenOf(await forceRefresh(tokenDeps(c), target, readAt));
-    } catch (error) {
-      // A dead or revoked grant stops being served from this location's cache at once.
-      const branchId = "branchId" in target ? target.branchId : branchOf(error);
-      if (branchId !== undefined && error instanceof AppError && error.status === 409) await dropToken(cache, branchId);
-      throw error;
-    }
-    await storeToken(cache, token, readAt);
+    const token = await refreshNow(operatorOf(c), target, new Date());
     logInfo("token_served", { request_id: c.var.requestId, client: token.clientId, tier: "database", refreshed: true });
     return c.json(tokenView(token, new Date()), 200, {
       "Cache-Status": "token-management; fwd=request; stored; detail=database",
@@ -166,14 +136,8 @@ export function registerTokenRoutes(app: App): void {
 
   app.openapi(revoke, async (c) => {
     const { branch_id: branchId } = c.req.valid("param");
-    let result: Awaited<ReturnType<typeof revokeBranchToken>>;
-    try {
-      result = await revokeBranchToken(tokenDeps(c), branchId);
-    } finally {
-      // Whatever happened at the provider or in the database, stop serving it from here.
-      await dropToken(cacheDeps(c), branchId);
-    }
-    const maxAge = c.var.config.TOKEN_CACHE_MAX_AGE_SECONDS;
+    const result = await revokeToken(operatorOf(c), branchId, new Date());
+    const maxAge = result.cacheMaxAgeSeconds;
     return c.json(
       {
         success: true as const,
@@ -190,27 +154,6 @@ export function registerTokenRoutes(app: App): void {
       200,
     );
   });
-}
-
-export function tokenDeps(c: AppContext): TokenDeps {
-  return {
-    db: c.var.db,
-    keyring: c.var.keyring,
-    provider: c.var.provider,
-    refreshAheadSeconds: c.var.config.REFRESH_AHEAD_SECONDS,
-    leaseMs: leaseMsFor(c.var.config.OAUTH_TIMEOUT_MS),
-    background: { defer: (task) => c.executionCtx.waitUntil(task), budgetMs: REQUEST_BACKGROUND_BUDGET_MS },
-  };
-}
-
-export function cacheDeps(c: AppContext): TokenCacheDeps {
-  return tokenCacheDeps(c.var, (promise) => c.executionCtx.waitUntil(promise));
-}
-
-/** The branch an error names in its fields (the reconnect hint carries it). */
-function branchOf(error: unknown): string | undefined {
-  const branchId = error instanceof AppError ? error.extra.fields?.branch_id : undefined;
-  return typeof branchId === "string" ? branchId : undefined;
 }
 
 function tokenView(token: CachedToken, now: Date) {
