@@ -96,6 +96,8 @@ const GOOGLE_REVOKE_INVALID = "Token expired or revoked";
 const CODE_TTL_MS = 60_000;
 const USED_CODE_RETENTION_MS = 10 * 60_000;
 const MAX_BODY_BYTES = 1 << 20;
+/** Entries per POST /admin/import (each about 250 bytes: well inside MAX_BODY_BYTES). */
+const MAX_IMPORT_GRANTS = 2_000;
 const PKCE_RE = /^[A-Za-z0-9\-._~]{43,128}$/;
 const S256_CHALLENGE_RE = /^[A-Za-z0-9_-]{43}$/;
 
@@ -350,7 +352,13 @@ export async function startOAuthServer(opts: OAuthServerOptions = {}): Promise<O
     const t = now();
     for (const [token, at] of accessTokens) if (at.expiresAt <= t) deleteAccessToken(token);
     for (const [code, c] of codes) if (c.expiresAt + USED_CODE_RETENTION_MS <= t) codes.delete(code);
-    for (const [id, g] of grants) if (g.accessTokens.size === 0 && g.refreshTokens.size === 0) grants.delete(id);
+    // A grant holds no tokens yet between /authorize and its code exchange: that one is kept, or the
+    // exchange of a code issued just before a sweep found its grant gone and answered 500.
+    const awaitingExchange = new Set<string>();
+    for (const c of codes.values()) if (!c.used) awaitingExchange.add(c.grantId);
+    for (const [id, g] of grants) {
+      if (g.accessTokens.size === 0 && g.refreshTokens.size === 0 && !awaitingExchange.has(id)) grants.delete(id);
+    }
   }
 
   function deleteAccessToken(token: string) {
@@ -958,6 +966,10 @@ export async function startOAuthServer(opts: OAuthServerOptions = {}): Promise<O
       behaviorChanged();
       return send(res, 200, { reset: true });
     }
+    if (route === "import") {
+      if (method !== "POST") methodNotAllowed("POST");
+      return send(res, 201, importGrants(await readJson(req)));
+    }
     if (parts[0] === "refresh-tokens" && parts.length === 3 && parts[2] === "revoke-all") {
       if (method !== "POST") methodNotAllowed("POST");
       await readBody(req);
@@ -971,6 +983,82 @@ export async function startOAuthServer(opts: OAuthServerOptions = {}): Promise<O
       return send(res, 200, { revoked });
     }
     throw new HttpError(404, { error: "not_found", error_description: `no such path ${path}` });
+  }
+
+  /**
+   * POST /admin/import: registers clients and gives each a grant holding the refresh token given, as
+   * if the consent had happened (benchmarks seed thousands of branches this way in seconds). All or
+   * nothing: every entry is checked before any is stored.
+   */
+  function importGrants(input: unknown): { imported: number } {
+    const entries = (input as { grants?: unknown } | null)?.grants;
+    if (!Array.isArray(entries) || entries.length === 0 || entries.length > MAX_IMPORT_GRANTS) {
+      throw oauthError(400, "invalid_request", `grants must be an array of 1..${MAX_IMPORT_GRANTS} entries`);
+    }
+    const seen = new Set<string>();
+    const checked = entries.map((entry: unknown, i) => {
+      const e = (typeof entry === "object" && entry !== null ? entry : {}) as Record<string, unknown>;
+      const bad = (what: string) => oauthError(400, "invalid_request", `grants[${i}]: ${what}`);
+      const nonEmpty = (v: unknown): v is string => typeof v === "string" && v !== "";
+      if (!nonEmpty(e.client_id) || !nonEmpty(e.client_secret)) {
+        throw bad("client_id and client_secret must be non-empty strings");
+      }
+      if (!Array.isArray(e.redirect_uris) || e.redirect_uris.length === 0 || !e.redirect_uris.every(validRedirectUri)) {
+        throw bad("redirect_uris must be a non-empty array of absolute URLs without fragment");
+      }
+      if (!nonEmpty(e.refresh_token)) throw bad("refresh_token must be a non-empty string");
+      if (refreshTokens.has(e.refresh_token) || seen.has(e.refresh_token)) throw bad("refresh_token is already known");
+      seen.add(e.refresh_token);
+      if (e.scope !== undefined && typeof e.scope !== "string") throw bad("scope must be a string");
+      if (e.account !== undefined && !nonEmpty(e.account)) throw bad("account must be a non-empty string");
+      return {
+        clientId: e.client_id,
+        secret: e.client_secret,
+        redirectUris: [...e.redirect_uris] as string[],
+        refreshToken: e.refresh_token,
+        scope: (e.scope ?? "").split(" ").filter(Boolean).join(" "),
+        account: e.account as string | undefined,
+      };
+    });
+    const touched = new Map<string, Set<string>>();
+    for (const e of checked) {
+      const existing = clients.get(e.clientId);
+      const client: Client = existing ?? {
+        id: e.clientId,
+        secret: e.secret,
+        redirectUris: e.redirectUris,
+        behavior: {},
+        stats: zeroCounters(),
+      };
+      client.secret = e.secret;
+      client.redirectUris = [...new Set([...client.redirectUris, ...e.redirectUris])];
+      clients.set(client.id, client);
+      const account = e.account ?? effectiveBehavior(client).account;
+      const grantId = randomToken("g_");
+      grants.set(grantId, {
+        clientId: client.id,
+        account,
+        scope: e.scope,
+        accessType: "offline",
+        prompt: null,
+        accessTokens: new Set(),
+        refreshTokens: new Set([e.refreshToken]),
+      });
+      refreshTokens.set(e.refreshToken, {
+        clientId: client.id,
+        grantId,
+        scope: e.scope,
+        issuedAt: now(),
+        serial: ++refreshSerial,
+      });
+      touched.set(client.id, (touched.get(client.id) ?? new Set()).add(account));
+    }
+    // Google's per-account limit holds for imported tokens too (once per client and account).
+    for (const [clientId, accounts] of touched) {
+      const limit = effectiveBehavior(clients.get(clientId)).maxRefreshTokensPerAccount;
+      for (const account of accounts) enforceRefreshTokenLimit(clientId, account, limit);
+    }
+    return { imported: checked.length };
   }
 
   function validRedirectUri(u: unknown): boolean {

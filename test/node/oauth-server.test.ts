@@ -629,6 +629,54 @@ describe("stats and admin", () => {
     expect((await introspect(tokens.access_token)).active).toBe(false);
   });
 
+  it("a code issued just before a token sweep still exchanges: its grant, awaiting the exchange, is kept", async () => {
+    const pending = await authorize();
+    // The sweep runs once per 1,000 tokens issued; refreshes of another grant trigger it.
+    const other = await codeFlow();
+    for (let i = 0; i < 1000; i++) expect((await rawRefresh(other.refresh_token ?? "")).status).toBe(200);
+    const res = await oauth.authorizationCodeGrantRequest(
+      as,
+      clientOf("app"),
+      basic("s3cret"),
+      pending.params,
+      REDIRECT,
+      pending.verifier,
+      insecure,
+    );
+    expect(res.status).toBe(200);
+    const tokens = await oauth.processAuthorizationCodeResponse(as, clientOf("app"), res);
+    expect((await introspect(tokens.access_token)).active).toBe(true);
+  });
+
+  it("imports grants in bulk: each refresh token works as if consented, and a bad entry stores nothing", async () => {
+    const grant = (i: number, extra: Record<string, unknown> = {}) => ({
+      client_id: `bulk-${i}`,
+      client_secret: `bulk-secret-${i}`,
+      redirect_uris: [REDIRECT],
+      refresh_token: `rt_bulk_${i}`,
+      scope: "openid email",
+      ...extra,
+    });
+    const imported = await admin("POST", "/admin/import", { grants: [grant(1), grant(2)] });
+    expect(imported).toEqual({ status: 201, json: { imported: 2 } });
+    const issued = await refresh("rt_bulk_2", "bulk-2", "bulk-secret-2");
+    expect(issued.scope).toBe("openid email");
+    expect(await stats("bulk-2")).toMatchObject({ refreshGrants: 1, activeRefreshTokens: 1 });
+    await expectOAuthError(refresh("rt_bulk_1", "bulk-2", "bulk-secret-2"), "invalid_grant");
+
+    const before = await stats();
+    const refused = [
+      { grants: [] },
+      { grants: [grant(3), grant(4, { redirect_uris: ["/relative"] })] },
+      { grants: [grant(5), grant(6, { refresh_token: "rt_bulk_1" })] },
+      { grants: [grant(7), grant(7)] },
+      { grants: [grant(8, { client_secret: "" })] },
+    ];
+    for (const body of refused) expect((await admin("POST", "/admin/import", body)).status).toBe(400);
+    expect(await stats()).toEqual(before);
+    expect((await admin("GET", "/admin/clients/bulk-3/stats")).status).toBe(404);
+  });
+
   it("rejects malformed client registrations", async () => {
     expect(
       (await admin("POST", "/admin/clients", { client_id: "x", client_secret: "y", redirect_uris: [] })).status,
