@@ -1,0 +1,196 @@
+import { type SQL, sql } from "drizzle-orm";
+import type { Db } from "../db/client";
+import { AppError } from "../errors";
+import { fromBase64Url, fromUtf8, toBase64Url, utf8 } from "../lib/encoding";
+import { connectionStatusSql } from "./events";
+
+/**
+ * The console's branch list: every branch with its connection status, "needs attention" first,
+ * filtered, searched and paged, with counts by status. One SQL statement per page (the counts
+ * come with it), so a page costs one round trip however many branches there are.
+ */
+
+/** Connection statuses in attention order: the list shows the first ones first. */
+export const BRANCH_STATUSES = [
+  "needs_reauth",
+  "credentials_rejected",
+  "degraded",
+  "revoked",
+  "never_connected",
+  "connected",
+] as const;
+export type BranchStatus = (typeof BRANCH_STATUSES)[number];
+
+export const BRANCH_LIST_MAX_LIMIT = 200;
+
+export interface BranchListQuery {
+  status?: BranchStatus;
+  active?: boolean;
+  /** Case-insensitive substring of the branch id, the workspace name or the workspace email. */
+  search?: string;
+  /** The previous page's `nextCursor`. */
+  cursor?: string;
+  limit: number;
+}
+
+export interface BranchListRow {
+  clientId: number;
+  branchId: string;
+  workspaceName: string;
+  workspaceEmail: string;
+  isActive: boolean;
+  status: BranchStatus;
+  expiresAt: Date | null;
+  lastRefreshedAt: Date | null;
+  /** The latest token's last refresh failure (as GET /clients/{id} shows it). */
+  lastError: string | null;
+  failureCount: number;
+  nextAttemptAt: Date | null;
+}
+
+export interface BranchListPage {
+  rows: BranchListRow[];
+  nextCursor: string | null;
+  /**
+   * The branches matching `active` and `search` (not `status`: the counts are the status filter's
+   * choices), by status; `total` is their number, `inactive` how many of them are deactivated.
+   */
+  counts: Record<BranchStatus, number> & { total: number; inactive: number };
+}
+
+/** Where a page starts: after this (attention rank, branch id). Branch ids are unique. */
+interface Cursor {
+  rank: number;
+  branchId: string;
+}
+
+export function encodeCursor(cursor: Cursor): string {
+  return toBase64Url(utf8(JSON.stringify([cursor.rank, cursor.branchId])));
+}
+
+export function decodeCursor(text: string): Cursor {
+  let parsed: unknown;
+  try {
+    parsed = JSON.parse(fromUtf8(fromBase64Url(text)));
+  } catch {
+    parsed = undefined;
+  }
+  if (
+    Array.isArray(parsed) &&
+    parsed.length === 2 &&
+    Number.isInteger(parsed[0]) &&
+    parsed[0] >= 0 &&
+    parsed[0] < BRANCH_STATUSES.length &&
+    typeof parsed[1] === "string"
+  ) {
+    return { rank: parsed[0], branchId: parsed[1] };
+  }
+  throw new AppError("bad_request", "The cursor is not one this list handed out; start again from the first page.");
+}
+
+/** `text` matched literally by LIKE (its `%`, `_` and `\` are not wildcards). */
+function likePattern(text: string): string {
+  return `%${text.replace(/[\\%_]/g, (char) => `\\${char}`)}%`;
+}
+
+const RANK_SQL = sql.raw(`(case b.status ${BRANCH_STATUSES.map((s, i) => `when '${s}' then ${i}`).join(" ")} end)`);
+
+type TimeMs = number | null;
+interface RawRow {
+  client_id: number;
+  branch_id: string;
+  workspace_name: string;
+  workspace_email: string;
+  is_active: boolean;
+  status: BranchStatus;
+  rank: number;
+  expires_at: TimeMs;
+  last_refreshed_at: TimeMs;
+  last_error: string | null;
+  failure_count: number | null;
+  next_attempt_at: TimeMs;
+}
+interface RawResult extends Record<string, unknown> {
+  counts: Record<string, number> | string | null;
+  total: number;
+  inactive: number;
+  rows: RawRow[] | string;
+}
+
+const epochMs = (column: string) => sql.raw(`(extract(epoch from ${column}) * 1000)::float8`);
+const toDate = (ms: TimeMs) => (ms === null ? null : new Date(ms));
+const parsed = <T>(value: T | string): T => (typeof value === "string" ? (JSON.parse(value) as T) : value);
+
+/**
+ * One page of the list. The statement derives every matching branch's status once (the latest
+ * token per client, through tokens_client_id_id_idx), counts them by status and returns the page
+ * after the cursor in attention order, then by branch id.
+ */
+export async function listBranches(db: Db, query: BranchListQuery): Promise<BranchListPage> {
+  const limit = Math.min(Math.max(1, Math.trunc(query.limit)), BRANCH_LIST_MAX_LIMIT);
+  const after = query.cursor === undefined ? undefined : decodeCursor(query.cursor);
+  const search = query.search?.trim();
+
+  const matching: SQL[] = [sql`true`];
+  if (query.active !== undefined) matching.push(sql`c.is_active = ${query.active}`);
+  if (search) {
+    const pattern = likePattern(search);
+    matching.push(
+      sql`(c.branch_id ilike ${pattern} or c.workspace_name ilike ${pattern} or c.workspace_email ilike ${pattern})`,
+    );
+  }
+  const onPage: SQL[] = [sql`true`];
+  if (query.status !== undefined) onPage.push(sql`b.status = ${query.status}`);
+  if (after) onPage.push(sql`(${RANK_SQL}, b.branch_id) > (${after.rank}::int, ${after.branchId}::text)`);
+
+  const result = await db.execute<RawResult>(sql`
+    with b as materialized (
+      select c.id as client_id, c.branch_id, c.workspace_name, c.workspace_email, c.is_active,
+        ${connectionStatusSql("t", "c")} as status,
+        ${epochMs("t.expires_at")} as expires_at, ${epochMs("t.last_refreshed_at")} as last_refreshed_at,
+        t.last_error, t.failure_count, ${epochMs("t.next_attempt_at")} as next_attempt_at
+      from clients c
+      left join lateral (
+        select * from tokens t where t.client_id = c.id order by t.id desc limit 1
+      ) t on true
+      where ${sql.join(matching, sql` and `)}
+    ),
+    page as (
+      select b.*, ${RANK_SQL} as rank from b
+      where ${sql.join(onPage, sql` and `)}
+      order by ${RANK_SQL}, b.branch_id
+      limit ${limit + 1}
+    )
+    select
+      (select json_object_agg(status, n) from (select status, count(*)::int as n from b group by status) s) as counts,
+      (select count(*)::int from b) as total,
+      (select count(*)::int from b where not b.is_active) as inactive,
+      (select coalesce(json_agg(page order by page.rank, page.branch_id), '[]'::json) from page) as rows`);
+
+  const raw = result.rows[0]!;
+  const found = parsed(raw.rows);
+  const rows = found.slice(0, limit);
+  const last = rows.at(-1);
+  const byStatus = parsed(raw.counts) ?? {};
+  const counts = Object.fromEntries(BRANCH_STATUSES.map((status) => [status, Number(byStatus[status] ?? 0)])) as Record<
+    BranchStatus,
+    number
+  >;
+  return {
+    rows: rows.map((row) => ({
+      clientId: Number(row.client_id),
+      branchId: row.branch_id,
+      workspaceName: row.workspace_name,
+      workspaceEmail: row.workspace_email,
+      isActive: row.is_active,
+      status: row.status,
+      expiresAt: toDate(row.expires_at),
+      lastRefreshedAt: toDate(row.last_refreshed_at),
+      lastError: row.last_error,
+      failureCount: row.failure_count ?? 0,
+      nextAttemptAt: toDate(row.next_attempt_at),
+    })),
+    nextCursor: found.length > limit && last ? encodeCursor({ rank: last.rank, branchId: last.branch_id }) : null,
+    counts: { ...counts, total: Number(raw.total), inactive: Number(raw.inactive) },
+  };
+}
