@@ -9,6 +9,7 @@ import { presentedKey } from "./lib/api-key";
 import { matchesAny } from "./lib/crypto";
 import { describeError, logError } from "./lib/log";
 import { registerClientRoutes } from "./routes/clients";
+import { registerConsoleRoutes } from "./routes/console";
 import { registerDocsRoutes } from "./routes/docs";
 import { registerEventRoutes } from "./routes/events";
 import { registerHealthRoutes } from "./routes/health";
@@ -72,6 +73,7 @@ export function createApp(): App {
   registerOAuthRoutes(app);
   registerTokenRoutes(app);
   registerEventRoutes(app);
+  registerConsoleRoutes(app);
 
   app.doc31("/openapi.json", {
     openapi: "3.1.0",

@@ -30,6 +30,10 @@ export const LOGIN_LINK_TTL_DEFAULT_SECONDS = 72 * 60 * 60;
 /** The hard upper bound (the old default): a larger value is a configuration error at start-up. */
 export const LOGIN_LINK_TTL_MAX_SECONDS = 7 * 24 * 60 * 60;
 const MIN_API_KEY_LENGTH = 16;
+/** An operator's working day: after it the console asks for the admin key again. */
+export const CONSOLE_SESSION_TTL_DEFAULT_SECONDS = 8 * 60 * 60;
+/** A console sign-in longer than a day would outlive the shift of whoever opened it. */
+const CONSOLE_SESSION_TTL_MAX_SECONDS = 24 * 60 * 60;
 
 const base64Key = z.string().refine((value) => decodedLength(value) === ENCRYPTION_KEY_BYTES, {
   message: `must be the base64 encoding of ${ENCRYPTION_KEY_BYTES} bytes`,
@@ -139,6 +143,23 @@ const EnvFields = z.object({
    * link in a needs_reauth webhook. Unset: the request's origin when a request caused the delivery.
    */
   PUBLIC_BASE_URL: httpUrl.optional(),
+
+  /** How long a console sign-in with the admin key lasts (see src/services/console-session.ts). */
+  CONSOLE_SESSION_TTL_SECONDS: seconds(CONSOLE_SESSION_TTL_DEFAULT_SECONDS).refine(
+    (value) => value <= CONSOLE_SESSION_TTL_MAX_SECONDS,
+    `must be at most ${CONSOLE_SESSION_TTL_MAX_SECONDS} (24 hours)`,
+  ),
+  /**
+   * Cloudflare Access in front of the console: the team domain (`myteam.cloudflareaccess.com`) and
+   * the application's AUD tag. Both set: the console takes the Access JWT and no key sign-in.
+   */
+  CF_ACCESS_TEAM_DOMAIN: z
+    .string()
+    .regex(/^(https:\/\/)?[a-z0-9-]+(\.[a-z0-9-]+)+\/?$/i, "must be a host name such as myteam.cloudflareaccess.com")
+    .optional(),
+  CF_ACCESS_AUD: z.string().min(1).optional(),
+  /** Where the team's signing keys are fetched from; only tests set it (default: the team's certs URL). */
+  CF_ACCESS_CERTS_URL: httpUrl.optional(),
 });
 
 const EnvSchema = EnvFields.superRefine((config, context) => {
@@ -159,6 +180,13 @@ const EnvSchema = EnvFields.superRefine((config, context) => {
       code: "custom",
       path: ["SERVICE_API_KEY"],
       message: "repeats a key of ADMIN_API_KEY: each key must have one role",
+    });
+  }
+  if ((config.CF_ACCESS_TEAM_DOMAIN === undefined) !== (config.CF_ACCESS_AUD === undefined)) {
+    context.addIssue({
+      code: "custom",
+      path: [config.CF_ACCESS_AUD === undefined ? "CF_ACCESS_AUD" : "CF_ACCESS_TEAM_DOMAIN"],
+      message: "is required when the other CF_ACCESS_* binding is set (Cloudflare Access needs both)",
     });
   }
   if (config.WEBHOOK_URL === undefined) return;

@@ -1,4 +1,5 @@
 import type { TestProject } from "vitest/node";
+import { startAccessJwksServer } from "../../dev/access-jwks/server";
 import { startNeonLocal } from "../../dev/neon-local/server";
 import { startOAuthServer } from "../../dev/oauth-server/server";
 import { startWebhookReceiver } from "../../dev/webhook-receiver/server";
@@ -12,6 +13,7 @@ declare module "vitest" {
     oauthServerUrl: string;
     oauthIssuer: string;
     webhookReceiverUrl: string;
+    accessJwksUrl: string;
   }
 }
 
@@ -30,6 +32,7 @@ export default async function setup(project: TestProject) {
   await applyMigrations(db.connectionString, db.sqlEndpoint);
   const oauth = await startOAuthServer({ profile: "google" });
   const receiver = await startWebhookReceiver();
+  const accessJwks = await startAccessJwksServer();
   console.log(
     `worker tests: database ${postgresUrl ? "PostgreSQL" : "PGlite (memory)"} at ${db.url}, OAuth server at ${oauth.url}`,
   );
@@ -40,8 +43,10 @@ export default async function setup(project: TestProject) {
   project.provide("oauthServerUrl", oauth.url);
   project.provide("oauthIssuer", oauth.issuer);
   project.provide("webhookReceiverUrl", receiver.url);
+  project.provide("accessJwksUrl", accessJwks.url);
 
   return async () => {
+    await accessJwks.close();
     await receiver.close();
     await oauth.close();
     await db.close();

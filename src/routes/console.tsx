@@ -1,0 +1,438 @@
+import { sql } from "drizzle-orm";
+import { type Context, Hono, type Next } from "hono";
+import { deleteCookie, getCookie, setCookie } from "hono/cookie";
+import { csrf as sameOriginCheck } from "hono/csrf";
+import { HTTPException } from "hono/http-exception";
+import type { ContentfulStatusCode } from "hono/utils/http-status";
+import { z } from "zod";
+import type { App } from "../app";
+import type { AppEnv } from "../context";
+import { EVENT_TYPES, type TokenRow } from "../db/schema";
+import { AppError, toAppError } from "../errors";
+import { type Keyring, open } from "../lib/crypto";
+import { toBase64Url } from "../lib/encoding";
+import { describeError, logError } from "../lib/log";
+import { BRANCH_STATUSES, type BranchListQuery, type BranchStatus, listBranches } from "../services/branch-list";
+import { getClient } from "../services/clients";
+import {
+  accessSettings,
+  type ConsoleSession,
+  checkCsrfToken,
+  consoleCookies,
+  createKeySession,
+  csrfToken,
+  FLASH_TTL_SECONDS,
+  type Flash,
+  keyRole,
+  openFlash,
+  readAccessSession,
+  readKeySession,
+  SIGN_IN_TTL_SECONDS,
+  sealFlash,
+  signInNonce,
+} from "../services/console-session";
+import { currentStatusSql, LIST_MAX_LIMIT, listEvents } from "../services/events";
+import { webhookTarget } from "../services/webhooks";
+import { type BranchDetails, BranchView } from "./console/branch";
+import { consolePath } from "./console/layout";
+import { BranchListView, ErrorPage, EventLogView, NewBranchView, type PageContext, SignInPage } from "./console/pages";
+
+/**
+ * The operator console: server-rendered pages under /console (hono/jsx, no client framework, no
+ * script but the copy button's). Handlers parse with zod, call the same services as the API
+ * routes and render; forms post and are answered 303 to a page showing the result (a flash
+ * message in a short signed cookie), so every page works without JavaScript.
+ *
+ * Locked down: a signed session cookie from an admin key, or the Cloudflare Access JWT when Access
+ * is configured; every POST passes hono/csrf (Origin) and carries the session's CSRF token; every
+ * response has a strict CSP with a per-response nonce, frame-ancestors 'none' and no caching.
+ */
+
+declare module "hono" {
+  interface ContextVariableMap {
+    /** The response's CSP nonce. */
+    consoleNonce: string;
+    /** The signed-in operator, when there is one. */
+    consoleSession: ConsoleSession;
+  }
+}
+
+type ConsoleContext = Context<AppEnv>;
+
+const BRANCH_PAGE_SIZE = 50;
+const EVENT_PAGE_SIZE = 50;
+const NONCE_BYTES = 16;
+const TOKEN_FINGERPRINT_HEX_CHARS = 8;
+
+const csp = (nonce: string) =>
+  [
+    "default-src 'none'",
+    `style-src 'nonce-${nonce}'`,
+    `script-src 'nonce-${nonce}'`,
+    "img-src 'self'",
+    "form-action 'self'",
+    "frame-ancestors 'none'",
+    "base-uri 'none'",
+  ].join("; ");
+
+export function registerConsoleRoutes(app: App): void {
+  const ui = new Hono<AppEnv>();
+  ui.use(securityHeaders);
+  ui.use(refuseCrossOrigin);
+  ui.use(authenticate);
+
+  ui.get("/sign-in", async (c) => (session(c) ? c.redirect(consolePath(), 303) : signInForm(c, 200)));
+  ui.post("/sign-in", signIn);
+  ui.post("/sign-out", signOut);
+
+  ui.get("/", async (c) => {
+    const query = parseOr422(ListQuery, c.req.query());
+    const listQuery: BranchListQuery = {
+      status: query.status || undefined,
+      active: query.active === "true" ? true : query.active === "false" ? false : undefined,
+      search: query.q?.trim() || undefined,
+      cursor: query.cursor || undefined,
+      limit: BRANCH_PAGE_SIZE,
+    };
+    const list = await listBranches(c.var.db, listQuery);
+    const next = list.nextCursor
+      ? `${consolePath()}?${new URLSearchParams(
+          Object.entries({
+            status: listQuery.status ?? "",
+            active: query.active ?? "",
+            q: listQuery.search ?? "",
+            cursor: list.nextCursor,
+          }).filter(([, value]) => value !== ""),
+        )}`
+      : null;
+    return page(
+      c,
+      200,
+      <BranchListView page={await pageContext(c)} list={list} query={listQuery} now={new Date()} nextHref={next} />,
+    );
+  });
+
+  ui.get("/branches/new", async (c) =>
+    page(
+      c,
+      200,
+      <NewBranchView
+        page={await pageContext(c)}
+        values={{}}
+        errors={{}}
+        defaultRedirectUri={`${c.var.baseUrl}/auth/callback`}
+      />,
+    ),
+  );
+
+  ui.get("/branches/:id", async (c) => {
+    const id = parseOr422(IdParam, c.req.param()).id;
+    const now = new Date();
+    return page(c, 200, <BranchView page={await pageContext(c)} details={await loadBranch(c, id)} now={now} />);
+  });
+
+  ui.get("/events", async (c) => {
+    const query = parseOr422(EventQuery, c.req.query());
+    const filters = { branchId: query.branch_id?.trim() || undefined, type: query.type || undefined };
+    const log = await listEvents(c.var.db, { ...filters, after: query.after, limit: EVENT_PAGE_SIZE });
+    const next =
+      log.nextCursor === null
+        ? null
+        : `${consolePath("/events")}?${new URLSearchParams(
+            Object.entries({
+              branch_id: filters.branchId ?? "",
+              type: filters.type ?? "",
+              after: String(log.nextCursor),
+            }).filter(([, value]) => value !== ""),
+          )}`;
+    return page(
+      c,
+      200,
+      <EventLogView
+        page={await pageContext(c)}
+        events={log.events}
+        filters={filters}
+        now={new Date()}
+        nextHref={next}
+        canRedeliver={webhookTarget(c.var.config) !== undefined}
+      />,
+    );
+  });
+
+  ui.all("*", async (c) => {
+    throw new AppError("not_found", `No console page at ${new URL(c.req.url).pathname}.`);
+  });
+  ui.onError(renderError);
+
+  app.route("/console", ui);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Query and form schemas.
+
+const ListQuery = z.object({
+  status: z.union([z.enum(BRANCH_STATUSES), z.literal("")]).optional(),
+  active: z.enum(["any", "true", "false", ""]).optional(),
+  q: z.string().max(128, "must be at most 128 characters").optional(),
+  cursor: z.string().max(512).optional(),
+});
+
+const EventQuery = z.object({
+  branch_id: z.string().max(128, "must be at most 128 characters").optional(),
+  type: z.union([z.enum(EVENT_TYPES), z.literal("")]).optional(),
+  after: z.coerce.number().int().min(0).max(Number.MAX_SAFE_INTEGER).optional(),
+});
+
+/** As the API's {id} parameter (src/routes/clients.ts): an internal client id. */
+const IdParam = z.object({ id: z.coerce.number().int().positive().max(2_147_483_647) });
+
+function parseOr422<T extends z.ZodType>(schema: T, value: unknown): z.infer<T> {
+  const result = schema.safeParse(value);
+  if (result.success) return result.data;
+  const problems = result.error.issues.map((issue) => `${issue.path.join(".") || "(query)"}: ${issue.message}`);
+  throw new AppError("validation_failed", problems.join("; "));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Middleware: headers, origin, session, CSRF token.
+
+async function securityHeaders(c: ConsoleContext, next: Next): Promise<void> {
+  const nonce = toBase64Url(crypto.getRandomValues(new Uint8Array(NONCE_BYTES)));
+  c.set("consoleNonce", nonce);
+  await next();
+  const headers: Record<string, string> = {
+    "Content-Security-Policy": csp(nonce),
+    "X-Frame-Options": "DENY",
+    "Referrer-Policy": "no-referrer",
+    "X-Content-Type-Options": "nosniff",
+  };
+  try {
+    for (const [name, value] of Object.entries(headers)) c.res.headers.set(name, value);
+  } catch {
+    c.res = new Response(c.res.body, c.res);
+    for (const [name, value] of Object.entries(headers)) c.res.headers.set(name, value);
+  }
+}
+
+const originCheck = sameOriginCheck();
+
+/** hono/csrf: a form POST must come from this origin (Origin or Sec-Fetch-Site), else a 403 page. */
+async function refuseCrossOrigin(c: ConsoleContext, next: Next): Promise<Response | undefined> {
+  try {
+    await originCheck(c, async () => {});
+  } catch (error) {
+    if (!(error instanceof HTTPException) || error.status !== 403) throw error;
+    return forbidden(c, "This form was sent from another site (its Origin is not this console's), so it was refused.");
+  }
+  await next();
+  return undefined;
+}
+
+async function authenticate(c: ConsoleContext, next: Next): Promise<Response | undefined> {
+  const now = new Date();
+  const access = accessSettings(c.var.config);
+  const cookies = consoleCookies(c.req.url);
+  let current: ConsoleSession | null;
+  if (access) {
+    current = await readAccessSession(access, c.req.header("cf-access-jwt-assertion"), now);
+  } else {
+    const value = getCookie(c, cookies.session);
+    current = await readKeySession(c.var.keyring, value, c.var.config.ADMIN_API_KEY, now);
+    // Forged, expired, or its key was removed: the browser forgets it.
+    if (value !== undefined && !current) deleteCookie(c, cookies.session, { path: "/", secure: cookies.secure });
+  }
+  if (current) c.set("consoleSession", current);
+  if (c.req.path === consolePath("/sign-in")) {
+    await next();
+    return undefined;
+  }
+  if (!current) {
+    if (c.req.method === "GET" || c.req.method === "HEAD") return c.redirect(consolePath("/sign-in"), 303);
+    const message = access
+      ? "A valid Cloudflare Access token is required."
+      : "Your session has ended or is not valid: sign in again.";
+    return page(
+      c,
+      401,
+      <ErrorPage page={{ nonce: c.get("consoleNonce") }} title="Signed out" message={message} signIn />,
+    );
+  }
+  if (c.req.method !== "GET" && c.req.method !== "HEAD") {
+    const form = await formOf(c);
+    if (!(await checkCsrfToken(c.var.keyring, current.id, form.csrf))) {
+      return forbidden(c, "The form's CSRF token is missing or not this session's: reload the page and try again.");
+    }
+  }
+  await next();
+  return undefined;
+}
+
+/** The request's form fields (hono caches the parsed body, so handlers read it again for free). */
+async function formOf(c: ConsoleContext): Promise<Record<string, string>> {
+  const type = c.req.header("content-type") ?? "";
+  if (!/^(application\/x-www-form-urlencoded|multipart\/form-data)/i.test(type)) return {};
+  const body = await c.req.parseBody();
+  const out: Record<string, string> = {};
+  for (const [name, value] of Object.entries(body)) if (typeof value === "string") out[name] = value;
+  return out;
+}
+
+function session(c: ConsoleContext): ConsoleSession | undefined {
+  return c.get("consoleSession") as ConsoleSession | undefined;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Sign-in and sign-out.
+
+async function signInForm(c: ConsoleContext, status: ContentfulStatusCode, error?: string): Promise<Response> {
+  const nonce = c.get("consoleNonce");
+  if (accessSettings(c.var.config)) {
+    return page(c, status === 200 ? 401 : status, <SignInPage page={{ nonce }} error={error} accessOnly />);
+  }
+  const cookies = consoleCookies(c.req.url);
+  const formNonce = signInNonce();
+  setCookie(c, cookies.signIn, formNonce, cookieOptions(cookies.secure, SIGN_IN_TTL_SECONDS));
+  const csrf = await csrfToken(c.var.keyring, `sign-in:${formNonce}`);
+  return page(c, status, <SignInPage page={{ nonce, csrf, flash: await takeFlash(c) }} error={error} />);
+}
+
+async function signIn(c: ConsoleContext): Promise<Response> {
+  if (accessSettings(c.var.config)) return signInForm(c, 403, "Signing in with an API key is turned off.");
+  const cookies = consoleCookies(c.req.url);
+  const form = await formOf(c);
+  const formNonce = getCookie(c, cookies.signIn);
+  if (!formNonce || !(await checkCsrfToken(c.var.keyring, `sign-in:${formNonce}`, form.csrf))) {
+    return signInForm(c, 403, "The sign-in form expired or was not sent from this console: try again.");
+  }
+  const key = (form.api_key ?? "").trim();
+  const { ADMIN_API_KEY, SERVICE_API_KEY } = c.var.config;
+  const role = key ? await keyRole(key, { admin: ADMIN_API_KEY, service: SERVICE_API_KEY }) : null;
+  if (role === "service") return signInForm(c, 401, "The service key cannot sign in: use an admin API key.");
+  if (role !== "admin") return signInForm(c, 401, "That is not a valid admin API key.");
+  const ttl = c.var.config.CONSOLE_SESSION_TTL_SECONDS;
+  const { value } = await createKeySession(c.var.keyring, key, new Date(), ttl);
+  setCookie(c, cookies.session, value, cookieOptions(cookies.secure, ttl));
+  deleteCookie(c, cookies.signIn, { path: "/", secure: cookies.secure });
+  return c.redirect(consolePath(), 303);
+}
+
+async function signOut(c: ConsoleContext): Promise<Response> {
+  // Behind Access the session is Access's: its own logout ends it.
+  if (accessSettings(c.var.config)) return c.redirect("/cdn-cgi/access/logout", 303);
+  const cookies = consoleCookies(c.req.url);
+  deleteCookie(c, cookies.session, { path: "/", secure: cookies.secure });
+  return redirectWithFlash(c, consolePath("/sign-in"), { tone: "ok", message: "Signed out." });
+}
+
+function cookieOptions(secure: boolean, maxAgeSeconds: number) {
+  return { httpOnly: true, secure, sameSite: "Strict", path: "/", maxAge: maxAgeSeconds } as const;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Pages.
+
+async function pageContext(c: ConsoleContext): Promise<PageContext> {
+  const current = session(c);
+  return {
+    nonce: c.get("consoleNonce"),
+    who: current?.who,
+    csrf: current ? await csrfToken(c.var.keyring, current.id) : undefined,
+    flash: await takeFlash(c),
+  };
+}
+
+/** The flash message the last redirect left, read once. */
+async function takeFlash(c: ConsoleContext): Promise<Flash | null> {
+  const cookies = consoleCookies(c.req.url);
+  const value = getCookie(c, cookies.flash);
+  if (value === undefined) return null;
+  deleteCookie(c, cookies.flash, { path: "/", secure: cookies.secure });
+  return openFlash(c.var.keyring, value, new Date());
+}
+
+export async function redirectWithFlash(c: ConsoleContext, location: string, flash: Flash): Promise<Response> {
+  const cookies = consoleCookies(c.req.url);
+  setCookie(
+    c,
+    cookies.flash,
+    await sealFlash(c.var.keyring, flash, new Date()),
+    cookieOptions(cookies.secure, FLASH_TTL_SECONDS),
+  );
+  return c.redirect(location, 303);
+}
+
+function page(c: ConsoleContext, status: ContentfulStatusCode, node: { toString(): string }): Response {
+  return c.html(`<!doctype html>${node.toString()}`, status);
+}
+
+function forbidden(c: ConsoleContext, message: string): Response {
+  return page(c, 403, <ErrorPage page={{ nonce: c.get("consoleNonce") }} title="Refused" message={message} />);
+}
+
+/** An error as a page: the AppError's status and its detail (never a secret); anything else is a logged 500. */
+async function renderError(error: Error, c: ConsoleContext): Promise<Response> {
+  const appError =
+    error instanceof HTTPException
+      ? new AppError(error.status === 413 ? "payload_too_large" : "bad_request", error.message || "Malformed request.")
+      : toAppError(error);
+  if (appError.status >= 500 || appError.code === "sealed_value_unreadable") {
+    logError("console_request_failed", {
+      request_id: c.var.requestId,
+      code: appError.code,
+      error: describeError(appError.cause ?? appError),
+    });
+  }
+  if (appError.extra.retryAfterSeconds !== undefined) {
+    c.header("Retry-After", String(Math.ceil(appError.extra.retryAfterSeconds)));
+  }
+  let context: PageContext = { nonce: c.get("consoleNonce") };
+  try {
+    context = await pageContext(c);
+  } catch {
+    // The page still renders without the header's session details.
+  }
+  const title = appError.status === 404 ? "Not found" : appError.status >= 500 ? "Something went wrong" : "Refused";
+  return page(
+    c,
+    appError.status as ContentfulStatusCode,
+    <ErrorPage page={context} title={title} message={appError.detail} />,
+  );
+}
+
+// ---------------------------------------------------------------------------------------------
+// A branch's details.
+
+async function loadBranch(c: ConsoleContext, id: number): Promise<BranchDetails> {
+  const db = c.var.db;
+  const [found, statusRows, history] = await Promise.all([
+    getClient(db, id),
+    // The status as events name it: the one rule (src/services/events.ts), not a copy.
+    db.execute<{ status: BranchStatus }>(
+      sql`select ${currentStatusSql("c")} as status from clients c where c.id = ${id}`,
+    ),
+    listEvents(db, { clientId: id, limit: LIST_MAX_LIMIT }),
+  ]);
+  return {
+    client: found.client,
+    token: found.token,
+    status: statusRows.rows[0]?.status ?? "never_connected",
+    fingerprint: found.token ? await tokenFingerprint(c.var.keyring, found.token) : null,
+    events: history.events,
+    moreEvents: history.nextCursor !== null,
+  };
+}
+
+/** The access token only as the first hex digits of its SHA-256: enough to tell tokens apart. */
+async function tokenFingerprint(keyring: Keyring, token: TokenRow): Promise<string> {
+  let value: string;
+  try {
+    value = await open(keyring, token.accessToken, { column: "tokens.access_token", clientId: token.clientId });
+  } catch {
+    return "unreadable (the stored token does not open)";
+  }
+  const digest = new Uint8Array(await crypto.subtle.digest("SHA-256", new TextEncoder().encode(value)));
+  return [...digest]
+    .map((byte) => byte.toString(16).padStart(2, "0"))
+    .join("")
+    .slice(0, TOKEN_FINGERPRINT_HEX_CHARS);
+}

@@ -1,0 +1,376 @@
+import { exportJWK, generateKeyPair, SignJWT } from "jose";
+import { beforeAll, describe, expect, it } from "vitest";
+import { loadKeyring, sign } from "../../src/lib/crypto";
+import { toBase64Url } from "../../src/lib/encoding";
+import { createKeySession, readKeySession } from "../../src/services/console-session";
+import { TEST_ADMIN_KEY, TEST_ENCRYPTION_KEY, TEST_SERVICE_KEY } from "./bindings";
+import { accessJwksUrl, ConsoleBrowser, flashOf } from "./console-helpers";
+import { BASE, call, uniqueId } from "./helpers";
+
+/**
+ * Who gets into the console: the admin-key sign-in and its signed session cookie (expiry, sign-out,
+ * forgery, a removed key), the CSRF defences (Origin and the per-session token), the headers every
+ * page carries, and Cloudflare Access JWTs against a local stand-in for the team's certs endpoint.
+ */
+
+const SECOND_ADMIN_KEY = "test-admin-key-0000000000000002";
+const HOUR_MS = 60 * 60 * 1000;
+
+describe("sign-in", () => {
+  it("sends a visitor without a session to the sign-in page", async () => {
+    const visitor = new ConsoleBrowser();
+    for (const path of ["", "/events", "/branches/new", "/branches/1"]) {
+      const page = await visitor.get(path);
+      expect(page.status).toBe(303);
+      expect(page.response.headers.get("location")).toBe("/token-management/console/sign-in");
+    }
+  });
+
+  it("shows a labelled key field and signs in with an admin key: a HttpOnly, SameSite=Strict session cookie", async () => {
+    const operator = new ConsoleBrowser();
+    const form = await operator.get("/sign-in");
+    expect(form.status).toBe(200);
+    expect(form.html).toContain('<label for="api_key">Admin API key</label>');
+    expect(form.html).toMatch(/<input id="api_key" name="api_key" type="password"/);
+    expect(form.html).toMatch(/<button type="submit">Sign in<\/button>/);
+
+    const answer = await operator.post("/sign-in", { csrf: form.csrf!, api_key: TEST_ADMIN_KEY });
+    expect(answer.status).toBe(303);
+    expect(answer.response.headers.get("location")).toBe("/token-management/console");
+    const cookie = answer.response.headers.getSetCookie().find((c) => c.startsWith("tm_console="));
+    expect(cookie).toBeDefined();
+    expect(cookie).toMatch(/; HttpOnly/);
+    expect(cookie).toMatch(/; SameSite=Strict/);
+    expect(cookie).toMatch(/; Path=\//);
+    expect(cookie).toMatch(/; Max-Age=28800/);
+    // Plain http (local development): a browser would drop a Secure cookie, so it is not one.
+    expect(cookie).not.toMatch(/Secure/);
+
+    const list = await operator.get("");
+    expect(list.status).toBe(200);
+    expect(list.html).toContain('<table id="branches">');
+    expect(list.html).toContain("Signed in: admin key");
+  });
+
+  it("on https the cookie is __Host- prefixed and Secure", async () => {
+    const operator = new ConsoleBrowser("https://token-manager.test/token-management");
+    await operator.signIn();
+    expect(operator.browser.names()).toContain("__Host-tm_console");
+    const list = await operator.get("");
+    expect(list.status).toBe(200);
+  });
+
+  it("refuses the service key and a wrong key with a 401 and the form again, and sets no session", async () => {
+    for (const [key, message] of [
+      [TEST_SERVICE_KEY, "The service key cannot sign in: use an admin API key."],
+      ["not-a-key-of-this-service-at-all", "That is not a valid admin API key."],
+      ["", "That is not a valid admin API key."],
+    ] as const) {
+      const visitor = new ConsoleBrowser();
+      const form = await visitor.get("/sign-in");
+      const answer = await visitor.post("/sign-in", { csrf: form.csrf!, api_key: key });
+      expect(answer.status).toBe(401);
+      expect(flashOf(answer.html)).toEqual({ tone: "error", text: message });
+      expect(answer.html).toContain('id="api_key"');
+      expect(visitor.browser.names()).not.toContain("tm_console");
+      expect((await visitor.get("")).status).toBe(303);
+    }
+  });
+
+  it("refuses a sign-in without the form's CSRF token or from another origin", async () => {
+    const visitor = new ConsoleBrowser();
+    const form = await visitor.get("/sign-in");
+    const withoutToken = await visitor.post("/sign-in", { api_key: TEST_ADMIN_KEY });
+    expect(withoutToken.status).toBe(403);
+    const foreign = await visitor.post(
+      "/sign-in",
+      { csrf: form.csrf!, api_key: TEST_ADMIN_KEY },
+      { origin: "https://evil.example" },
+    );
+    expect(foreign.status).toBe(403);
+    // A token of another browser's form: bound to that browser's sign-in cookie.
+    const other = new ConsoleBrowser();
+    const otherForm = await other.get("/sign-in");
+    const swapped = await visitor.post("/sign-in", { csrf: otherForm.csrf!, api_key: TEST_ADMIN_KEY });
+    expect(swapped.status).toBe(403);
+    expect(visitor.browser.names()).not.toContain("tm_console");
+  });
+
+  it("an operator already signed in who opens the sign-in page goes to the branches", async () => {
+    const operator = new ConsoleBrowser();
+    await operator.signIn();
+    const again = await operator.get("/sign-in");
+    expect(again.status).toBe(303);
+    expect(again.response.headers.get("location")).toBe("/token-management/console");
+  });
+});
+
+describe("the session", () => {
+  it("sign-out clears the cookie and the console asks for the key again", async () => {
+    const operator = new ConsoleBrowser();
+    await operator.signIn();
+    const list = await operator.get("");
+    const out = await operator.post("/sign-out", { csrf: list.csrf! });
+    expect(out.status).toBe(303);
+    expect(out.response.headers.get("location")).toBe("/token-management/console/sign-in");
+    expect(out.response.headers.getSetCookie().some((c) => /^tm_console=;.*Max-Age=0/.test(c))).toBe(true);
+    const signInPage = await operator.follow(out);
+    expect(flashOf(signInPage.html)).toEqual({ tone: "ok", text: "Signed out." });
+    expect((await operator.get("")).status).toBe(303);
+  });
+
+  it("expires: a session older than its lifetime is refused (time as a parameter)", async () => {
+    const keyring = await loadKeyring(TEST_ENCRYPTION_KEY);
+    const start = new Date("2026-12-01T08:00:00Z");
+    const { value } = await createKeySession(keyring, TEST_ADMIN_KEY, start, 8 * 60 * 60);
+    const admins = [TEST_ADMIN_KEY];
+    expect(await readKeySession(keyring, value, admins, new Date(start.getTime() + 8 * HOUR_MS - 1000))).not.toBeNull();
+    expect(await readKeySession(keyring, value, admins, new Date(start.getTime() + 8 * HOUR_MS))).toBeNull();
+  });
+
+  it("refuses an expired session cookie and tells the browser to drop it", async () => {
+    const keyring = await loadKeyring(TEST_ENCRYPTION_KEY);
+    const { value } = await createKeySession(keyring, TEST_ADMIN_KEY, new Date(Date.now() - 9 * HOUR_MS), 8 * 60 * 60);
+    const page = await call("/console", { headers: { cookie: `tm_console=${value}` } });
+    expect(page.status).toBe(303);
+    expect(page.headers.get("location")).toBe("/token-management/console/sign-in");
+    expect(page.headers.getSetCookie().some((c) => /^tm_console=;/.test(c))).toBe(true);
+    // The same session, minted now, opens the console: only its age differed.
+    const fresh = await createKeySession(keyring, TEST_ADMIN_KEY, new Date(), 60);
+    expect((await call("/console", { headers: { cookie: `tm_console=${fresh.value}` } })).status).toBe(200);
+  });
+
+  it("a short CONSOLE_SESSION_TTL_SECONDS is the cookie's lifetime and the session's", async () => {
+    const operator = new ConsoleBrowser();
+    const envOverrides = { CONSOLE_SESSION_TTL_SECONDS: "1" } as Record<string, string>;
+    const form = await operator.get("/sign-in", { envOverrides });
+    const answer = await operator.post("/sign-in", { csrf: form.csrf!, api_key: TEST_ADMIN_KEY }, { envOverrides });
+    expect(answer.response.headers.getSetCookie().find((c) => c.startsWith("tm_console="))).toMatch(/Max-Age=1(;|$)/);
+    const value = /tm_console=([^;]+)/.exec(answer.response.headers.getSetCookie().join("\n"))![1]!;
+    await new Promise((resolve) => setTimeout(resolve, 1_100));
+    // Sent anyway (a browser would have dropped it): the signed expiry refuses it.
+    const late = await call("/console", { headers: { cookie: `tm_console=${value}` }, envOverrides });
+    expect(late.status).toBe(303);
+  });
+
+  it("refuses forged sessions: altered payload, bad signature, another purpose's signature, garbage", async () => {
+    const keyring = await loadKeyring(TEST_ENCRYPTION_KEY);
+    const { value } = await createKeySession(keyring, TEST_ADMIN_KEY, new Date(), 3600);
+    const [payload, signature] = value.split(".") as [string, string];
+    const decoded = JSON.parse(atob(payload.replace(/-/g, "+").replace(/_/g, "/")));
+    const longer = toBase64Url(new TextEncoder().encode(JSON.stringify({ ...decoded, e: decoded.e + 100 * HOUR_MS })));
+    const forged = [
+      `${longer}.${signature}`,
+      `${payload}.${signature.slice(0, -2)}AA`,
+      // Signed with the same sub-key but without the session purpose (as a login link is).
+      `${longer}.${await sign(keyring, longer)}`,
+      `${payload}`,
+      "garbage",
+    ];
+    for (const cookie of forged) {
+      const page = await call("/console", { headers: { cookie: `tm_console=${cookie}` } });
+      expect(page.status, cookie).toBe(303);
+    }
+    // Another deployment's encryption key signs sessions this one does not accept.
+    const otherKeyring = await loadKeyring(btoa(String.fromCharCode(...new Uint8Array(32).fill(7))));
+    const foreign = await createKeySession(otherKeyring, TEST_ADMIN_KEY, new Date(), 3600);
+    expect((await call("/console", { headers: { cookie: `tm_console=${foreign.value}` } })).status).toBe(303);
+    expect((await call("/console", { headers: { cookie: `tm_console=${value}` } })).status).toBe(200);
+  });
+
+  it("ends when its admin key is removed from ADMIN_API_KEY; sessions of the other key go on", async () => {
+    const first = new ConsoleBrowser();
+    await first.signIn(TEST_ADMIN_KEY);
+    const second = new ConsoleBrowser();
+    await second.signIn(SECOND_ADMIN_KEY);
+    const envOverrides = { ADMIN_API_KEY: TEST_ADMIN_KEY };
+    expect((await first.get("", { envOverrides })).status).toBe(200);
+    expect((await second.get("", { envOverrides })).status).toBe(303);
+  });
+});
+
+describe("CSRF", () => {
+  it("refuses a POST without the session's token, with another session's token, or as JSON", async () => {
+    const operator = new ConsoleBrowser();
+    await operator.signIn();
+    const other = new ConsoleBrowser();
+    await other.signIn();
+    const otherToken = (await other.get("")).csrf!;
+
+    const missing = await operator.post("/sign-out", {});
+    expect(missing.status).toBe(403);
+    expect(missing.html).toContain("CSRF token");
+    expect((await operator.post("/sign-out", { csrf: otherToken })).status).toBe(403);
+    const json = await operator.post("/sign-out", {}, { headers: { "content-type": "application/json" } });
+    expect(json.status).toBe(403);
+    // Still signed in: none of them signed out.
+    expect((await operator.get("")).status).toBe(200);
+  });
+
+  it("refuses a POST with the right token from a foreign Origin, and one with no Origin at all", async () => {
+    const operator = new ConsoleBrowser();
+    await operator.signIn();
+    const token = (await operator.get("")).csrf!;
+    const foreign = await operator.post("/sign-out", { csrf: token }, { origin: "https://evil.example" });
+    expect(foreign.status).toBe(403);
+    expect(foreign.html).toContain("another site");
+    expect((await operator.post("/sign-out", { csrf: token }, { origin: null })).status).toBe(403);
+    expect((await operator.get("")).status).toBe(200);
+    // The same form from this origin works.
+    expect((await operator.post("/sign-out", { csrf: token })).status).toBe(303);
+  });
+
+  it("a POST without any session is a 401 page, not an action", async () => {
+    const visitor = new ConsoleBrowser();
+    const answer = await visitor.post("/sign-out", { csrf: "x" });
+    expect(answer.status).toBe(401);
+    expect(answer.response.headers.get("content-type")).toMatch(/^text\/html/);
+  });
+});
+
+describe("every console response", () => {
+  it("has a strict CSP with a fresh nonce that its style element carries, no framing, no caching, no referrer", async () => {
+    const operator = new ConsoleBrowser();
+    await operator.signIn();
+    const nonces = new Set<string>();
+    const pages = [
+      await new ConsoleBrowser().get("/sign-in"),
+      await operator.get(""),
+      await operator.get("/events"),
+      await operator.get("/branches/new"),
+      await operator.get("/branches/2147483647"),
+      await operator.get("/no-such-page"),
+      await new ConsoleBrowser().get(""),
+      await operator.post("/sign-out", {}),
+    ];
+    for (const { response, html } of pages) {
+      const policy = response.headers.get("content-security-policy") ?? "";
+      const nonce = /script-src 'nonce-([^']+)'/.exec(policy)?.[1];
+      expect(nonce, policy).toBeDefined();
+      nonces.add(nonce!);
+      expect(policy).toBe(
+        `default-src 'none'; style-src 'nonce-${nonce}'; script-src 'nonce-${nonce}'; img-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'`,
+      );
+      expect(response.headers.get("x-frame-options")).toBe("DENY");
+      expect(response.headers.get("cache-control")).toBe("no-store");
+      expect(response.headers.get("referrer-policy")).toBe("no-referrer");
+      if (response.status !== 303) {
+        expect(response.headers.get("content-type")).toMatch(/^text\/html/);
+        expect(html).toContain(`<style nonce="${nonce}">`);
+        expect(html).toMatch(/^<!doctype html><html lang="en">/);
+        // No inline script or style without the nonce, nothing from elsewhere.
+        expect(html.match(/<script(?![^>]*nonce=)/g)).toBeNull();
+        expect(html).not.toMatch(/\ssrc="https?:/);
+      }
+    }
+    expect(nonces.size).toBe(pages.length);
+  });
+
+  it("an unknown console page is an HTML 404 and a bad id a 422, never a 500", async () => {
+    const operator = new ConsoleBrowser();
+    await operator.signIn();
+    const missing = await operator.get("/branches/2147483647");
+    expect(missing.status).toBe(404);
+    expect(flashOf(missing.html)?.text).toBe("No client with id 2147483647.");
+    expect((await operator.get("/branches/abc")).status).toBe(422);
+    expect((await operator.get("/branches/-1")).status).toBe(422);
+    expect((await operator.get("?status=bogus")).status).toBe(422);
+    expect((await operator.get("/nothing-here")).status).toBe(404);
+  });
+});
+
+describe("Cloudflare Access", () => {
+  const team = uniqueId("team");
+  const teamDomain = `${team}.cloudflareaccess.com`;
+  const issuer = `https://${teamDomain}`;
+  const audience = "aud-tag-0123456789abcdef";
+  let envOverrides: Record<string, string>;
+  let teamKey: CryptoKey;
+  let strangerKey: CryptoKey;
+
+  beforeAll(async () => {
+    const pair = await generateKeyPair("RS256", { extractable: true });
+    teamKey = pair.privateKey;
+    strangerKey = (await generateKeyPair("RS256")).privateKey;
+    const jwk = { ...(await exportJWK(pair.publicKey)), kid: "team-key-1", alg: "RS256", use: "sig" };
+    const certsUrl = `${accessJwksUrl()}/teams/${team}/certs`;
+    const stored = await fetch(certsUrl, { method: "PUT", body: JSON.stringify({ keys: [jwk] }) });
+    expect(stored.status).toBe(204);
+    envOverrides = { CF_ACCESS_TEAM_DOMAIN: teamDomain, CF_ACCESS_AUD: audience, CF_ACCESS_CERTS_URL: certsUrl };
+  });
+
+  async function accessJwt(
+    options: { key?: CryptoKey; aud?: string; iss?: string; expiresInSeconds?: number; kid?: string } = {},
+  ) {
+    const now = Math.floor(Date.now() / 1000);
+    return new SignJWT({ email: "operator@example.com", type: "app" })
+      .setProtectedHeader({ alg: "RS256", kid: options.kid ?? "team-key-1" })
+      .setSubject("user-1234")
+      .setIssuer(options.iss ?? issuer)
+      .setAudience(options.aud ?? audience)
+      .setIssuedAt(now - 60)
+      .setExpirationTime(now + (options.expiresInSeconds ?? 3600))
+      .sign(options.key ?? teamKey);
+  }
+
+  const open = (path: string, jwt: string | undefined) =>
+    call(`${BASE}/console${path}`, {
+      envOverrides,
+      headers: jwt ? { "cf-access-jwt-assertion": jwt } : {},
+    });
+
+  it("accepts the team's JWT for the right audience and shows who is signed in", async () => {
+    const page = await open("", await accessJwt());
+    const html = await page.text();
+    expect(page.status, html).toBe(200);
+    expect(html).toContain("Signed in: operator@example.com");
+  });
+
+  it("refuses a wrong audience, another issuer, an expired token, a stranger's signature, or none", async () => {
+    const refused = [
+      await accessJwt({ aud: "another-application" }),
+      await accessJwt({ iss: "https://other-team.cloudflareaccess.com" }),
+      await accessJwt({ expiresInSeconds: -10 }),
+      await accessJwt({ key: strangerKey }),
+      await accessJwt({ key: strangerKey, kid: "unknown-kid" }),
+      "not.a.jwt",
+      undefined,
+    ];
+    for (const jwt of refused) {
+      const page = await open("", jwt);
+      expect(page.status, String(jwt)).toBe(303);
+      expect(page.headers.get("location")).toBe("/token-management/console/sign-in");
+    }
+  });
+
+  it("turns the key sign-in off: the admin key opens nothing, and a key session cookie is ignored", async () => {
+    const form = await call("/console/sign-in", { envOverrides });
+    expect(form.status).toBe(401);
+    expect(await form.text()).toContain("behind Cloudflare Access");
+    const keyring = await loadKeyring(TEST_ENCRYPTION_KEY);
+    const { value } = await createKeySession(keyring, TEST_ADMIN_KEY, new Date(), 3600);
+    const withCookie = await call("/console", { envOverrides, headers: { cookie: `tm_console=${value}` } });
+    expect(withCookie.status).toBe(303);
+  });
+
+  it("a form posted under Access needs the token bound to the Access identity", async () => {
+    const jwt = await accessJwt();
+    const page = await open("", jwt);
+    const token = /name="csrf" value="([^"]*)"/.exec(await page.text())![1]!;
+    const post = (csrf: string) =>
+      call(`${BASE}/console/sign-out`, {
+        method: "POST",
+        envOverrides,
+        headers: {
+          "cf-access-jwt-assertion": jwt,
+          origin: new URL(BASE).origin,
+          "content-type": "application/x-www-form-urlencoded",
+        },
+        body: new URLSearchParams({ csrf }).toString(),
+      });
+    expect((await post("forged")).status).toBe(403);
+    const out = await post(token);
+    expect(out.status).toBe(303);
+    expect(out.headers.get("location")).toBe("/cdn-cgi/access/logout");
+  });
+});
