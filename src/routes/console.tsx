@@ -6,7 +6,7 @@ import { HTTPException } from "hono/http-exception";
 import type { ContentfulStatusCode } from "hono/utils/http-status";
 import { z } from "zod";
 import type { App } from "../app";
-import type { AppEnv } from "../context";
+import { type AppEnv, operatorOf } from "../context";
 import { EVENT_TYPES, type TokenRow } from "../db/schema";
 import { AppError, toAppError } from "../errors";
 import { type Keyring, open } from "../lib/crypto";
@@ -31,11 +31,31 @@ import {
   sealFlash,
   signInNonce,
 } from "../services/console-session";
-import { currentStatusSql, LIST_MAX_LIMIT, listEvents } from "../services/events";
+import { currentStatusSql, LIST_MAX_LIMIT, listEvents, redeliverEvent } from "../services/events";
+import {
+  changeClient,
+  newLoginLink,
+  type Operator,
+  refreshNow,
+  registerBranch,
+  removeClient,
+  revokeLoginLinks,
+  revokeToken,
+} from "../services/operations";
 import { webhookTarget } from "../services/webhooks";
+import { ClientBody, ClientPatch, clientChangesOf, newClientOf } from "./clients";
 import { type BranchDetails, BranchView } from "./console/branch";
-import { consolePath } from "./console/layout";
-import { BranchListView, ErrorPage, EventLogView, NewBranchView, type PageContext, SignInPage } from "./console/pages";
+import { consolePath, expiryWords } from "./console/layout";
+import {
+  BranchListView,
+  ErrorPage,
+  EventLogView,
+  NEW_BRANCH_FIELDS,
+  type NewBranchField,
+  NewBranchView,
+  type PageContext,
+  SignInPage,
+} from "./console/pages";
 
 /**
  * The operator console: server-rendered pages under /console (hono/jsx, no client framework, no
@@ -159,6 +179,99 @@ export function registerConsoleRoutes(app: App): void {
     );
   });
 
+  ui.post("/branches", registerBranchForm);
+  ui.post("/branches/:id/login-link", async (c) => {
+    const id = parseOr422(IdParam, c.req.param()).id;
+    const revokePrevious = (await formOf(c)).revoke_previous === "true";
+    const now = new Date();
+    const link = await newLoginLink(operatorOf(c), id, revokePrevious, now);
+    const context = await pageContext(c);
+    context.flash = {
+      tone: "ok",
+      message: revokePrevious
+        ? "New login link created; every earlier link no longer works. Copy it below."
+        : "New login link created. Copy it below.",
+    };
+    // 200, not a redirect: the link is shown once and never stored.
+    return page(c, 200, <BranchView page={context} details={await loadBranch(c, id)} now={now} link={link} />);
+  });
+  ui.post("/branches/:id/login-links/revoke", (c) =>
+    branchAction(c, async (op, id, now) => {
+      await revokeLoginLinks(op, id, now);
+      return "Every login link issued so far, and any consent begun with one, no longer works.";
+    }),
+  );
+  ui.post("/branches/:id/refresh", (c) =>
+    branchAction(c, async (op, id, now) => {
+      const token = await refreshNow(op, { clientId: id }, now);
+      return `Token refreshed: the new one ${expiryWords(token.expiresAt, new Date())}.`;
+    }),
+  );
+  ui.post("/branches/:id/active", (c) =>
+    branchAction(c, async (op, id, now, form) => {
+      const choice = z.enum(["true", "false"]).safeParse(form.is_active);
+      if (!choice.success) throw new AppError("validation_failed", 'is_active must be "true" or "false".');
+      const isActive = choice.data === "true";
+      await changeClient(op, id, clientChangesOf(parseOr422(ClientPatch, { is_active: isActive })), now);
+      return isActive
+        ? "Branch activated: its token is served and refreshed again."
+        : "Branch deactivated: its token is no longer served or refreshed.";
+    }),
+  );
+  ui.post("/branches/:id/secret", (c) =>
+    branchAction(c, async (op, id, now, form) => {
+      const changes = parseOr422(ClientPatch, { client_secret: form.client_secret ?? "" });
+      await changeClient(op, id, clientChangesOf(changes), now);
+      return "Client secret rotated. The next refresh uses it.";
+    }),
+  );
+  ui.post("/branches/:id/revoke", (c) =>
+    branchAction(c, async (op, id, now) => {
+      const { client } = await getClient(op.db, id);
+      const result = await revokeToken(op, client.branchId, now);
+      return `${
+        result.revokedAtProvider
+          ? "Grant revoked here and at the provider."
+          : "Grant revoked here; the provider could not revoke it (see the log), so revoke it there too if it matters."
+      } Other locations may serve the old token from their cache for up to ${result.cacheMaxAgeSeconds} s.`;
+    }),
+  );
+  ui.post("/branches/:id/delete", async (c) => {
+    const id = parseOr422(IdParam, c.req.param()).id;
+    const op = operatorOf(c);
+    const { client } = await getClient(op.db, id);
+    const confirm = (await formOf(c)).confirm ?? "";
+    if (confirm.trim() !== client.branchId) {
+      return redirectWithFlash(c, consolePath(`/branches/${id}`), {
+        tone: "error",
+        message: `Not deleted: type the branch ID (${client.branchId}) exactly to confirm.`,
+      });
+    }
+    const result = await removeClient(op, id, new Date());
+    const failures = result.revocationFailures ? `, ${result.revocationFailures} revocation(s) failed` : "";
+    return redirectWithFlash(c, consolePath(), {
+      tone: "ok",
+      message: `Branch ${client.branchId} deleted (${result.revoked} grant(s) revoked at the provider${failures}). Other locations may serve its token from their cache for up to ${result.cacheMaxAgeSeconds} s.`,
+    });
+  });
+  ui.post("/events/:id/redeliver", async (c) => {
+    const id = parseOr422(EventIdParam, c.req.param()).id;
+    const back = consolePath("/events");
+    if (!webhookTarget(c.var.config)) {
+      return redirectWithFlash(c, back, {
+        tone: "error",
+        message: "No WEBHOOK_URL is configured: events are only logged.",
+      });
+    }
+    const event = await redeliverEvent(c.var.db, id, new Date());
+    // The request middleware makes the first attempt after the response (as POST /events/{id}/redeliver).
+    c.var.events.touched = true;
+    return redirectWithFlash(c, `${back}?branch_id=${encodeURIComponent(event.branchId)}`, {
+      tone: "ok",
+      message: `evt_${event.id} queued for delivery; the first attempt follows now.`,
+    });
+  });
+
   ui.all("*", async (c) => {
     throw new AppError("not_found", `No console page at ${new URL(c.req.url).pathname}.`);
   });
@@ -185,6 +298,8 @@ const EventQuery = z.object({
 
 /** As the API's {id} parameter (src/routes/clients.ts): an internal client id. */
 const IdParam = z.object({ id: z.coerce.number().int().positive().max(2_147_483_647) });
+
+const EventIdParam = z.object({ id: z.coerce.number().int().positive().max(Number.MAX_SAFE_INTEGER) });
 
 function parseOr422<T extends z.ZodType>(schema: T, value: unknown): z.infer<T> {
   const result = schema.safeParse(value);
@@ -397,6 +512,79 @@ async function renderError(error: Error, c: ConsoleContext): Promise<Response> {
     appError.status as ContentfulStatusCode,
     <ErrorPage page={context} title={title} message={appError.detail} />,
   );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Actions.
+
+/**
+ * A change to one branch, answered 303 to its page with what happened. A refusal the operator can
+ * act on (409 not connected, 422 a bad field, 502/503 the provider or database) is the page's error
+ * message; an unknown branch is the 404 page.
+ */
+async function branchAction(
+  c: ConsoleContext,
+  change: (op: Operator, id: number, now: Date, form: Record<string, string>) => Promise<string>,
+): Promise<Response> {
+  const id = parseOr422(IdParam, c.req.param()).id;
+  const form = await formOf(c);
+  let flash: Flash;
+  try {
+    flash = { tone: "ok", message: await change(operatorOf(c), id, new Date(), form) };
+  } catch (error) {
+    const appError = toAppError(error);
+    // An unknown branch is the 404 page, a bug the 500 page; the rest the operator can act on.
+    if (appError.status === 404 || appError.status === 500) throw error;
+    flash = { tone: "error", message: appError.detail };
+  }
+  return redirectWithFlash(c, consolePath(`/branches/${id}`), flash);
+}
+
+/** The register form: POST /clients' schema, its errors next to their fields (the secret never echoed). */
+async function registerBranchForm(c: ConsoleContext): Promise<Response> {
+  const form = await formOf(c);
+  const values: Partial<Record<NewBranchField, string>> = {};
+  for (const { name } of NEW_BRANCH_FIELDS) if (form[name] !== undefined) values[name] = form[name];
+  // An empty optional field is an absent one (a form always sends it).
+  const body: Record<string, string> = { ...values };
+  if ((body.scopes ?? "").trim() === "") delete body.scopes;
+  const rerender = async (
+    status: ContentfulStatusCode,
+    errors: Partial<Record<NewBranchField, string>>,
+    formError?: string,
+  ) =>
+    page(
+      c,
+      status,
+      <NewBranchView
+        page={await pageContext(c)}
+        values={values}
+        errors={errors}
+        defaultRedirectUri={`${c.var.baseUrl}/auth/callback`}
+        formError={formError}
+      />,
+    );
+  const parsed = ClientBody.safeParse(body);
+  if (!parsed.success) {
+    const errors: Partial<Record<NewBranchField, string>> = {};
+    for (const issue of parsed.error.issues) {
+      const field = String(issue.path[0] ?? "") as NewBranchField;
+      if (NEW_BRANCH_FIELDS.some((f) => f.name === field) && errors[field] === undefined) errors[field] = issue.message;
+    }
+    return rerender(422, errors, "Some fields need fixing: see the messages next to them.");
+  }
+  try {
+    const { client } = await registerBranch(operatorOf(c), newClientOf(parsed.data), new Date());
+    return redirectWithFlash(c, consolePath(`/branches/${client.id}`), {
+      tone: "ok",
+      message: `Branch ${client.branchId} registered. Press “Copy new login link” to get the link to send to the branch.`,
+    });
+  } catch (error) {
+    if (!(error instanceof AppError) || error.code !== "conflict") throw error;
+    const errors: Partial<Record<NewBranchField, string>> = {};
+    for (const problem of error.extra.errors ?? []) errors[problem.field as NewBranchField] = problem.message;
+    return rerender(409, errors, error.detail);
+  }
 }
 
 // ---------------------------------------------------------------------------------------------
