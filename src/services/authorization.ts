@@ -1,4 +1,4 @@
-import { and, desc, eq, isNull, lte, ne, notExists, or, sql } from "drizzle-orm";
+import { and, desc, eq, isNull, lte, ne, notExists, or, type SQL, sql } from "drizzle-orm";
 import type { Db } from "../db/client";
 import { type ClientRow, clients, type TokenRow, tokens } from "../db/schema";
 import { AppError, sqlState } from "../errors";
@@ -17,6 +17,7 @@ import {
   unexpectedIssuer,
 } from "../oauth/provider";
 import { clientCredentials, clientNotFound, revokeGrant } from "./clients";
+import { clientEvent, currentStatusSql, type EventContext, withEvents } from "./events";
 import { linkStillValid } from "./login-links";
 import { expiryOf, lifetimeOf } from "./refresh-policy";
 
@@ -137,6 +138,7 @@ export async function completeLogin(
   params: URLSearchParams,
   binding: string | undefined,
   now: Date,
+  events: EventContext,
   defer?: Defer,
 ): Promise<CallbackResult> {
   const started = Date.now();
@@ -177,7 +179,7 @@ export async function completeLogin(
     issued = await exchangeCode(provider, credentials, params, state, client.redirectUri, payload.v);
   } catch (error) {
     if (error instanceof ProviderError && error.kind === "invalid_client") {
-      await db.update(clients).set({ credentialsRejectedAt: now }).where(eq(clients.id, client.id));
+      await recordRejectedCredentials(db, events, client.id, error, now);
     }
     if (error instanceof ProviderError && error.transient) {
       // The provider failed or did not answer (5xx, timeout, network): let the same callback be retried.
@@ -233,7 +235,7 @@ export async function completeLogin(
     }
 
     const expiresAt = expiryOf(issued, sentAt);
-    const stored = await storeTokens(db, keyring, client.id, issued, expiresAt, now, payload);
+    const stored = await storeTokens(db, keyring, events, client.id, issued, expiresAt, now, payload);
     if (!stored) {
       // Another consent for this branch stored first, or the links were revoked meanwhile.
       if (distinctGrant) later(discardIssued(provider, credentials, issued, client.id));
@@ -332,6 +334,7 @@ async function revokeReplaced(
 async function storeTokens(
   db: Db,
   keyring: Keyring,
+  events: EventContext,
   clientId: number,
   issued: IssuedTokens,
   expiresAt: Date,
@@ -345,11 +348,17 @@ async function storeTokens(
       : seal(keyring, issued.refreshToken, { column: "tokens.refresh_token", clientId }),
   ]);
   const authority = new Date(payload.a);
+  const accepts = and(
+    eq(clients.id, clientId),
+    eq(clients.isActive, true),
+    or(isNull(clients.loginLinksValidAfter), lte(clients.loginLinksValidAfter, authority)),
+  );
   const validAfter = new Date(Math.max(now.getTime(), payload.a + 1));
   const ours = sql`exists (select 1 from ${clients} where ${clients.id} = ${clientId} and ${clients.lastStateNonce} = ${payload.n} and ${clients.loginLinksValidAfter} = ${validAfter.toISOString()}::timestamptz)`;
   const previousRefreshToken = sql`(select ${tokens.refreshToken} from ${tokens} where ${tokens.clientId} = ${clientId} order by ${tokens.id} desc limit 1)`;
   try {
-    const [claimed] = await db.batch([
+    const [, claimed] = await db.batch([
+      consentEvent(db, events, clientId, accepts, now),
       db
         .update(clients)
         .set({
@@ -361,13 +370,7 @@ async function storeTokens(
           consentProblemDetail: null,
           consentProblemAt: null,
         })
-        .where(
-          and(
-            eq(clients.id, clientId),
-            eq(clients.isActive, true),
-            or(isNull(clients.loginLinksValidAfter), lte(clients.loginLinksValidAfter, authority)),
-          ),
-        )
+        .where(accepts)
         .returning({ id: clients.id }),
       db
         .update(tokens)
@@ -391,6 +394,60 @@ async function storeTokens(
     }
     throw error;
   }
+}
+
+/**
+ * connection.created (the client never had a token row) or connection.reauthorized (a new consent
+ * replaced a grant, whatever became of it), decided in the database by the same condition as the
+ * claim that follows it in the batch (`accepts`). It runs first, to read the status before the
+ * batch changes it, and locks the client row so the claim sees the row it decided on.
+ */
+function consentEvent(db: Db, events: EventContext, clientId: number, accepts: SQL | undefined, now: Date) {
+  const replaces = sql`exists (select 1 from ${tokens} where ${tokens.clientId} = ${clients.id})`;
+  return clientEvent(
+    db,
+    events,
+    clientId,
+    {
+      type: sql`case when ${accepts} then (case when ${replaces} then 'connection.reauthorized' else 'connection.created' end) end`,
+      before: currentStatusSql("clients"),
+      after: "connected",
+      reason: sql`case when ${replaces} then 'a new consent replaced the grant' else 'first consent' end`,
+    },
+    now,
+    { lock: true },
+  );
+}
+
+/**
+ * The code exchange was refused with `invalid_client`: the client is flagged, and if that changes
+ * the connection's status (connected, degraded, needs_reauth or never_connected before),
+ * connection.credentials_rejected is written in the same statement.
+ */
+async function recordRejectedCredentials(
+  db: Db,
+  events: EventContext,
+  clientId: number,
+  error: ProviderError,
+  now: Date,
+): Promise<void> {
+  // `p` is the row as the statement found it: the status before; the after status is the same
+  // with the flag set.
+  const before = currentStatusSql("p");
+  const after = currentStatusSql("p", "true");
+  const transition = sql`(${before} is distinct from ${after})`;
+  await withEvents(
+    db,
+    events,
+    sql`update ${clients} c set credentials_rejected_at = ${now}, event_seq = c.event_seq + ${transition}::int
+      from ${clients} p where p.id = c.id and c.id = ${clientId}
+      returning c.id as client_id, c.branch_id, c.event_seq as seq,
+        case when ${transition} then 'connection.credentials_rejected' end as event_type,
+        ${before} as status_before, ${after} as status_after,
+        left(${`at the code exchange: ${error.message}`}::text, 500) as reason`,
+    now,
+    "returned",
+  );
 }
 
 /**

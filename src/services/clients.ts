@@ -115,11 +115,15 @@ export async function updateClient(
   const update = db.update(clients).set(values).where(eq(clients.id, id)).returning();
   try {
     let row: ClientRow | undefined;
-    if (changes.isActive === undefined) [row] = await update;
+    const [first, ...more] = [
+      ...(changes.isActive === undefined ? [] : [activationEvent(db, events, id, changes.isActive, now)]),
+      ...(changes.clientSecret === undefined ? [] : [newCredentialsEvent(db, events, id, now)]),
+    ];
+    if (!first) [row] = await update;
     else {
-      // One transaction: the event (read before the update changes is_active) and the update.
-      const [, updated] = await db.batch([activationEvent(db, events, id, changes.isActive, now), update]);
-      [row] = updated;
+      // One transaction: the events (read before the update changes the row) and the update.
+      const results = await db.batch([first, ...more, update]);
+      [row] = results.at(-1) as ClientRow[];
     }
     if (!row) throw clientNotFound(id);
     return row;
@@ -140,6 +144,27 @@ function activationEvent(db: Db, events: EventContext, id: number, isActive: boo
       before: sql`case when ${clients.isActive} then 'active' else 'inactive' end`,
       after: isActive ? "active" : "inactive",
       reason: isActive ? "reactivated by an administrator" : "deactivated by an administrator",
+    },
+    now,
+  );
+}
+
+/**
+ * A new secret clears a rejection of the old one: connection.recovered, from credentials_rejected
+ * to whatever the connection is without the flag (connected, degraded, needs_reauth, never_connected).
+ */
+function newCredentialsEvent(db: Db, events: EventContext, id: number, now: Date) {
+  const before = currentStatusSql("clients");
+  const after = currentStatusSql("clients", "false");
+  return clientEvent(
+    db,
+    events,
+    id,
+    {
+      type: sql`case when ${before} is distinct from ${after} then 'connection.recovered' end`,
+      before,
+      after,
+      reason: "the client secret was replaced",
     },
     now,
   );

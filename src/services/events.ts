@@ -1,4 +1,4 @@
-import { and, asc, eq, gt, inArray, lte, type SQL, sql } from "drizzle-orm";
+import { and, asc, eq, gt, inArray, lte, type SQL, type SQLWrapper, sql } from "drizzle-orm";
 import type { Db } from "../db/client";
 import { clients, type DeliveryState, type EventRow, type EventType, events } from "../db/schema";
 import { AppError } from "../errors";
@@ -35,28 +35,49 @@ export function eventContext(deliver: boolean): EventContext {
 
 /**
  * A connection's status as events name it, from a token row `t` (all columns null when the client
- * has none) and its client row `c`. Statuses: never_connected, connected, degraded,
- * credentials_rejected, needs_reauth, revoked (and deleted, active, inactive in their events).
+ * has none) and whether the client's credentials stand rejected (`rejected`, a boolean SQL
+ * expression). In order of precedence: revoked (an operator's decision outranks the rest),
+ * credentials_rejected (nothing works until the secret is fixed, not even a new consent),
+ * never_connected, needs_reauth, degraded (DEGRADED_AFTER_FAILURES failed refreshes in a row),
+ * connected. Events also use deleted, active and inactive.
  */
-export function connectionStatusSql(t: string, c: string): SQL {
+export function connectionStatusOf(t: string, rejected: string): SQL {
   return sql.raw(`(case
-    when ${t}.id is null then 'never_connected'
     when ${t}.status = 'revoked' then 'revoked'
+    when ${rejected} then 'credentials_rejected'
+    when ${t}.id is null then 'never_connected'
     when ${t}.status = 'needs_reauth' or not ${t}.is_valid then 'needs_reauth'
-    when ${c}.credentials_rejected_at is not null then 'credentials_rejected'
     when ${t}.failure_count >= ${DEGRADED_AFTER_FAILURES} then 'degraded'
     else 'connected' end)`);
 }
 
-/** The connection status of client `c` (an alias in the outer query) from its latest token. */
-export function currentStatusSql(c: string): SQL {
-  return sql`coalesce((select ${connectionStatusSql("t", c)} from ${sql.raw("tokens")} t
-    where t.client_id = ${sql.raw(c)}.id order by t.id desc limit 1), 'never_connected')`;
+/** The status from token row `t` and client row `c` (aliases in the outer query). */
+export function connectionStatusSql(t: string, c: string): SQL {
+  return connectionStatusOf(t, `${c}.credentials_rejected_at is not null`);
 }
 
-/** The type of the branch's latest event, or null (for rules like "recovered after degraded"). */
-export function latestEventTypeSql(clientIdColumn: SQL): SQL {
-  return sql`(select e.type from ${events} e where e.client_id = ${clientIdColumn} order by e.id desc limit 1)`;
+/**
+ * The connection status of client `c` (an alias in the outer query) from its latest token;
+ * `rejected` overrides what the client row says (for a statement that is changing it).
+ */
+export function currentStatusSql(c: string, rejected?: string): SQL {
+  const flag = rejected ?? `${c}.credentials_rejected_at is not null`;
+  return sql`(select ${connectionStatusOf("t", flag)} from (select 1) one left join lateral (
+      select * from ${sql.raw("tokens")} t where t.client_id = ${sql.raw(c)}.id order by t.id desc limit 1
+    ) t on true)`;
+}
+
+/**
+ * The event a change of status is, when a token row's change (a refresh result, a revocation)
+ * moved the connection from `before` to `after` (SQL text columns): named by where it went.
+ */
+export function transitionTypeSql(before: SQL, after: SQL): SQL {
+  return sql`(case when ${before} is distinct from ${after} then (case ${after}
+    when 'connected' then 'connection.recovered'
+    when 'degraded' then 'connection.degraded'
+    when 'credentials_rejected' then 'connection.credentials_rejected'
+    when 'needs_reauth' then 'connection.needs_reauth'
+    when 'revoked' then 'connection.revoked' end) end)`;
 }
 
 const INSERT_COLUMNS = sql.raw(
@@ -106,25 +127,104 @@ export function withEvents(db: Db, context: EventContext, change: SQL, now: Date
       coalesce((select json_agg(id order by id) from inserted), '[]'::json) as event_ids`);
 }
 
+/** What a token row's change does to its client's `credentials_rejected_at` in the same statement. */
+export type RejectedAfter = "set" | "clear" | "keep";
+
+/**
+ * The RETURNING columns of an UPDATE of token rows that `tokenChangeWithEvents` wraps: the client,
+ * and the connection's status before (the row as the statement found it, read through a subquery,
+ * which sees the statement's snapshot, not its own change) and after the change.
+ */
+export function tokenChangeReturning(rejected: RejectedAfter) {
+  const flag =
+    rejected === "set"
+      ? "true"
+      : rejected === "clear"
+        ? "false"
+        : `exists (select 1 from clients rc where rc.id = "tokens".client_id and rc.credentials_rejected_at is not null)`;
+  return {
+    clientId: sql<number>`"tokens".client_id`.as("client_id"),
+    statusBefore:
+      sql<string>`(select ${connectionStatusSql("p", "pc")} from tokens p join clients pc on pc.id = p.client_id
+      where p.id = "tokens".id)`.as("status_before"),
+    statusAfter: sql<string>`${connectionStatusOf('"tokens"', flag)}`.as("status_after"),
+  };
+}
+
+/**
+ * One statement: `update` (an UPDATE of token rows RETURNING tokenChangeReturning(rejected)), the
+ * client's `credentials_rejected_at` set or cleared as `rejected` says (only for rows the update
+ * changed), and an event for each row whose change moved the connection to another status
+ * (transitionTypeSql). A change that matches no row (a result whose lease was lost) writes nothing
+ * at all. Answers like withEvents: `changed` and `event_ids`.
+ */
+export function tokenChangeWithEvents(
+  db: Db,
+  context: EventContext,
+  update: SQLWrapper,
+  change: { rejected: RejectedAfter; reason: string | null },
+  now: Date,
+) {
+  const client =
+    change.rejected === "set"
+      ? { set: sql`, credentials_rejected_at = ${now}`, when: sql`true` }
+      : change.rejected === "clear"
+        ? { set: sql`, credentials_rejected_at = null`, when: sql`${clients}.credentials_rejected_at is not null` }
+        : { set: sql``, when: sql`false` };
+  return db.execute<{ changed: number; event_ids: number[] | string }>(sql`
+    with changed as (${update.getSQL()}),
+    typed as (
+      select client_id, status_before, status_after,
+        ${transitionTypeSql(sql.raw("status_before"), sql.raw("status_after"))} as event_type
+      from changed
+    ),
+    source as (
+      update ${clients} set event_seq = ${clients}.event_seq + (typed.event_type is not null)::int ${client.set}
+      from typed
+      where ${clients}.id = typed.client_id and (typed.event_type is not null or ${client.when})
+      returning ${clients}.id as client_id, ${clients}.branch_id, ${clients}.event_seq as seq,
+        typed.event_type, typed.status_before, typed.status_after
+    ),
+    inserted as (
+      insert into ${events} ${INSERT_COLUMNS}
+      select event_type, client_id, branch_id, seq, status_before, status_after, left(${change.reason}::text, 500),
+        ${deliveryValues(context, now)}
+      from source where event_type is not null
+      returning id
+    )
+    select (select count(*) from changed)::int as changed,
+      coalesce((select json_agg(id order by id) from inserted), '[]'::json) as event_ids`);
+}
+
+/** After a statement of tokenChangeWithEvents ran: if it wrote events, the invocation delivers them. */
+export function noteEvents(context: EventContext, result: unknown): number[] {
+  const ids = writtenEventIds(result);
+  if (ids.length > 0) context.touched = true;
+  return ids;
+}
+
 /**
  * One event for one client, for a change made by other statements of the same batch. Put it before
- * them when `before` reads the state they change. `type` and `before` may be SQL over `clients`
- * (the client's row) to decide in the database; a null type writes nothing.
+ * them when `before` reads the state they change. `type`, `before`, `after` and `reason` may be SQL
+ * over `clients` (the client's row) to decide in the database; a null type writes nothing. `lock`
+ * locks the client row even when no event is written, so the later statements of the batch see
+ * the row this one decided on (no concurrent change slips between them).
  */
 export function clientEvent(
   db: Db,
   context: EventContext,
   clientId: number,
-  event: { type: EventType | SQL; before: string | SQL; after: string; reason?: string | null },
+  event: { type: EventType | SQL; before: string | SQL; after: string | SQL; reason?: string | SQL | null },
   now: Date,
+  options: { lock?: boolean } = {},
 ) {
   return withEvents(
     db,
     context,
     sql`select ${clients}.id as client_id, (${event.type})::text as event_type,
-          (${event.before})::text as status_before, ${event.after}::text as status_after,
-          ${event.reason ?? null}::text as reason
-        from ${clients} where ${clients}.id = ${clientId}`,
+          (${event.before})::text as status_before, (${event.after})::text as status_after,
+          (${event.reason ?? null})::text as reason
+        from ${clients} where ${clients}.id = ${clientId}${options.lock ? sql` for update` : sql``}`,
     now,
   );
 }

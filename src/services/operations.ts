@@ -53,6 +53,7 @@ export function tokenDepsOf(op: Operator): TokenDeps {
     refreshAheadSeconds: op.config.REFRESH_AHEAD_SECONDS,
     leaseMs: leaseMsFor(op.config.OAUTH_TIMEOUT_MS),
     background: { defer: (task) => op.defer(task), budgetMs: REQUEST_BACKGROUND_BUDGET_MS },
+    events: op.events,
   };
 }
 
@@ -119,7 +120,7 @@ export async function finishConsent(
   bindingCookie: string | undefined,
   now: Date,
 ) {
-  const result = await completeLogin(op.db, op.keyring, op.provider, params, bindingCookie, now, (work) =>
+  const result = await completeLogin(op.db, op.keyring, op.provider, params, bindingCookie, now, op.events, (work) =>
     op.defer(work),
   );
   await dropToken(cacheDepsOf(op), result.client.branchId);
@@ -160,10 +161,10 @@ export async function refreshNow(
 }
 
 /** Revokes the branch's grant at the provider (best effort) and here; this location stops serving it. */
-export async function revokeToken(op: Operator, branchId: string, _now: Date) {
+export async function revokeToken(op: Operator, branchId: string, now: Date) {
   let result: Awaited<ReturnType<typeof revokeBranchToken>>;
   try {
-    result = await revokeBranchToken(tokenDepsOf(op), branchId);
+    result = await revokeBranchToken(tokenDepsOf(op), branchId, now);
   } finally {
     // Whatever happened at the provider or in the database, stop serving it from here.
     await dropToken(cacheDepsOf(op), branchId);

@@ -9,6 +9,7 @@ import { describeError, logError, logInfo, logWarn } from "../lib/log";
 import { ProviderError, refreshGrant } from "../oauth/provider";
 import { leaseMsFor } from "./refresh-policy";
 import {
+  appliedOf,
   claimLeases,
   failureStatements,
   holdOf,
@@ -47,7 +48,7 @@ export interface SchedulerEnv extends Env {
 }
 
 /** What refreshing needs of the invocation's services. */
-export interface RefreshDeps extends Pick<Services, "db" | "keyring" | "provider"> {
+export interface RefreshDeps extends Pick<Services, "db" | "keyring" | "provider" | "events"> {
   /** How long a refresh lease lasts: leaseMsFor(OAUTH_TIMEOUT_MS); tests inject a shorter one. */
   leaseMs: number;
   /** How long a rotated refresh token whose write failed is retried before it is given up. */
@@ -85,6 +86,7 @@ export function refreshDeps(d: Services): RefreshDeps {
     db: d.db,
     keyring: d.keyring,
     provider: d.provider,
+    events: d.events,
     leaseMs: leaseMsFor(d.config.OAUTH_TIMEOUT_MS),
     persistBudgetMs: INVOCATION_PERSIST_BUDGET_MS,
     windowSeconds: d.config.CRON_REFRESH_WINDOW_SECONDS,
@@ -204,7 +206,7 @@ export async function refreshTokens(d: RefreshDeps, ids: number[], now: Date): P
         );
         const values = await refreshedValues(d.keyring, token.clientId, issued, sentAt);
         writer.push({
-          write: [successStatement(d.db, hold, values)],
+          write: [successStatement(d.db, d.events, hold, values)],
           outcome: "refreshed",
           hold,
           rotated: values.refreshToken !== undefined,
@@ -212,7 +214,7 @@ export async function refreshTokens(d: RefreshDeps, ids: number[], now: Date): P
       } catch (error) {
         const failure = error instanceof ProviderError ? error : new ProviderError("network", describeError(error));
         writer.push({
-          write: failureStatements(d.db, token, hold, failure, at()),
+          write: failureStatements(d.db, d.events, token, hold, failure, at()),
           outcome: recordsDeadGrant(failure, hold) ? "dead" : "failed",
           hold,
           rotated: false,
@@ -318,11 +320,11 @@ class BatchWriter {
     const statements = results.flatMap((r) => r.write) as ResultWrite;
     for (let attempt = 1; attempt <= PERSIST_ATTEMPTS; attempt++) {
       try {
-        const written = (await this.d.db.batch(statements)) as unknown[][];
+        const written = (await this.d.db.batch(statements)) as unknown[];
         let end = 0;
         for (const result of results) {
           end += result.write.length;
-          this.record(result, written[end - 1]!.length > 0);
+          this.record(result, appliedOf(written[end - 1]).written);
         }
         return;
       } catch (error) {

@@ -8,6 +8,14 @@ import { type Keyring, open, seal } from "../lib/crypto";
 import { describeError, type LogFields, logError, logInfo, logWarn } from "../lib/log";
 import { type IssuedTokens, type Provider, ProviderError, refreshGrant } from "../oauth/provider";
 import { clientCredentials, revokeGrant, selectWithLatestToken } from "./clients";
+import {
+  changedRows,
+  type EventContext,
+  noteEvents,
+  tokenChangeReturning,
+  tokenChangeWithEvents,
+  writtenEventIds,
+} from "./events";
 import { expiryOf, inBackoff, isServable, lifetimeOf, needsRefresh, nextAttemptAt, waitPollMs } from "./refresh-policy";
 
 /**
@@ -29,6 +37,8 @@ export interface TokenDeps {
   background: Background;
   /** Waiting between re-reads while another isolate refreshes; replaceable in tests. */
   sleep?: (ms: number) => Promise<void>;
+  /** Where the result writes' events go (see events.ts): the invocation's context. */
+  events: EventContext;
 }
 
 /** Work that continues after the answer, and for how long it may. */
@@ -91,10 +101,14 @@ export async function forceRefresh(
   return refreshOrServe(deps, client, token, now, true);
 }
 
-/** DELETE /tokens/{branch_id}: revoke at the provider (best effort), then mark the token revoked. */
+/**
+ * DELETE /tokens/{branch_id}: revoke at the provider (best effort), then mark the token revoked,
+ * with `connection.revoked` in the same statement (none when it already was).
+ */
 export async function revokeBranchToken(
-  deps: TokenDeps,
+  deps: Pick<TokenDeps, "db" | "keyring" | "provider" | "events">,
   branchId: string,
+  now: Date,
 ): Promise<{ client: ClientRow; revokedAtProvider: boolean }> {
   const [found] = await selectWithLatestToken(deps.db).where(eq(clients.branchId, branchId));
   if (!found?.client) throw new AppError("not_found", `No client is registered for branch ${branchId}.`);
@@ -109,10 +123,21 @@ export async function revokeBranchToken(
       logWarn("revocation_failed", { client: client.id, error: describeError(error) });
     }
   }
-  await deps.db
-    .update(tokens)
-    .set({ isValid: false, status: "revoked", leaseOwner: null, leaseExpiresAt: null })
-    .where(eq(tokens.id, token.id));
+  const result = await tokenChangeWithEvents(
+    deps.db,
+    deps.events,
+    deps.db
+      .update(tokens)
+      .set({ isValid: false, status: "revoked", leaseOwner: null, leaseExpiresAt: null })
+      .where(eq(tokens.id, token.id))
+      .returning(tokenChangeReturning("keep")),
+    {
+      rejected: "keep",
+      reason: `revoked by an administrator${revokedAtProvider ? "" : "; the provider could not be reached or had nothing to revoke"}`,
+    },
+    now,
+  );
+  noteEvents(deps.events, result);
   return { client, revokedAtProvider };
 }
 
@@ -417,7 +442,7 @@ async function refreshHeld(
   const { token: row, clientId, clientSecret } = leased;
   const hold = holdOf(leased, owner);
   if (!row.refreshToken) {
-    await recordDead(deps.db, hold, "no refresh token was ever issued");
+    noteWritten(deps.events, await applyResult(deps.db, [recordDead(deps.db, deps.events, hold, at())]));
     throw reauthorizationRequired(client);
   }
   const sentAt = at();
@@ -443,22 +468,21 @@ async function refreshHeld(
   }
   const values = await refreshedValues(deps.keyring, row.clientId, issued, sentAt);
   const rotated = values.refreshToken !== undefined;
-  const write: ResultWrite = [successStatement(deps.db, hold, values)];
+  const write: ResultWrite = [successStatement(deps.db, deps.events, hold, values)];
   const sleep = deps.sleep ?? defaultSleep;
   const written = await persistWithRetry(deps.db, write, sleep, { token: row.id, rotated });
+  if (written) noteWritten(deps.events, written);
   if (written === undefined) {
     if (rotated) deps.background.defer(persistInBackground(deps.db, write, hold, deps.background.budgetMs, sleep));
     else {
       // Nothing is lost: the stored refresh token still works. The lease runs out by itself.
       logWarn("refreshed_token_not_persisted", { token: row.id, rotated });
     }
-  } else if (written.length === 0) {
+  } else if (!written.written) {
     logWarn("refresh_result_dropped", { token: row.id, outcome: "refreshed", rotated, reason: "superseded" });
   }
   logInfo("token_refreshed", { client: client.id, expires_in: lifetimeOf(issued), rotated });
-  const stored = written?.[0] as TokenRow | undefined;
-  const token = stored ?? { ...row, ...values };
-  return { client, token, accessToken: issued.accessToken, refreshed: true };
+  return { client, token: { ...row, ...values }, accessToken: issued.accessToken, refreshed: true };
 }
 
 export interface RefreshedValues {
@@ -504,7 +528,9 @@ export async function refreshedValues(
 
 /**
  * The statements that record one refresh result, run as one batch. The last one updates the token
- * row and returns what it wrote: nothing means the result was dropped (the lease was lost).
+ * row and writes the event of any transition (tokenChangeWithEvents, so the event lands under the
+ * same lease condition as the result); a change of no row means the result was dropped (the lease
+ * was lost), and then no event was written either.
  */
 export type ResultWrite = [BatchItem<"pg">, ...BatchItem<"pg">[]];
 
@@ -515,11 +541,13 @@ export type ResultWrite = [BatchItem<"pg">, ...BatchItem<"pg">[]];
  * not touch the new holder's lease), because the provider already invalidated the stored one and
  * dropping the new one would kill the grant. Shared by the on-demand path, the cron and the queue.
  */
-export function successStatement(db: Db, hold: LeaseHold, values: RefreshedValues) {
+export function successStatement(db: Db, events: EventContext, hold: LeaseHold, values: RefreshedValues) {
   const held = eq(tokens.leaseOwner, hold.owner);
   const mayWrite =
     values.refreshToken === undefined ? held : or(held, and(eq(tokens.isValid, true), eq(tokens.status, "active")));
-  return db
+  // A success proves the credentials good: a rejected client's flag is cleared in the same
+  // statement, and leaving degraded or credentials_rejected writes connection.recovered.
+  const update = db
     .update(tokens)
     .set({
       ...values,
@@ -527,19 +555,30 @@ export function successStatement(db: Db, hold: LeaseHold, values: RefreshedValue
       leaseExpiresAt: sql`case when ${held} then null else ${tokens.leaseExpiresAt} end`,
     })
     .where(and(eq(tokens.id, hold.tokenId), computedFrom(hold), mayWrite))
-    .returning();
+    .returning(tokenChangeReturning("clear"));
+  return tokenChangeWithEvents(
+    db,
+    events,
+    update,
+    { rejected: "clear", reason: "a refresh succeeded again" },
+    values.lastRefreshedAt,
+  );
 }
 
 /**
- * The writes that record a failed refresh, by kind of failure: a dead grant stops being current, a
- * transient failure schedules the next attempt, and `invalid_client` also flags the client. Each
- * lands only for the lease holder and while the row carries the refresh token that failed; a
- * refresher that took over a lapsed lease never records a dead grant (the previous holder may have
- * rotated the token, so `invalid_grant` proves nothing): it backs off instead, and the next clean
- * attempt decides. Shared by the on-demand path, the cron and the queue; the token update is last.
+ * The write that records a failed refresh, by kind of failure: a dead grant stops being current, a
+ * transient failure schedules the next attempt, and `invalid_client` also flags the client (in the
+ * same statement, only when the token row was written). It lands only for the lease holder and
+ * while the row carries the refresh token that failed; a refresher that took over a lapsed lease
+ * never records a dead grant (the previous holder may have rotated the token, so `invalid_grant`
+ * proves nothing): it backs off instead, and the next clean attempt decides. Its event, if the
+ * failure is a transition (needs_reauth, credentials_rejected, or the failure that makes the count
+ * reach DEGRADED_AFTER_FAILURES), is written by the same statement. Shared by the on-demand path,
+ * the cron and the queue.
  */
 export function failureStatements(
   db: Db,
+  events: EventContext,
   token: Pick<TokenRow, "clientId" | "failureCount">,
   hold: LeaseHold,
   error: ProviderError,
@@ -555,16 +594,13 @@ export function failureStatements(
   const values = dead
     ? { ...common, isValid: false, status: "needs_reauth" as const }
     : { ...common, nextAttemptAt: nextAttemptAt(failureCount, now, error.retryAfterSeconds) };
-  const updateToken = db.update(tokens).set(values).where(heldBy(hold)).returning({ id: tokens.id });
-  if (error.kind !== "invalid_client") return [updateToken];
-  const stillHeld = sql`exists (select 1 from ${tokens} where ${heldBy(hold)})`;
-  return [
-    db
-      .update(clients)
-      .set({ credentialsRejectedAt: now })
-      .where(and(eq(clients.id, token.clientId), stillHeld)),
-    updateToken,
-  ];
+  const rejected = error.kind === "invalid_client" ? "set" : "keep";
+  const reason =
+    dead || error.kind === "invalid_client"
+      ? lastError
+      : `${failureCount} failed refreshes in a row; the last: ${lastError}`;
+  const update = db.update(tokens).set(values).where(heldBy(hold)).returning(tokenChangeReturning(rejected));
+  return [tokenChangeWithEvents(db, events, update, { rejected, reason }, now)];
 }
 
 /** Whether this failure, from this holder, is recorded as a dead grant. */
@@ -572,10 +608,26 @@ export function recordsDeadGrant(error: ProviderError, hold: Pick<LeaseHold, "to
   return error.kind === "invalid_grant" && !hold.tookOver;
 }
 
-/** Runs a result's statements; the token row as written, [] when dropped. */
-export async function applyResult(db: Db, write: ResultWrite): Promise<unknown[]> {
+/** What a result's write did: whether the token row was written, and the events it wrote. */
+export interface Applied {
+  written: boolean;
+  eventIds: number[];
+}
+
+/** Runs a result's statements (one batch, one round trip). */
+export async function applyResult(db: Db, write: ResultWrite): Promise<Applied> {
   const results = (await db.batch(write)) as unknown[];
-  return results.at(-1) as unknown[];
+  return appliedOf(results.at(-1));
+}
+
+/** Reads the answer of a result's last statement (batched with others or not). */
+export function appliedOf(result: unknown): Applied {
+  return { written: changedRows(result) > 0, eventIds: writtenEventIds(result) };
+}
+
+/** Events written: the invocation makes their first delivery attempt. */
+function noteWritten(events: EventContext, applied: Applied): void {
+  if (applied.eventIds.length > 0) events.touched = true;
 }
 
 async function persistWithRetry(
@@ -583,7 +635,7 @@ async function persistWithRetry(
   write: ResultWrite,
   sleep: (ms: number) => Promise<void>,
   fields: LogFields,
-): Promise<unknown[] | undefined> {
+): Promise<Applied | undefined> {
   for (let attempt = 1; attempt <= PERSIST_ATTEMPTS; attempt++) {
     try {
       return await applyResult(db, write);
@@ -617,8 +669,7 @@ export async function persistInBackground(
     await sleep(pause);
     attempts++;
     try {
-      const written = await applyResult(db, write);
-      const outcome = written.length > 0 ? "stored" : "dropped";
+      const outcome = (await applyResult(db, write)).written ? "stored" : "dropped";
       logInfo("rotated_refresh_token_persisted_late", { token: hold.tokenId, attempts, outcome });
       if (outcome === "dropped") await releaseLease(db, hold).catch(() => undefined);
       return outcome;
@@ -652,7 +703,17 @@ async function handleRefreshFailure(
     status: error.status,
     failures: row.failureCount + 1,
   });
-  const recorded = (await applyResult(deps.db, failureStatements(deps.db, row, hold, error, now))).length > 0;
+  let applied: Applied;
+  try {
+    applied = await applyResult(deps.db, failureStatements(deps.db, deps.events, row, hold, error, now));
+  } catch (writeError) {
+    // Nothing was recorded (nor its event): give the lease back so the next attempt need not wait
+    // for it to run out, and answer the database's failure.
+    await releaseLease(deps.db, hold).catch(() => undefined);
+    throw writeError;
+  }
+  noteWritten(deps.events, applied);
+  const recorded = applied.written;
   if (!recorded || (error.kind === "invalid_grant" && !recordsDeadGrant(error, hold))) {
     // Our attempt is moot: we lost the lease, or another refresher rotated the token. Its result,
     // if it landed, is the answer.
@@ -682,11 +743,15 @@ async function handleRefreshFailure(
   throw new AppError("provider_error", `The provider refused to refresh the token: ${error.message}.`);
 }
 
-async function recordDead(db: Db, hold: LeaseHold, reason: string): Promise<void> {
-  await db
+/** The write of a grant that can never be refreshed (no refresh token was ever issued). */
+function recordDead(db: Db, events: EventContext, hold: LeaseHold, now: Date) {
+  const reason = "no refresh token was ever issued";
+  const update = db
     .update(tokens)
     .set({ isValid: false, status: "needs_reauth", lastError: reason, leaseOwner: null, leaseExpiresAt: null })
-    .where(heldBy(hold));
+    .where(heldBy(hold))
+    .returning(tokenChangeReturning("keep"));
+  return tokenChangeWithEvents(db, events, update, { rejected: "keep", reason }, now);
 }
 
 /** Gives the lease back, if we still hold it. */

@@ -6,6 +6,7 @@ import { loadKeyring, seal } from "../../src/lib/crypto";
 import { toBase64Url, utf8 } from "../../src/lib/encoding";
 import { providerFromConfig } from "../../src/oauth/provider";
 import { completeLogin } from "../../src/services/authorization";
+import { eventContext } from "../../src/services/events";
 import { signLoginLink } from "../../src/services/login-links";
 import { TEST_ENCRYPTION_KEY, TEST_SERVICE_KEY } from "./bindings";
 import { Browser } from "./browser";
@@ -420,6 +421,7 @@ describe("callback: rejected", () => {
       back.searchParams,
       start.cookie.split("=")[1],
       later,
+      eventContext(false),
     );
     await expect(attempt).rejects.toBeInstanceOf(AppError);
     await expect(attempt).rejects.toMatchObject({ code: "invalid_state", message: expect.stringMatching(/expired/) });

@@ -108,3 +108,28 @@ export async function runEventCron(overrides: CallOptions["envOverrides"] = {}) 
   const services = await createServices({ ...testEnv, ...overrides } as TestEnv);
   return runScheduledEvents(services, new Date());
 }
+
+/** Scoped fault injection at the local database (dev/neon-local): `match` limits it to SQL containing every string. */
+export async function neonFault(body: { mode: "down" | "ok"; match?: string[] }): Promise<void> {
+  const response = await fetch(`${testEnv.NEON_LOCAL_URL}/admin/fail`, { method: "POST", body: JSON.stringify(body) });
+  if (!response.ok) throw new Error(`neon-local fault: ${await response.text()}`);
+}
+
+/** Waits until the client's current token is leased, and returns the lease owner (a refresher in flight). */
+export async function leaseTaken(clientId: number): Promise<string> {
+  const deadline = Date.now() + 10_000;
+  for (;;) {
+    const [row] = await sql("select lease_owner from tokens where client_id = $1 and is_valid", [clientId]);
+    if (row?.[0]) return row[0];
+    if (Date.now() > deadline) throw new Error("the token was never leased");
+    await new Promise((resolve) => setTimeout(resolve, 20));
+  }
+}
+
+/** Moves the client's current token to expire `seconds` from the database's now (negative: expired). */
+export async function expireIn(clientId: number, seconds: number): Promise<void> {
+  await sql("update tokens set expires_at = now() + make_interval(secs => $2) where client_id = $1 and is_valid", [
+    clientId,
+    seconds,
+  ]);
+}

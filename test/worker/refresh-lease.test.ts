@@ -74,6 +74,7 @@ async function shortLeaseDeps(background: Promise<unknown>[] = []): Promise<Toke
     refreshAheadSeconds: d.config.REFRESH_AHEAD_SECONDS,
     leaseMs: SHORT_LEASE_MS,
     background: { defer: (task) => background.push(task), budgetMs: 1_500 },
+    events: d.events,
   };
 }
 
@@ -276,6 +277,7 @@ describe("waiting on another isolate's refresh", () => {
       refreshAheadSeconds: d.config.REFRESH_AHEAD_SECONDS,
       leaseMs: leaseMsFor(d.config.OAUTH_TIMEOUT_MS),
       background: { defer: () => undefined, budgetMs: 0 },
+      events: d.events,
     };
     const started = Date.now();
     const waited = await getBranchToken(deps, branch.branchId, new Date());
