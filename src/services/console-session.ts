@@ -1,6 +1,7 @@
 import { createRemoteJWKSet, type JWTVerifyGetKey, jwtVerify } from "jose";
 import { type Keyring, matchesAny, sign, verify } from "../lib/crypto";
 import { fromBase64Url, fromUtf8, toBase64Url, utf8 } from "../lib/encoding";
+import { describeError, logWarn } from "../lib/log";
 
 /**
  * The operator console's sessions, CSRF tokens and Cloudflare Access check.
@@ -247,7 +248,17 @@ export async function readAccessSession(
     });
     const who = typeof payload.email === "string" ? payload.email : (payload.sub as string);
     return { id: `access:${payload.sub}`, kind: "access", who, expiresAt: new Date((payload.exp as number) * 1000) };
-  } catch {
+  } catch (error) {
+    // A bad token is the visitor's problem; keys that cannot be fetched are the operator's: logged.
+    const code = (error as { code?: unknown }).code;
+    if (
+      code === undefined ||
+      code === "ERR_JWKS_TIMEOUT" ||
+      code === "ERR_JOSE_GENERIC" ||
+      code === "ERR_JWKS_INVALID"
+    ) {
+      logWarn("access_keys_unavailable", { certs_url: settings.certsUrl, error: describeError(error) });
+    }
     return null;
   }
 }

@@ -343,6 +343,19 @@ describe("Cloudflare Access", () => {
     }
   });
 
+  it("refuses everyone when the team's keys cannot be fetched", async () => {
+    const unreachable: Record<string, string> = {
+      ...envOverrides,
+      CF_ACCESS_CERTS_URL: `${accessJwksUrl()}/teams/${uniqueId("nobody")}/certs`,
+    };
+    const page = await call(`${BASE}/console`, {
+      envOverrides: unreachable,
+      headers: { "cf-access-jwt-assertion": await accessJwt() },
+    });
+    expect(page.status).toBe(303);
+    expect(page.headers.get("location")).toBe("/token-management/console/sign-in");
+  });
+
   it("turns the key sign-in off: the admin key opens nothing, and a key session cookie is ignored", async () => {
     const form = await call("/console/sign-in", { envOverrides });
     expect(form.status).toBe(401);
