@@ -87,6 +87,10 @@ describe("the branch list", () => {
     const degraded = rows.find((row) => row[0] === `${TAG}-degraded`)!;
     expect(degraded[5]).not.toBe("none");
     expect(rows.find((row) => row[0] === `${TAG}-never_connected`)![3]).toBe("no token");
+    // A dead or revoked grant's row still has an expiry; the list says the token is not served.
+    expect(rows.find((row) => row[0] === `${TAG}-revoked`)![3]).toBe("not served (revoked)");
+    expect(rows.find((row) => row[0] === `${TAG}-needs_reauth`)![3]).toBe("not served (needs reconnection)");
+    expect(rows.find((row) => row[0] === `${TAG}-credentials_rejected`)![3]).toMatch(/^expires in \d+ min$/);
   });
 
   it("counts by status for the search at the top, and filters by status and active flag", async () => {
@@ -168,6 +172,15 @@ describe("a branch's page", () => {
     expect(textOf(page.html)).toContain(`Token fingerprint ${hex.slice(0, 8)}`);
     expect(page.html).not.toContain(accessToken);
     expect(page.html).not.toContain(hex.slice(0, 9));
+  });
+
+  it("shows the connection's history: created by the consent, then revoked by an operator", async () => {
+    const revoked = seeded.get("revoked")!;
+    const rows = tableRows((await operator.get(`/branches/${revoked.clientId}`)).html, "events");
+    expect(rows.map((row) => [row[2], row[3], row[4]])).toEqual([
+      ["connection.created", "Never connected", "Connected"],
+      ["connection.revoked", "Connected", "Revoked"],
+    ]);
   });
 
   it("lists the branch's events, oldest first", async () => {

@@ -1,7 +1,7 @@
 import type { ClientRow, EventRow, TokenRow } from "../../db/schema";
 import type { BranchStatus } from "../../services/branch-list";
 import type { LoginLink } from "../../services/login-links";
-import { Csrf, consolePath, expiryWords, Layout, StatusBadge, utc, When } from "./layout";
+import { Csrf, consolePath, expiryWords, Layout, StatusBadge, tokenExpiryWords, utc, When } from "./layout";
 import { EventsTable, type PageContext } from "./pages";
 
 /** A branch's page: its state and why, its history, and every action on it. */
@@ -69,7 +69,11 @@ export function BranchView(props: {
         <dt>Active</dt>
         <dd>{client.isActive ? "yes" : "no (tokens are not served or refreshed)"}</dd>
         <dt>Expiry</dt>
-        <dd>{token ? `${expiryWords(token.expiresAt, now)} (${utc(token.expiresAt)})` : "no token"}</dd>
+        <dd>
+          {token
+            ? `${tokenExpiryWords(token, details.status, client.isActive, now)} (${utc(token.expiresAt)})`
+            : "no token"}
+        </dd>
         <dt>Last refresh</dt>
         <dd>
           <When at={token?.lastRefreshedAt ?? null} now={now} />

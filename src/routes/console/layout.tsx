@@ -179,6 +179,25 @@ export function duration(ms: number): string {
   return `${days} day${days === 1 ? "" : "s"}`;
 }
 
+/** Statuses whose token is still handed out (credentials_rejected serves it until it expires). */
+const SERVED_STATUSES = new Set(["connected", "degraded", "credentials_rejected"]);
+
+/**
+ * The expiry as the operator needs it: "expires in 42 min", or that the token is no longer served
+ * (a dead or revoked grant, a deactivated branch) whatever its row's expiry says.
+ */
+export function tokenExpiryWords(
+  token: { expiresAt: Date | null } | null,
+  status: string,
+  isActive: boolean,
+  now: Date,
+): string {
+  if (!token?.expiresAt) return "no token";
+  if (!SERVED_STATUSES.has(status)) return `not served (${statusWords(status).toLowerCase()})`;
+  if (!isActive) return "not served (inactive)";
+  return expiryWords(token.expiresAt, now);
+}
+
 /** "expires in 42 min" or "expired 3 min ago". */
 export function expiryWords(expiresAt: Date | null, now: Date): string {
   if (!expiresAt) return "no token";

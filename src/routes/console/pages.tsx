@@ -2,7 +2,7 @@ import type { EventRow } from "../../db/schema";
 import { EVENT_TYPES } from "../../db/schema";
 import { BRANCH_STATUSES, type BranchListPage, type BranchListQuery } from "../../services/branch-list";
 import type { Flash } from "../../services/console-session";
-import { Csrf, consolePath, expiryWords, Layout, StatusBadge, statusWords, When } from "./layout";
+import { Csrf, consolePath, Layout, StatusBadge, statusWords, tokenExpiryWords, When } from "./layout";
 
 /** The console's pages other than a branch's own (src/routes/console/branch.tsx). */
 
@@ -163,7 +163,7 @@ export function BranchListView(props: {
               <td>
                 <StatusBadge status={row.status} isActive={row.isActive} />
               </td>
-              <td>{row.expiresAt ? expiryWords(row.expiresAt, now) : <span class="muted">no token</span>}</td>
+              <td>{tokenExpiryWords(row, row.status, row.isActive, now)}</td>
               <td>
                 <When at={row.lastRefreshedAt} now={now} />
               </td>
