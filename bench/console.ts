@@ -334,12 +334,18 @@ async function main(): Promise<void> {
           .from(schema.clients)
           .where(eq(schema.clients.branchId, floorBranch))
       ).length;
+    /** The first branch of each query's page, which the console's page must show too. */
+    const firstBranchOf: Record<string, string> = {};
     const calls: [string, () => Promise<number>][] = [
       ["floor", floorCall],
-      ...Object.entries(queries(cursor)).map(
-        ([name, query]) =>
-          [name, async () => (await listBranches(direct, query)).rows.length] as [string, () => Promise<number>],
-      ),
+      ...Object.entries(queries(cursor)).map(([name, query]): [string, () => Promise<number>] => [
+        name,
+        async () => {
+          const page = await listBranches(direct, query);
+          firstBranchOf[name] = page.rows[0]?.branchId ?? "";
+          return page.rows.length;
+        },
+      ]),
     ];
     for (const [name, call] of calls) {
       await call(); // warm-up
@@ -383,8 +389,10 @@ async function main(): Promise<void> {
         const pageUrl = `${appWorker.url}${stack.BASE_PATH}${consolePath(name, cursor)}`;
         const check = await fetch(pageUrl, { headers: { cookie } });
         const html = await check.text();
-        if (check.status !== 200 || !html.includes('id="branches"')) {
-          throw new Error(`${pageUrl} answered ${check.status}, not the branch list`);
+        if (check.status !== 200 || !html.includes('id="branches"') || !html.includes(firstBranchOf[name]!)) {
+          throw new Error(
+            `${pageUrl} answered ${check.status}, not the branch list starting at ${firstBranchOf[name]}`,
+          );
         }
         const result = await load({
           url: pageUrl,
