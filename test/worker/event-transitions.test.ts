@@ -4,6 +4,7 @@ import { createServices } from "../../src/context";
 import worker from "../../src/index";
 import { DEGRADED_AFTER_FAILURES } from "../../src/services/events";
 import { refreshDeps, refreshTokens, type SchedulerEnv } from "../../src/services/scheduled";
+import { deliverDueEvents, deliveryDeps } from "../../src/services/webhooks";
 import {
   eventsOf,
   expireIn,
@@ -12,7 +13,6 @@ import {
   neonFault,
   newInbox,
   type RawEvent,
-  runEventCron,
   webhookBindings,
 } from "./event-helpers";
 import { type CallOptions, call, expectProblem, json, testEnv } from "./helpers";
@@ -117,6 +117,23 @@ describe("consents", () => {
     await expectProblem(await callCallback(back, start.browser), 409, "conflict");
     expect(await tokenRows(revoked.clientId)).toEqual([]);
     expect(await eventsOf(revoked.clientId)).toEqual([]);
+  });
+
+  it("of two consents racing for one branch, the one that stores writes the event; the other writes none", async () => {
+    // Textbook provider: both consents get a refresh token (Google would give the second none).
+    const branch = await registerBranch({ providerBehavior: { profile: "textbook" } });
+    const flows = [];
+    for (const url of [branch.loginUrl, await newLoginUrl(branch.clientId)]) {
+      const start = await startLogin(url);
+      flows.push({ start, back: await authorizeAtProvider(start.authorizeUrl, start.browser) });
+    }
+    // Both code exchanges are in flight at once: each callback has claimed its state before either
+    // stores, so the loser is refused by the store's own condition, the one its event shares.
+    await setProviderBehavior(branch.oauthClientId, { tokenDelayMs: 400 });
+    const responses = await Promise.all(flows.map((flow) => callCallback(flow.back, flow.start.browser)));
+    expect(responses.map((response) => response.status).sort()).toEqual([200, 409]);
+    expect((await tokenRows(branch.clientId)).length).toBe(1);
+    expect(await eventsOf(branch.clientId)).toMatchObject([{ type: "connection.created", seq: 1 }]);
   });
 
   it("invalid_client at the code exchange writes connection.credentials_rejected once; a new secret writes recovered", async () => {
@@ -469,7 +486,7 @@ describe("deliveries", () => {
     expect(received.filter((d) => d.payload.data.login_url !== undefined)).toHaveLength(1);
   });
 
-  it("the cron's transitions are delivered by the cron's delivery pass", async () => {
+  it("the cron's transitions are written pending and delivered by the cron's delivery code", async () => {
     const inbox = await newInbox();
     const hooks = webhookBindings(inbox.url);
     const branch = await connectBranch();
@@ -486,11 +503,13 @@ describe("deliveries", () => {
       ["connection.recovered", "pending"],
     ]);
 
-    // The cron's delivery pass at the time of the last refresh pass.
-    // The passes ran days ahead; the delivery pass runs now (receivers check the timestamp), so the
-    // events are made due now.
+    // The passes ran days ahead; the delivery runs now (receivers check the timestamp), so the
+    // events are made due now. The cron's delivery code, limited to this test's events so that it
+    // takes nothing another test left pending.
     await makeDue(written.map((e) => e.id));
-    await runEventCron(hooks);
+    const services = await createServices({ ...testEnv, ...hooks } as typeof testEnv);
+    const summary = await deliverDueEvents(deliveryDeps(services)!, new Date(), { onlyIds: written.map((e) => e.id) });
+    expect(summary).toMatchObject({ attempted: 2, delivered: 2 });
     const received = (await inbox.deliveries()).filter((x) => x.payload.data.branch_id === branch.branchId);
     expect(received.map((x) => [x.id, x.payload.type, x.verifiedWith])).toEqual(
       written.map((e) => [`evt_${e.id}`, e.type, [0]]),
