@@ -408,6 +408,7 @@ async function main(): Promise<void> {
     });
   });
   log(`wrangler dev on http://127.0.0.1:${port}/token-management (health: /token-management/health)`);
+  log(`console: http://127.0.0.1:${port}/token-management/console (sign in with ADMIN_API_KEY above)`);
   log(
     webhookUrl
       ? `events: logged (GET /token-management/events) and sent to ${webhookUrl}; watch them with npm run dev:webhooks`
