@@ -11,7 +11,7 @@ export function page(title: string, paragraphs: string[], tone: "ok" | "error"):
 <meta name="robots" content="noindex"><title>${escapeHtml(title)}</title>
 <style>body{font:16px/1.5 system-ui,sans-serif;max-width:36rem;margin:4rem auto;padding:0 1rem;color:#1f2328}
 h1{font-size:1.4rem;color:${color}}</style></head>
-<body><h1>${escapeHtml(title)}</h1>${paragraphs.map((p) => `<p>${escapeHtml(p)}</p>`).join("")}</body></html>`;
+<body><main><h1>${escapeHtml(title)}</h1>${paragraphs.map((p) => `<p>${escapeHtml(p)}</p>`).join("")}</main></body></html>`;
 }
 
 /** Pages must not be framed or cached, and load nothing from elsewhere. */
