@@ -17,7 +17,8 @@
  * inside their window.
  *
  * Knobs: BENCH_CACHE_DURATION_MS (per measurement, default 3000), BENCH_CACHE_BRANCHES (100),
- * BENCH_CACHE_LATENCIES (0,20,80,150), BENCH_CACHE_FAULT_SECONDS (10), BENCH_CACHE_MEMORY_BRANCHES (100000).
+ * BENCH_CACHE_LATENCIES (0,20,80,150), BENCH_CACHE_FAULT_SECONDS (10), BENCH_CACHE_MEMORY_BRANCHES (100000),
+ * BENCH_CACHE_CPU_ONLY=1 (stop after the memory-hit CPU breakdown).
  */
 import { randomBytes } from "node:crypto";
 import { mkdtempSync, rmSync, writeFileSync } from "node:fs";
@@ -50,6 +51,7 @@ const STEADY_LATENCY_MS = 80;
 const STEADY_CONNECTIONS = 16;
 const MEMORY_BRANCHES = Number(process.env.BENCH_CACHE_MEMORY_BRANCHES ?? 100_000);
 const CONCURRENCIES = [1, 16] as const;
+const CPU_ITERATIONS = 5000;
 const SEED_CONCURRENCY = 8;
 const TARGET_P50_RATIO = 1.25;
 const TARGET_SQL_PER_1000 = 20;
@@ -138,8 +140,10 @@ async function memoryRun(count: number) {
     memoryEntries: DEFAULT_TOKEN_CACHE_MEMORY_ENTRIES,
     refreshAheadSeconds: 300,
     location: async () => undefined,
-    waitUntil: () => undefined,
+    // Background work (sealing an entry for the location tier) finishes, as waitUntil lets it.
+    waitUntil: (task: Promise<unknown>) => background.push(task),
   };
+  const background: Promise<unknown>[] = [];
   const expiresAt = new Date(Date.now() + 3600 * 1000);
   gc();
   const before = process.memoryUsage().heapUsed;
@@ -156,7 +160,9 @@ async function memoryRun(count: number) {
       lifetimeSeconds: 3599,
       refreshed: false,
     }));
+    if (background.length >= 1000) await Promise.all(background.splice(0));
   }
+  await Promise.all(background.splice(0));
   gc();
   const after = process.memoryUsage().heapUsed;
   return {
@@ -190,9 +196,19 @@ async function main(): Promise<void> {
         compatibility_date: stack.COMPATIBILITY_DATE,
       }),
     );
-    const [app, floor] = await Promise.all([
+    const cpuConfig = join(scratch, "cache-cpu.wrangler.json");
+    writeFileSync(
+      cpuConfig,
+      JSON.stringify({
+        name: "bench-cache-cpu",
+        main: join(stack.ROOT, "bench/cache-cpu-worker.ts"),
+        compatibility_date: stack.COMPATIBILITY_DATE,
+      }),
+    );
+    const [app, floor, cpuBundle] = await Promise.all([
       stack.bundleWorker(join(scratch, "app")),
       stack.bundleWorker(join(scratch, "floor"), floorConfig),
+      stack.bundleWorker(join(scratch, "cache-cpu"), cpuConfig),
     ]);
     db = await stack.startDatabase();
     await applyMigrations(db.connectionString, db.sqlEndpoint);
@@ -212,6 +228,7 @@ async function main(): Promise<void> {
       off: await start("token-management-off", app, VARIANTS.off),
     };
     const floorUrl = await start("bench-floor", floor, {});
+    const cpuUrl = await start("bench-cache-cpu", cpuBundle, VARIANTS.on);
 
     const runId = randomBytes(4).toString("hex");
     let next = 0;
@@ -234,6 +251,16 @@ async function main(): Promise<void> {
     const branchIds = Array.from({ length: BRANCHES }, (_, i) => `cache-branch-${i}`);
     const urlsOf = (origin: string) => branchIds.map((b) => `${origin}${stack.BASE_PATH}/tokens/${b}`);
     const floorUrls = branchIds.map((b) => `${floorUrl}/trivial?branch=${b}`);
+
+    // Where a memory hit's time goes, inside workerd (bench/cache-cpu-worker.ts).
+    const cpuResponse = await fetch(cpuUrl, {
+      method: "POST",
+      body: JSON.stringify({ branchId: branchIds[0], serviceKey, iterations: CPU_ITERATIONS }),
+    });
+    if (!cpuResponse.ok) throw new Error(`cpu worker: ${cpuResponse.status} ${await cpuResponse.text()}`);
+    const hitCpu = ((await cpuResponse.json()) as { cpuUs: Record<string, number> }).cpuUs;
+    log(`memory-hit CPU, µs per step in workerd: ${JSON.stringify(hitCpu)}`);
+    if (process.env.BENCH_CACHE_CPU_ONLY === "1") return;
 
     const byLatency: Record<string, Record<string, Measured>> = {};
     for (const latencyMs of LATENCIES) {
@@ -349,6 +376,10 @@ async function main(): Promise<void> {
           p50: Object.values(ratios).every((r) => (r as { on: number }).on <= TARGET_P50_RATIO),
           sql: steadySql <= TARGET_SQL_PER_1000,
         },
+      },
+      memoryHitCpuUs: {
+        ...hitCpu,
+        how: "bench/cache-cpu-worker.ts: each step in a loop inside workerd, µs per iteration (median of block means)",
       },
       steady,
       faultRun,

@@ -193,6 +193,19 @@ describe("tiers", () => {
     for (const line of lines) expect(line).not.toContain(first.access_token);
   });
 
+  it("answers a memory hit without opening anything sealed; a location hit opens its entry once", async () => {
+    const branch = await connectBranch();
+    const first = await readFrom(branch.branchId, "database");
+    const decrypt = vi.spyOn(crypto.subtle, "decrypt");
+    for (let i = 0; i < 3; i++)
+      expect((await readFrom(branch.branchId, "memory")).access_token).toBe(first.access_token);
+    expect(decrypt).not.toHaveBeenCalled();
+    // The location tier leaves the isolate: its entry stays sealed and is opened per hit.
+    const located = await readFrom(branch.branchId, "location", LOCATION_ONLY);
+    expect(located.access_token).toBe(first.access_token);
+    expect(decrypt).toHaveBeenCalledTimes(1);
+  });
+
   it("serves from the location tier alone when the memory tier is off", async () => {
     const branch = await connectBranch();
     const db = countedDatabase();
