@@ -1,4 +1,3 @@
-import { sql } from "drizzle-orm";
 import { type Context, Hono, type Next } from "hono";
 import { deleteCookie, getCookie, setCookie } from "hono/cookie";
 import { csrf as sameOriginCheck } from "hono/csrf";
@@ -7,12 +6,12 @@ import type { ContentfulStatusCode } from "hono/utils/http-status";
 import { z } from "zod";
 import type { App } from "../app";
 import { type AppEnv, operatorOf } from "../context";
-import { EVENT_TYPES, type TokenRow } from "../db/schema";
+import { EVENT_TYPES, type EventRow, type TokenRow } from "../db/schema";
 import { AppError, toAppError } from "../errors";
 import { type Keyring, open } from "../lib/crypto";
 import { toBase64Url } from "../lib/encoding";
 import { describeError, logError } from "../lib/log";
-import { BRANCH_STATUSES, type BranchListQuery, type BranchStatus, listBranches } from "../services/branch-list";
+import { BRANCH_STATUSES, type BranchListQuery, branchStatus, listBranches } from "../services/branch-list";
 import { getClient } from "../services/clients";
 import {
   accessSettings,
@@ -31,11 +30,12 @@ import {
   sealFlash,
   signInNonce,
 } from "../services/console-session";
-import { currentStatusSql, LIST_MAX_LIMIT, listEvents, redeliverEvent } from "../services/events";
+import { LIST_MAX_LIMIT, listEvents } from "../services/events";
 import {
   changeClient,
   newLoginLink,
   type Operator,
+  queueRedelivery,
   refreshNow,
   registerBranch,
   removeClient,
@@ -257,15 +257,14 @@ export function registerConsoleRoutes(app: App): void {
   ui.post("/events/:id/redeliver", async (c) => {
     const id = parseOr422(EventIdParam, c.req.param()).id;
     const back = consolePath("/events");
-    if (!webhookTarget(c.var.config)) {
-      return redirectWithFlash(c, back, {
-        tone: "error",
-        message: "No WEBHOOK_URL is configured: events are only logged.",
-      });
+    let event: EventRow;
+    try {
+      // The request middleware makes the first attempt after the response (as POST /events/{id}/redeliver).
+      event = await queueRedelivery(operatorOf(c), id, new Date());
+    } catch (error) {
+      if (!(error instanceof AppError && error.code === "conflict")) throw error;
+      return redirectWithFlash(c, back, { tone: "error", message: error.detail });
     }
-    const event = await redeliverEvent(c.var.db, id, new Date());
-    // The request middleware makes the first attempt after the response (as POST /events/{id}/redeliver).
-    c.var.events.touched = true;
     return redirectWithFlash(c, `${back}?branch_id=${encodeURIComponent(event.branchId)}`, {
       tone: "ok",
       message: `evt_${event.id} queued for delivery; the first attempt follows now.`,
@@ -592,18 +591,16 @@ async function registerBranchForm(c: ConsoleContext): Promise<Response> {
 
 async function loadBranch(c: ConsoleContext, id: number): Promise<BranchDetails> {
   const db = c.var.db;
-  const [found, statusRows, history] = await Promise.all([
+  const [found, status, history] = await Promise.all([
     getClient(db, id),
     // The status as events name it: the one rule (src/services/events.ts), not a copy.
-    db.execute<{ status: BranchStatus }>(
-      sql`select ${currentStatusSql("c")} as status from clients c where c.id = ${id}`,
-    ),
+    branchStatus(db, id),
     listEvents(db, { clientId: id, limit: LIST_MAX_LIMIT }),
   ]);
   return {
     client: found.client,
     token: found.token,
-    status: statusRows.rows[0]?.status ?? "never_connected",
+    status,
     fingerprint: found.token ? await tokenFingerprint(c.var.keyring, found.token) : null,
     events: history.events,
     moreEvents: history.nextCursor !== null,

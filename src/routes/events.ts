@@ -1,10 +1,11 @@
 import { createRoute, z } from "@hono/zod-openapi";
 import type { App } from "../app";
+import { operatorOf } from "../context";
 import { DELIVERY_STATES, EVENT_TYPES, type EventRow } from "../db/schema";
-import { AppError } from "../errors";
 import { requireKey } from "../lib/api-key";
-import { LIST_MAX_LIMIT, listEvents, redeliverEvent } from "../services/events";
-import { webhookId, webhookTarget } from "../services/webhooks";
+import { LIST_MAX_LIMIT, listEvents } from "../services/events";
+import { queueRedelivery } from "../services/operations";
+import { webhookId } from "../services/webhooks";
 import { API_KEY_SECURITY, jsonContent as json, problem } from "./schemas";
 
 const MAX_EVENT_ID = Number.MAX_SAFE_INTEGER;
@@ -123,12 +124,8 @@ export function registerEventRoutes(app: App): void {
   });
 
   app.openapi(redeliver, async (c) => {
-    if (!webhookTarget(c.var.config)) {
-      throw new AppError("conflict", "No WEBHOOK_URL is configured: events are only logged.");
-    }
-    const event = await redeliverEvent(c.var.db, c.req.valid("param").id, new Date());
     // The request middleware makes the first attempt after the response.
-    c.var.events.touched = true;
+    const event = await queueRedelivery(operatorOf(c), c.req.valid("param").id, new Date());
     return c.json({ success: true as const, message: "Event queued for delivery.", event: eventView(event) }, 202);
   });
 }

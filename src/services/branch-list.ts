@@ -2,7 +2,7 @@ import { type SQL, sql } from "drizzle-orm";
 import type { Db } from "../db/client";
 import { AppError } from "../errors";
 import { fromBase64Url, fromUtf8, toBase64Url, utf8 } from "../lib/encoding";
-import { connectionStatusSql } from "./events";
+import { connectionStatusSql, currentStatusSql } from "./events";
 
 /**
  * The console's branch list: every branch with its connection status, "needs attention" first,
@@ -206,4 +206,12 @@ export async function listBranches(db: Db, query: BranchListQuery): Promise<Bran
     nextCursor: found.length > limit && last ? encodeCursor({ rank: last.rank, branchId: last.branch_id }) : null,
     counts: { ...counts, total: Object.values(counts).reduce((sum, n) => sum + n, 0), inactive },
   };
+}
+
+/** One client's connection status now, by the same rule as the list (never_connected for an unknown id). */
+export async function branchStatus(db: Db, clientId: number): Promise<BranchStatus> {
+  const result = await db.execute<{ status: BranchStatus }>(
+    sql`select ${currentStatusSql("c")} as status from clients c where c.id = ${clientId}`,
+  );
+  return result.rows[0]?.status ?? "never_connected";
 }

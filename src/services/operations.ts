@@ -1,5 +1,5 @@
 import type { Services } from "../context";
-import type { ClientRow } from "../db/schema";
+import type { ClientRow, EventRow } from "../db/schema";
 import { AppError } from "../errors";
 import { completeLogin } from "./authorization";
 import {
@@ -11,6 +11,7 @@ import {
   type NewClient,
   updateClient,
 } from "./clients";
+import { redeliverEvent } from "./events";
 import { issueLoginLink, type LoginLink, revokeLoginLinks as revokeLinksOf } from "./login-links";
 import { leaseMsFor } from "./refresh-policy";
 import {
@@ -30,6 +31,7 @@ import {
   revokeBranchToken,
   type TokenDeps,
 } from "./tokens";
+import { webhookTarget } from "./webhooks";
 
 /**
  * What callers and operators do to a branch, each with the cache invalidation it implies: the one
@@ -176,4 +178,17 @@ export async function revokeToken(op: Operator, branchId: string, now: Date) {
 function branchNamedBy(error: unknown): string | undefined {
   const branchId = error instanceof AppError ? error.extra.fields?.branch_id : undefined;
   return typeof branchId === "string" ? branchId : undefined;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Events.
+
+/** Queues an event for delivery again; the invocation makes the first attempt after answering. */
+export async function queueRedelivery(op: Operator, id: number, now: Date): Promise<EventRow> {
+  if (!webhookTarget(op.config)) {
+    throw new AppError("conflict", "No WEBHOOK_URL is configured: events are only logged.");
+  }
+  const event = await redeliverEvent(op.db, id, now);
+  op.events.touched = true;
+  return event;
 }
