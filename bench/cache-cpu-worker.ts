@@ -23,6 +23,10 @@ import { matchesAny, open, seal, tokenCacheKey } from "../src/lib/crypto";
 import { logInfo } from "../src/lib/log";
 import { readThrough, tokenCacheDeps } from "../src/services/token-cache";
 
+/** A request as the Worker's fetch handler receives it (the runtime adds `cf`; types want it said). */
+const incoming = (url: string, init?: RequestInit) =>
+  new Request(url, init) as unknown as Request<unknown, IncomingRequestCfProperties>;
+
 type Step = () => Promise<unknown>;
 
 export default {
@@ -46,7 +50,7 @@ export default {
     };
     const appRead = async (warming = false) => {
       const response = await app.fetch(
-        new Request(`http://worker/token-management/tokens/${branchId}`, { headers }),
+        incoming(`http://worker/token-management/tokens/${branchId}`, { headers }),
         env,
         ctx,
       );
@@ -59,9 +63,9 @@ export default {
     const steps: Record<string, Step> = {
       trivial: async () => Response.json({ branch_id: branchId, ok: true }).text(),
       app: () => appRead(),
-      "app-404": async () => (await app.fetch(new Request("http://worker/token-management/nothing"), env, ctx)).text(),
+      "app-404": async () => (await app.fetch(incoming("http://worker/token-management/nothing"), env, ctx)).text(),
       "app-401": async () =>
-        (await app.fetch(new Request(`http://worker/token-management/tokens/${branchId}`), env, ctx)).text(),
+        (await app.fetch(incoming(`http://worker/token-management/tokens/${branchId}`), env, ctx)).text(),
       services: () => createServices(env),
       "api-key": async () =>
         (await matchesAny(serviceKey, config.ADMIN_API_KEY)) || (await matchesAny(serviceKey, config.SERVICE_API_KEY)),
