@@ -57,7 +57,7 @@ export function createApp(): App {
     await next();
     // A change that wrote events (even one that then answered an error): first delivery attempt
     // after the response, so a slow or failing receiver never delays or fails this request.
-    if (services.events.touched) c.executionCtx.waitUntil(deliverAfterChange(services, new Date(), baseUrl));
+    if (services.events.written.length > 0) c.executionCtx.waitUntil(deliverAfterChange(services, new Date(), baseUrl));
   });
   app.use(
     bodyLimit({

@@ -17,7 +17,7 @@ import {
   unexpectedIssuer,
 } from "../oauth/provider";
 import { clientCredentials, clientNotFound, revokeGrant } from "./clients";
-import { clientEvent, currentStatusSql, type EventContext, withEvents } from "./events";
+import { clientEvent, currentStatusSql, type EventContext, noteEvents, withEvents } from "./events";
 import { linkStillValid } from "./login-links";
 import { expiryOf, lifetimeOf } from "./refresh-policy";
 
@@ -357,7 +357,7 @@ async function storeTokens(
   const ours = sql`exists (select 1 from ${clients} where ${clients.id} = ${clientId} and ${clients.lastStateNonce} = ${payload.n} and ${clients.loginLinksValidAfter} = ${validAfter.toISOString()}::timestamptz)`;
   const previousRefreshToken = sql`(select ${tokens.refreshToken} from ${tokens} where ${tokens.clientId} = ${clientId} order by ${tokens.id} desc limit 1)`;
   try {
-    const [, claimed] = await db.batch([
+    const [written, claimed] = await db.batch([
       consentEvent(db, events, clientId, accepts, now),
       db
         .update(clients)
@@ -387,6 +387,7 @@ async function storeTokens(
           ${lifetimeOf(issued)}, ${now.toISOString()}::timestamptz, 'active', ${payload.n}
         where ${ours}`),
     ]);
+    noteEvents(events, written);
     return claimed.length === 1;
   } catch (error) {
     if (sqlState(error) === "23505") {
@@ -436,7 +437,7 @@ async function recordRejectedCredentials(
   const before = currentStatusSql("p");
   const after = currentStatusSql("p", "true");
   const transition = sql`(${before} is distinct from ${after})`;
-  await withEvents(
+  const result = await withEvents(
     db,
     events,
     sql`update ${clients} c set credentials_rejected_at = ${now}, event_seq = c.event_seq + ${transition}::int
@@ -448,6 +449,7 @@ async function recordRejectedCredentials(
     now,
     "returned",
   );
+  noteEvents(events, result);
 }
 
 /**

@@ -6,7 +6,7 @@ import { AppError, constraintName, sqlState } from "../errors";
 import { type Keyring, open, seal } from "../lib/crypto";
 import { describeError, logWarn } from "../lib/log";
 import { type ClientCredentials, type Provider, revokeToken } from "../oauth/provider";
-import { clientEvent, currentStatusSql, type EventContext, withEvents } from "./events";
+import { clientEvent, currentStatusSql, type EventContext, noteEvents, withEvents } from "./events";
 
 /** The client registry: one OAuth client per branch, its secret sealed at rest. */
 
@@ -123,6 +123,7 @@ export async function updateClient(
     else {
       // One transaction: the events (read before the update changes the row) and the update.
       const results = await db.batch([first, ...more, update]);
+      for (const result of results.slice(0, -1)) noteEvents(events, result);
       [row] = results.at(-1) as ClientRow[];
     }
     if (!row) throw clientNotFound(id);
@@ -218,7 +219,7 @@ export async function deleteClient(
   const reason = `deleted by an administrator; ${revoked} grant(s) revoked at the provider${revocationFailures ? `, ${revocationFailures} revocation(s) failed` : ""}`;
   // One statement: the client goes (its tokens by cascade) and connection.deleted is written. The
   // event has no foreign key to the client, so it outlives it.
-  await withEvents(
+  const deleted = await withEvents(
     db,
     events,
     sql`delete from ${clients} c where c.id = ${id}
@@ -227,6 +228,7 @@ export async function deleteClient(
     now,
     "returned",
   );
+  noteEvents(events, deleted);
   return { branchId: client.branchId, revoked, revocationFailures };
 }
 

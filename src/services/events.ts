@@ -21,16 +21,17 @@ export const PRUNE_MAX_BATCHES = 10;
 
 /**
  * What the invocation's state changes need to know to write events. `deliver` is false when no
- * WEBHOOK_URL is configured (events are then logged as `not_sent`); `touched` is set once a change
- * that may have written an event ran, so the invocation then makes the first delivery attempt.
+ * WEBHOOK_URL is configured (events are then logged as `not_sent`); `written` collects the ids of
+ * the events its changes wrote (noteEvents), so that the invocation's first delivery attempt sends
+ * those and no one else's (a backlog is the cron's).
  */
 export interface EventContext {
   deliver: boolean;
-  touched: boolean;
+  written: number[];
 }
 
 export function eventContext(deliver: boolean): EventContext {
-  return { deliver, touched: false };
+  return { deliver, written: [] };
 }
 
 /**
@@ -103,7 +104,6 @@ function deliveryValues(context: EventContext, now: Date): SQL {
  * transitions) and `event_ids`.
  */
 export function withEvents(db: Db, context: EventContext, change: SQL, now: Date, seq: "bump" | "returned" = "bump") {
-  context.touched = true;
   const source =
     seq === "bump"
       ? sql`, source as (
@@ -196,10 +196,13 @@ export function tokenChangeWithEvents(
       coalesce((select json_agg(id order by id) from inserted), '[]'::json) as event_ids`);
 }
 
-/** After a statement of tokenChangeWithEvents ran: if it wrote events, the invocation delivers them. */
+/**
+ * After a statement of withEvents (or one built on it) ran, batched or not: the events it wrote
+ * are the invocation's to deliver first. Every caller of withEvents passes its result here.
+ */
 export function noteEvents(context: EventContext, result: unknown): number[] {
   const ids = writtenEventIds(result);
-  if (ids.length > 0) context.touched = true;
+  context.written.push(...ids);
   return ids;
 }
 

@@ -189,6 +189,6 @@ export async function queueRedelivery(op: Operator, id: number, now: Date): Prom
     throw new AppError("conflict", "No WEBHOOK_URL is configured: events are only logged.");
   }
   const event = await redeliverEvent(op.db, id, now);
-  op.events.touched = true;
+  op.events.written.push(event.id);
   return event;
 }

@@ -627,7 +627,7 @@ export function appliedOf(result: unknown): Applied {
 
 /** Events written: the invocation makes their first delivery attempt. */
 function noteWritten(events: EventContext, applied: Applied): void {
-  if (applied.eventIds.length > 0) events.touched = true;
+  events.written.push(...applied.eventIds);
 }
 
 async function persistWithRetry(

@@ -298,7 +298,14 @@ export function deliveryDeps(services: Services, requestBaseUrl?: string): Deliv
  * delays the response). Never throws: what it cannot deliver stays pending for the cron.
  */
 export async function deliverAfterChange(services: Services, now: Date, requestBaseUrl?: string): Promise<void> {
-  if (services.events.touched) await deliverPending(services, now, requestBaseUrl);
+  const onlyIds = [...new Set(services.events.written)];
+  const deps = onlyIds.length > 0 ? deliveryDeps(services, requestBaseUrl) : undefined;
+  if (!deps) return;
+  try {
+    await deliverDueEvents(deps, now, { onlyIds });
+  } catch (error) {
+    logWarn("webhook_delivery_failed", { error: describeError(error) });
+  }
 }
 
 /** One bounded delivery pass over what is due. Never throws. */
