@@ -147,6 +147,9 @@ function activationEvent(db: Db, events: EventContext, id: number, isActive: boo
       reason: isActive ? "reactivated by an administrator" : "deactivated by an administrator",
     },
     now,
+    // Concurrent changes of one client wait here, and each decides on the row the last one left:
+    // of six simultaneous deactivations one writes the event.
+    { lock: true },
   );
 }
 
@@ -168,6 +171,7 @@ function newCredentialsEvent(db: Db, events: EventContext, id: number, now: Date
       reason: "the client secret was replaced",
     },
     now,
+    { lock: true },
   );
 }
 

@@ -1,4 +1,4 @@
-import { and, eq, isNull, lt, or, type SQL, sql } from "drizzle-orm";
+import { and, eq, isNull, lt, ne, or, type SQL, sql } from "drizzle-orm";
 import type { BatchItem } from "drizzle-orm/batch";
 import type { Db } from "../db/client";
 import { leaseExpiry, leaseIsFree } from "../db/queries";
@@ -129,7 +129,9 @@ export async function revokeBranchToken(
     deps.db
       .update(tokens)
       .set({ isValid: false, status: "revoked", leaseOwner: null, leaseExpiresAt: null })
-      .where(eq(tokens.id, token.id))
+      // Not already revoked: of concurrent revocations the first writes the row and the event (a
+      // later one, having waited for its lock, finds it revoked and changes nothing).
+      .where(and(eq(tokens.id, token.id), ne(tokens.status, "revoked")))
       .returning(tokenChangeReturning("keep")),
     {
       rejected: "keep",
