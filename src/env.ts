@@ -158,7 +158,11 @@ const EnvFields = z.object({
     .regex(/^(https:\/\/)?[a-z0-9-]+(\.[a-z0-9-]+)+\/?$/i, "must be a host name such as myteam.cloudflareaccess.com")
     .optional(),
   CF_ACCESS_AUD: z.string().min(1).optional(),
-  /** Where the team's signing keys are fetched from; only tests set it (default: the team's certs URL). */
+  /**
+   * Where the team's signing keys are fetched from (default: the team's certs URL). The console
+   * trusts any key found there, so it must be on the team's own origin unless
+   * OAUTH_ALLOW_INSECURE_HTTP is on (tests point it at a local stand-in).
+   */
   CF_ACCESS_CERTS_URL: httpUrl.optional(),
 });
 
@@ -188,6 +192,17 @@ const EnvSchema = EnvFields.superRefine((config, context) => {
       path: [config.CF_ACCESS_AUD === undefined ? "CF_ACCESS_AUD" : "CF_ACCESS_TEAM_DOMAIN"],
       message: "is required when the other CF_ACCESS_* binding is set (Cloudflare Access needs both)",
     });
+  }
+  if (config.CF_ACCESS_CERTS_URL !== undefined && !config.OAUTH_ALLOW_INSECURE_HTTP) {
+    const team = config.CF_ACCESS_TEAM_DOMAIN;
+    if (team === undefined || new URL(config.CF_ACCESS_CERTS_URL).origin !== accessTeamOrigin(team)) {
+      context.addIssue({
+        code: "custom",
+        path: ["CF_ACCESS_CERTS_URL"],
+        message:
+          "must be on the origin of CF_ACCESS_TEAM_DOMAIN (https://<team>.cloudflareaccess.com); leave it unset for the team's own certs URL (another origin only with OAUTH_ALLOW_INSECURE_HTTP=true, for a local stand-in)",
+      });
+    }
   }
   if (config.WEBHOOK_URL === undefined) return;
   if (config.WEBHOOK_SECRET === undefined) {
@@ -261,8 +276,14 @@ export function parseApiKeys(env: object): { admin: string[]; service: string[] 
   return { admin: parse("ADMIN_API_KEY"), service: parse("SERVICE_API_KEY") };
 }
 
+/** The https origin of a Cloudflare Access team domain (`myteam.cloudflareaccess.com` or its URL). */
+export function accessTeamOrigin(teamDomain: string): string {
+  const trimmed = teamDomain.trim().replace(/\/+$/, "");
+  return new URL(/^https?:\/\//.test(trimmed) ? trimmed : `https://${trimmed}`).origin;
+}
+
 /** 127.0.0.0/8, ::1 and localhost, as the URL parser normalises them. */
-function isLoopback(hostname: string): boolean {
+export function isLoopback(hostname: string): boolean {
   return hostname === "localhost" || hostname === "[::1]" || /^127(\.\d{1,3}){3}$/.test(hostname);
 }
 

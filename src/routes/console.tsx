@@ -18,6 +18,7 @@ import {
   type ConsoleSession,
   checkCsrfToken,
   consoleCookies,
+  consoleTransportAllowed,
   createKeySession,
   csrfToken,
   FLASH_TTL_SECONDS,
@@ -83,6 +84,8 @@ const BRANCH_PAGE_SIZE = 50;
 const EVENT_PAGE_SIZE = 50;
 const NONCE_BYTES = 16;
 const TOKEN_FINGERPRINT_HEX_CHARS = 8;
+/** One year: the usual HSTS lifetime. */
+const HSTS_MAX_AGE_SECONDS = 365 * 24 * 60 * 60;
 
 const csp = (nonce: string) =>
   [
@@ -98,6 +101,7 @@ const csp = (nonce: string) =>
 export function registerConsoleRoutes(app: App): void {
   const ui = new Hono<AppEnv>();
   ui.use(securityHeaders);
+  ui.use(requireHttps);
   ui.use(refuseCrossOrigin);
   ui.use(authenticate);
 
@@ -148,7 +152,10 @@ export function registerConsoleRoutes(app: App): void {
   ui.get("/branches/:id", async (c) => {
     const id = parseOr422(IdParam, c.req.param()).id;
     const now = new Date();
-    return page(c, 200, <BranchView page={await pageContext(c)} details={await loadBranch(c, id)} now={now} />);
+    const context = await pageContext(c);
+    // A link the login-link POST just issued for this branch (never another branch's).
+    const link = context.flash?.link?.clientId === id ? context.flash.link : undefined;
+    return page(c, 200, <BranchView page={context} details={await loadBranch(c, id)} now={now} link={link} />);
   });
 
   ui.get("/events", async (c) => {
@@ -180,21 +187,22 @@ export function registerConsoleRoutes(app: App): void {
   });
 
   ui.post("/branches", registerBranchForm);
-  ui.post("/branches/:id/login-link", async (c) => {
-    const id = parseOr422(IdParam, c.req.param()).id;
-    const revokePrevious = (await formOf(c)).revoke_previous === "true";
-    const now = new Date();
-    const link = await newLoginLink(operatorOf(c), id, revokePrevious, now);
-    const context = await pageContext(c);
-    context.flash = {
-      tone: "ok",
-      message: revokePrevious
-        ? "New login link created; every earlier link no longer works. Copy it below."
-        : "New login link created. Copy it below.",
-    };
-    // 200, not a redirect: the link is shown once and never stored.
-    return page(c, 200, <BranchView page={context} details={await loadBranch(c, id)} now={now} link={link} />);
-  });
+  // Post/Redirect/Get: the link rides in the flash cookie to the branch page, so reloading that
+  // page neither posts again (which, with "Revoke earlier links", would revoke the link just
+  // copied) nor puts the link in a URL (history, logs, Referer).
+  ui.post("/branches/:id/login-link", (c) =>
+    branchAction(c, async (op, id, now, form) => {
+      const revokePrevious = form.revoke_previous === "true";
+      const link = await newLoginLink(op, id, revokePrevious, now);
+      return {
+        tone: "ok",
+        message: revokePrevious
+          ? "New login link created; every earlier link no longer works. Copy it below."
+          : "New login link created. Copy it below.",
+        link: { clientId: id, url: link.url, expiresAt: link.expiresAt },
+      };
+    }),
+  );
   ui.post("/branches/:id/login-links/revoke", (c) =>
     branchAction(c, async (op, id, now) => {
       await revokeLoginLinks(op, id, now);
@@ -320,12 +328,38 @@ async function securityHeaders(c: ConsoleContext, next: Next): Promise<void> {
     "Referrer-Policy": "no-referrer",
     "X-Content-Type-Options": "nosniff",
   };
+  // Browsers ignore HSTS over http; on https it keeps the next visit off plain http.
+  if (new URL(c.req.url).protocol === "https:")
+    headers["Strict-Transport-Security"] = `max-age=${HSTS_MAX_AGE_SECONDS}`;
   try {
     for (const [name, value] of Object.entries(headers)) c.res.headers.set(name, value);
   } catch {
     c.res = new Response(c.res.body, c.res);
     for (const [name, value] of Object.entries(headers)) c.res.headers.set(name, value);
   }
+}
+
+/**
+ * Plain http is refused on any host but loopback (unless OAUTH_ALLOW_INSECURE_HTTP), before the
+ * sign-in form is shown or a key or cookie read: see consoleTransportAllowed.
+ */
+async function requireHttps(c: ConsoleContext, next: Next): Promise<Response | undefined> {
+  if (!consoleTransportAllowed(c.req.url, c.var.config.OAUTH_ALLOW_INSECURE_HTTP)) {
+    const https = new URL(c.req.url);
+    https.protocol = "https:";
+    return page(
+      c,
+      403,
+      <ErrorPage
+        page={{ nonce: c.get("consoleNonce") }}
+        title="The console needs https"
+        message={`The console needs https: open ${https.origin}${consolePath()} instead. Over plain http the admin key and the session would cross the network in clear.`}
+        homeHref={`${https.origin}${consolePath()}`}
+      />,
+    );
+  }
+  await next();
+  return undefined;
 }
 
 const originCheck = sameOriginCheck();
@@ -506,10 +540,17 @@ async function renderError(error: Error, c: ConsoleContext): Promise<Response> {
     // The page still renders without the header's session details.
   }
   const title = appError.status === 404 ? "Not found" : appError.status >= 500 ? "Something went wrong" : "Refused";
+  // The detail is the generic text of src/errors.ts for anything unexpected, never the cause; the
+  // request id lets an operator find the logged cause.
   return page(
     c,
     appError.status as ContentfulStatusCode,
-    <ErrorPage page={context} title={title} message={appError.detail} />,
+    <ErrorPage
+      page={context}
+      title={title}
+      message={appError.detail}
+      requestId={appError.status >= 500 ? c.var.requestId : undefined}
+    />,
   );
 }
 
@@ -523,13 +564,14 @@ async function renderError(error: Error, c: ConsoleContext): Promise<Response> {
  */
 async function branchAction(
   c: ConsoleContext,
-  change: (op: Operator, id: number, now: Date, form: Record<string, string>) => Promise<string>,
+  change: (op: Operator, id: number, now: Date, form: Record<string, string>) => Promise<string | Flash>,
 ): Promise<Response> {
   const id = parseOr422(IdParam, c.req.param()).id;
   const form = await formOf(c);
   let flash: Flash;
   try {
-    flash = { tone: "ok", message: await change(operatorOf(c), id, new Date(), form) };
+    const result = await change(operatorOf(c), id, new Date(), form);
+    flash = typeof result === "string" ? { tone: "ok", message: result } : result;
   } catch (error) {
     const appError = toAppError(error);
     // An unknown branch is the 404 page, a bug the 500 page; the rest the operator can act on.

@@ -1,4 +1,5 @@
 import { createRemoteJWKSet, type JWTVerifyGetKey, jwtVerify } from "jose";
+import { accessTeamOrigin, isLoopback } from "../env";
 import { type Keyring, matchesAny, sign, verify } from "../lib/crypto";
 import { fromBase64Url, fromUtf8, toBase64Url, utf8 } from "../lib/encoding";
 import { describeError, logWarn } from "../lib/log";
@@ -52,8 +53,22 @@ export function consoleCookies(origin: string): ConsoleCookies {
   };
 }
 
+/**
+ * Whether the console may answer a request at this URL: always on https; on plain http only on a
+ * loopback host (local development), or anywhere with OAUTH_ALLOW_INSECURE_HTTP (tests, `npm run
+ * dev` on another name). Elsewhere the admin key would cross the network in clear and the session
+ * cookie could not be Secure, so the console refuses before reading either.
+ */
+export function consoleTransportAllowed(url: string, allowInsecureHttp: boolean): boolean {
+  const { protocol, hostname } = new URL(url);
+  return protocol === "https:" || allowInsecureHttp || isLoopback(hostname);
+}
+
 export interface ConsoleSession {
-  /** Random per sign-in (key sessions) or `access:<sub>`: what the CSRF token is bound to. */
+  /**
+   * What the CSRF token is bound to: random per sign-in (key sessions), or `access:<sub>:<iat>`
+   * (a new Access login issues a new JWT, so its forms' tokens are new too).
+   */
   id: string;
   kind: "key" | "access";
   /** Shown in the header: "admin key" or the Access identity's email. */
@@ -149,22 +164,46 @@ export function signInNonce(): string {
 export interface Flash {
   tone: "ok" | "error";
   message: string;
+  /**
+   * A login link just issued, shown once on its branch's page after the redirect (Post/Redirect/Get:
+   * a reload then neither re-posts nor shows it again). It is a capability: the flash cookie is
+   * HttpOnly, SameSite=Strict, Secure and __Host- on https, lives FLASH_TTL_SECONDS and is cleared
+   * by the page that shows it.
+   */
+  link?: FlashLink | undefined;
+}
+
+export interface FlashLink {
+  /** The branch (internal client id) whose page shows it: any other page ignores it. */
+  clientId: number;
+  url: string;
+  expiresAt: Date;
 }
 
 /** A flash message for the page a redirect leads to; signed so nobody else can put words there. */
 export async function sealFlash(keyring: Keyring, flash: Flash, now: Date): Promise<string> {
+  const link = flash.link && { c: flash.link.clientId, u: flash.link.url, x: flash.link.expiresAt.getTime() };
   const encoded = toBase64Url(
-    utf8(JSON.stringify({ t: flash.tone, m: flash.message, e: now.getTime() + FLASH_TTL_SECONDS * 1000 })),
+    utf8(JSON.stringify({ t: flash.tone, m: flash.message, e: now.getTime() + FLASH_TTL_SECONDS * 1000, l: link })),
   );
   return `${encoded}.${await sign(keyring, `${FLASH_PURPOSE}|${encoded}`)}`;
 }
 
 export async function openFlash(keyring: Keyring, value: string | undefined, now: Date): Promise<Flash | null> {
-  const payload = await openSigned<{ t: unknown; m: unknown; e: unknown }>(keyring, FLASH_PURPOSE, value);
+  const payload = await openSigned<{ t: unknown; m: unknown; e: unknown; l?: { c: unknown; u: unknown; x: unknown } }>(
+    keyring,
+    FLASH_PURPOSE,
+    value,
+  );
   if (!payload || typeof payload.m !== "string" || typeof payload.e !== "number" || payload.e <= now.getTime()) {
     return null;
   }
-  return { tone: payload.t === "error" ? "error" : "ok", message: payload.m };
+  const flash: Flash = { tone: payload.t === "error" ? "error" : "ok", message: payload.m };
+  const link = payload.l;
+  if (link && typeof link.c === "number" && typeof link.u === "string" && typeof link.x === "number") {
+    flash.link = { clientId: link.c, url: link.u, expiresAt: new Date(link.x) };
+  }
+  return flash;
 }
 
 async function openSigned<T>(keyring: Keyring, purpose: string, value: string | undefined): Promise<T | null> {
@@ -203,17 +242,12 @@ export function accessSettings(config: {
   CF_ACCESS_CERTS_URL?: string | undefined;
 }): AccessSettings | undefined {
   if (!config.CF_ACCESS_TEAM_DOMAIN || !config.CF_ACCESS_AUD) return undefined;
-  const issuer = teamOrigin(config.CF_ACCESS_TEAM_DOMAIN);
+  const issuer = accessTeamOrigin(config.CF_ACCESS_TEAM_DOMAIN);
   return {
     issuer,
     audience: config.CF_ACCESS_AUD,
     certsUrl: config.CF_ACCESS_CERTS_URL ?? `${issuer}/cdn-cgi/access/certs`,
   };
-}
-
-export function teamOrigin(teamDomain: string): string {
-  const trimmed = teamDomain.trim().replace(/\/+$/, "");
-  return new URL(/^https?:\/\//.test(trimmed) ? trimmed : `https://${trimmed}`).origin;
 }
 
 /** jose caches the key set (and refetches on an unknown `kid`); one per URL and isolate. */
@@ -230,7 +264,9 @@ function keySetOf(certsUrl: string): JWTVerifyGetKey {
 
 /**
  * The session an Access JWT (`Cf-Access-Jwt-Assertion`) stands for, or null: a missing token, a
- * signature that is not the team's (RS256 only), another audience or issuer, or an expired token.
+ * signature that is not the team's (RS256 only), another audience or issuer, an expired token, or
+ * one without a person: Access service tokens carry an empty `sub` (their `common_name` names the
+ * token), and the console is for people, so they are refused (automation uses the API's keys).
  */
 export async function readAccessSession(
   settings: AccessSettings,
@@ -244,10 +280,15 @@ export async function readAccessSession(
       audience: settings.audience,
       issuer: settings.issuer,
       currentDate: now,
-      requiredClaims: ["exp", "sub"],
+      requiredClaims: ["exp", "iat", "sub"],
     });
-    const who = typeof payload.email === "string" ? payload.email : (payload.sub as string);
-    return { id: `access:${payload.sub}`, kind: "access", who, expiresAt: new Date((payload.exp as number) * 1000) };
+    const sub = payload.sub;
+    if (typeof sub !== "string" || sub === "") return null;
+    const who = typeof payload.email === "string" ? payload.email : sub;
+    // Bound to the login too (iat), not only the identity: a token leaked from one Access session
+    // does not work in the next. JSON-encoded so no sub can end with another's `:<iat>`.
+    const id = `access:${JSON.stringify([sub, payload.iat])}`;
+    return { id, kind: "access", who, expiresAt: new Date((payload.exp as number) * 1000) };
   } catch (error) {
     // A bad token is the visitor's problem; keys that cannot be fetched are the operator's: logged.
     const code = (error as { code?: unknown }).code;

@@ -103,10 +103,19 @@ describe("register a branch", () => {
 });
 
 describe("login links", () => {
-  it("Copy new login link shows a working link in a read-only field with a nonce'd copy script", async () => {
+  it("Copy new login link answers 303 to the branch page, which shows a working link in a read-only field with a nonce'd copy script", async () => {
     const branch = await registerBranch();
-    const page = await operator.submit(branchPage(branch.clientId), `${branchPage(branch.clientId)}/login-link`);
+    const answer = await operator.submit(branchPage(branch.clientId), `${branchPage(branch.clientId)}/login-link`);
+    // Post/Redirect/Get, the link in neither the Location nor the response's body.
+    expect(answer.status).toBe(303);
+    const location = answer.response.headers.get("location")!;
+    expect(location).toBe(`/token-management/console/branches/${branch.clientId}`);
+    expect(answer.html).not.toContain("/oauth/login/");
+    expect(answer.response.headers.get("cache-control")).toBe("no-store");
+    const page = await operator.follow(answer);
     expect(page.status).toBe(200);
+    expect(page.response.headers.get("cache-control")).toBe("no-store");
+    expect(flashOf(page.html)?.text).toBe("New login link created. Copy it below.");
     const link = /<input id="login-link" type="text" readonly="" value="([^"]+)"/.exec(page.html)?.[1];
     expect(link).toBeDefined();
     expect(link).toContain(`/token-management/oauth/login/${branch.clientId}?`);
@@ -119,16 +128,55 @@ describe("login links", () => {
     expect((await tokenRows(branch.clientId)).filter((row) => row.is_valid)).toHaveLength(1);
   });
 
-  it("with Revoke earlier links, the earlier links stop working and the new one works", async () => {
+  it("with Revoke earlier links, the earlier links stop working; reloading the page neither revokes the new one nor shows it again", async () => {
     const branch = await registerBranch();
-    const page = await operator.submit(branchPage(branch.clientId), `${branchPage(branch.clientId)}/login-link`, {
+    const answer = await operator.submit(branchPage(branch.clientId), `${branchPage(branch.clientId)}/login-link`, {
       revoke_previous: "true",
     });
+    const page = await operator.follow(answer);
     expect(flashOf(page.html)?.text).toContain("every earlier link no longer works");
     const link = /id="login-link" type="text" readonly="" value="([^"]+)"/.exec(page.html)![1]!.replace(/&amp;/g, "&");
     const old = await call(branch.loginUrl);
     expect(old.status).toBe(401);
+    // The page that showed the link cleared the flash cookie: a reload (a GET) shows no link and
+    // changes nothing.
+    expect(page.response.headers.getSetCookie().some((c) => /^tm_console_flash=;.*Max-Age=0/.test(c))).toBe(true);
+    const reloaded = await operator.get(branchPage(branch.clientId));
+    expect(reloaded.status).toBe(200);
+    expect(reloaded.html).not.toContain('id="login-link"');
+    expect(flashOf(reloaded.html)).toBeUndefined();
     expect((await startLogin(link)).response.status).toBe(302);
+  });
+
+  it("the link shows only on its own branch's page", async () => {
+    const branch = await registerBranch();
+    const other = await registerBranch({ atProvider: false });
+    const answer = await operator.submit(branchPage(branch.clientId), `${branchPage(branch.clientId)}/login-link`);
+    expect(answer.status).toBe(303);
+    // The flash cookie taken to another branch's page (the same browser, before the redirect's GET).
+    const elsewhere = await operator.get(branchPage(other.clientId));
+    expect(elsewhere.status).toBe(200);
+    expect(elsewhere.html).not.toContain('id="login-link"');
+    expect(elsewhere.html).not.toContain(`/oauth/login/${branch.clientId}`);
+  });
+
+  it("on https the flash cookie carrying the link is __Host-, Secure, HttpOnly, SameSite=Strict and 60 s", async () => {
+    const secure = new ConsoleBrowser("https://token-manager.test/token-management");
+    await secure.signIn();
+    const branch = await registerBranch();
+    const answer = await secure.submit(branchPage(branch.clientId), `${branchPage(branch.clientId)}/login-link`);
+    expect(answer.status).toBe(303);
+    const cookie = answer.response.headers.getSetCookie().find((c) => c.startsWith("__Host-tm_console_flash="));
+    expect(cookie).toBeDefined();
+    for (const attribute of ["Secure", "HttpOnly", "SameSite=Strict", "Path=/", "Max-Age=60"]) {
+      expect(cookie).toContain(`; ${attribute}`);
+    }
+    const page = await secure.follow(answer);
+    expect(page.html).toContain('id="login-link"');
+    expect(
+      page.response.headers.getSetCookie().some((c) => /^__Host-tm_console_flash=;.*Max-Age=0.*Secure/.test(c)),
+    ).toBe(true);
+    expect(secure.browser.names()).not.toContain("__Host-tm_console_flash");
   });
 
   it("Revoke all login links: every link so far stops working", async () => {
@@ -229,6 +277,11 @@ describe("client actions", () => {
       tone: "error",
       text: `Not deleted: type the branch ID (${branch.branchId}) exactly to confirm.`,
     });
+    expect(await clientRow(branch.clientId)).toBeDefined();
+    // Exact: the same letters in another case are not the branch id.
+    const shouted = await act(branch.clientId, "delete", { confirm: branch.branchId.toUpperCase() });
+    expect(branch.branchId.toUpperCase()).not.toBe(branch.branchId);
+    expect(flashOf(shouted.html)?.tone).toBe("error");
     expect(await clientRow(branch.clientId)).toBeDefined();
 
     const { refreshToken } = await currentTokens(branch.clientId);

@@ -1,5 +1,5 @@
 import { beforeAll, describe, expect, it } from "vitest";
-import { ConsoleBrowser, tableRows, textOf } from "./console-helpers";
+import { ConsoleBrowser, flashOf, tableRows, textOf } from "./console-helpers";
 import { call, uniqueId } from "./helpers";
 import { connectBranch, currentTokens, postJson, registerBranch, setProviderBehavior, sql } from "./oauth-helpers";
 
@@ -224,6 +224,68 @@ describe("hostile names", () => {
     expect(page.status).toBe(200);
     expect(page.html).not.toContain("<img src=x");
     expect(page.html).toContain("&quot;&gt;&lt;img src=x onerror=alert(1)&gt;");
+  });
+});
+
+describe("hostile event fields", () => {
+  it("the event log shows a branch id, reason and delivery error holding <script> as text", async () => {
+    const branchId = `${TAG}-<script>alert("id")</script>`;
+    const branch = await registerBranch({ branchId, atProvider: false });
+    await postJson(`/clients/${branch.clientId}`, { is_active: false }, { method: "PATCH" });
+    // What a provider's error text or a receiver's answer could put there (the real columns).
+    await sql("update events set reason = $2, last_error = $3 where client_id = $1", [
+      branch.clientId,
+      '<script>alert("reason")</script>',
+      '<script>alert("last_error")</script>',
+    ]);
+    const pages = [
+      await operator.get(`/events?branch_id=${encodeURIComponent(branchId)}`),
+      await operator.get(`/branches/${branch.clientId}`),
+    ];
+    for (const page of pages) {
+      expect(page.status).toBe(200);
+      expect(page.html).not.toMatch(/<script>alert/);
+      for (const what of ["reason", "last_error"]) {
+        expect(page.html).toContain(`&lt;script&gt;alert(&quot;${what}&quot;)&lt;/script&gt;`);
+      }
+    }
+    expect(pages[0]!.html).toContain(`&lt;script&gt;alert(&quot;id&quot;)&lt;/script&gt;`);
+    const rows = tableRows(pages[0]!.html, "event-log");
+    expect(rows).toHaveLength(1);
+    expect(rows[0]![2]).toBe(branchId);
+    expect(rows[0]!.join(" ")).toContain('<script>alert("reason")</script>');
+  });
+});
+
+describe("a failure while rendering a page", () => {
+  it("the database failing is a 503 page with the generic message and the request id, no SQL, stack or cause", async () => {
+    const branch = await registerBranch({ branchId: `${TAG}-outage`, atProvider: false });
+    const requestId = `ray-${uniqueId("console")}`;
+    // This one request's database is a closed port (the shared database stays up for other files).
+    const page = await operator.get(`/branches/${branch.clientId}`, {
+      headers: { "cf-ray": requestId },
+      envOverrides: { NEON_LOCAL_FETCH_ENDPOINT: "http://127.0.0.1:9/sql" },
+    });
+    expect(page.status, page.html).toBe(503);
+    expect(page.response.headers.get("content-type")).toMatch(/^text\/html/);
+    expect(Number(page.response.headers.get("retry-after"))).toBeGreaterThan(0);
+    expect(flashOf(page.html)?.text).toBe("The database is unreachable. Try again shortly.");
+    expect(page.html).toContain(`Request ID: <code id="request-id">${requestId}</code>`);
+    const text = textOf(page.html);
+    for (const leak of [
+      /select\s/i,
+      /from\s+"/i,
+      /\bat\s+\S+\s*\(/,
+      /Error:/,
+      /HTTP status/i,
+      /neon/i,
+      /127\.0\.0\.1/,
+      /postgres/i,
+    ]) {
+      expect(text).not.toMatch(leak);
+    }
+    // The same page renders with the database reachable.
+    expect((await operator.get(`/branches/${branch.clientId}`)).status).toBe(200);
   });
 });
 

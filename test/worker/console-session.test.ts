@@ -1,11 +1,12 @@
-import { exportJWK, generateKeyPair, SignJWT } from "jose";
+import { exportJWK, generateKeyPair, importJWK, SignJWT } from "jose";
 import { beforeAll, describe, expect, it } from "vitest";
+import { parseEnv } from "../../src/env";
 import { loadKeyring, sign } from "../../src/lib/crypto";
 import { toBase64Url } from "../../src/lib/encoding";
-import { createKeySession, readKeySession } from "../../src/services/console-session";
+import { createKeySession, readKeySession, sealFlash } from "../../src/services/console-session";
 import { TEST_ADMIN_KEY, TEST_ENCRYPTION_KEY, TEST_SERVICE_KEY } from "./bindings";
 import { accessJwksUrl, ConsoleBrowser, flashOf } from "./console-helpers";
-import { BASE, call, uniqueId } from "./helpers";
+import { BASE, call, testEnv, uniqueId } from "./helpers";
 
 /**
  * Who gets into the console: the admin-key sign-in and its signed session cookie (expiry, sign-out,
@@ -105,6 +106,69 @@ describe("sign-in", () => {
   });
 });
 
+describe("plain http", () => {
+  /** Production-like bindings: https provider, no OAUTH_ALLOW_INSECURE_HTTP. */
+  const production = {
+    OAUTH_ALLOW_INSECURE_HTTP: "false",
+    OAUTH_ISSUER: "https://issuer.example",
+    OAUTH_AUTHORIZATION_URL: "https://issuer.example/authorize",
+    OAUTH_TOKEN_URL: "https://issuer.example/token",
+    OAUTH_REVOCATION_URL: "",
+  };
+
+  it("on a non-loopback host is refused with a page saying the console needs https, before any key is read", async () => {
+    const visitor = new ConsoleBrowser("http://tokens.example.com/token-management");
+    for (const path of ["/sign-in", "", "/branches/1", "/events"]) {
+      const page = await visitor.get(path, { envOverrides: production });
+      expect(page.status, path).toBe(403);
+      expect(page.response.headers.get("content-type")).toMatch(/^text\/html/);
+      expect(flashOf(page.html)?.text).toMatch(
+        /^The console needs https: open https:\/\/tokens\.example\.com\/token-management\/console instead\./,
+      );
+      expect(page.html).not.toContain('id="api_key"');
+      expect(page.response.headers.get("strict-transport-security")).toBeNull();
+      expect(page.response.headers.get("cache-control")).toBe("no-store");
+    }
+    // The admin key posted anyway opens nothing and sets no cookie.
+    const signIn = await visitor.post("/sign-in", { api_key: TEST_ADMIN_KEY }, { envOverrides: production });
+    expect(signIn.status).toBe(403);
+    expect(signIn.response.headers.getSetCookie()).toEqual([]);
+    // A valid session cookie sent over http is not honoured either.
+    const keyring = await loadKeyring(TEST_ENCRYPTION_KEY);
+    const { value } = await createKeySession(keyring, TEST_ADMIN_KEY, new Date(), 3600);
+    const withCookie = await call("http://tokens.example.com/token-management/console", {
+      envOverrides: production,
+      headers: { cookie: `tm_console=${value}` },
+    });
+    expect(withCookie.status).toBe(403);
+  });
+
+  it("is allowed on loopback hosts, and anywhere with OAUTH_ALLOW_INSECURE_HTTP (these tests' host)", async () => {
+    for (const host of ["localhost:8787", "127.0.0.1:8787", "[::1]:8787"]) {
+      const page = await new ConsoleBrowser(`http://${host}/token-management`).get("/sign-in", {
+        envOverrides: production,
+      });
+      expect(page.status, host).toBe(200);
+      expect(page.html).toContain('id="api_key"');
+    }
+    expect(new URL(BASE).protocol).toBe("http:");
+    expect((await new ConsoleBrowser().get("/sign-in")).status).toBe(200);
+  });
+
+  it("https responses carry Strict-Transport-Security for a year; http ones do not", async () => {
+    const secure = new ConsoleBrowser("https://tokens.example.com/token-management");
+    const form = await secure.get("/sign-in", { envOverrides: production });
+    expect(form.status).toBe(200);
+    expect(form.response.headers.get("strict-transport-security")).toBe("max-age=31536000");
+    await secure.signIn(TEST_ADMIN_KEY, { envOverrides: production });
+    const list = await secure.get("", { envOverrides: production });
+    expect(list.status).toBe(200);
+    expect(list.response.headers.get("strict-transport-security")).toBe("max-age=31536000");
+    const plain = await new ConsoleBrowser().get("/sign-in");
+    expect(plain.response.headers.get("strict-transport-security")).toBeNull();
+  });
+});
+
 describe("the session", () => {
   it("sign-out clears the cookie and the console asks for the key again", async () => {
     const operator = new ConsoleBrowser();
@@ -176,6 +240,43 @@ describe("the session", () => {
     const foreign = await createKeySession(otherKeyring, TEST_ADMIN_KEY, new Date(), 3600);
     expect((await call("/console", { headers: { cookie: `tm_console=${foreign.value}` } })).status).toBe(303);
     expect((await call("/console", { headers: { cookie: `tm_console=${value}` } })).status).toBe(200);
+  });
+
+  it("refuses another purpose's value as the session: a CSRF token, a flash cookie, a session-shaped payload signed for them", async () => {
+    const operator = new ConsoleBrowser();
+    await operator.signIn();
+    const list = await operator.get("");
+    const out = await operator.post("/sign-out", { csrf: list.csrf! });
+    const flashCookie = /tm_console_flash=([^;]+)/.exec(out.response.headers.getSetCookie().join("\n"))?.[1];
+    expect(flashCookie).toBeDefined();
+
+    const keyring = await loadKeyring(TEST_ENCRYPTION_KEY);
+    // A payload that would be a valid session under the session purpose (the control below)...
+    const payload = toBase64Url(
+      new TextEncoder().encode(
+        JSON.stringify({
+          s: "attacker-chosen-id",
+          k: await sign(keyring, `token-management/console-session-key/v1|${TEST_ADMIN_KEY}`),
+          e: Date.now() + HOUR_MS,
+        }),
+      ),
+    );
+    const signedAs = async (purpose: string) => `${payload}.${await sign(keyring, `${purpose}|${payload}`)}`;
+    const refused = [
+      list.csrf!,
+      flashCookie!,
+      await sealFlash(keyring, { tone: "ok", message: "hello" }, new Date()),
+      // ...signed as a CSRF token or a flash message is: another purpose.
+      await signedAs("token-management/console-csrf/v1"),
+      await signedAs("token-management/console-flash/v1"),
+    ];
+    for (const cookie of refused) {
+      const page = await call("/console", { headers: { cookie: `tm_console=${cookie}` } });
+      expect(page.status, cookie).toBe(303);
+      expect(page.headers.get("location")).toBe("/token-management/console/sign-in");
+    }
+    const control = await signedAs("token-management/console-session/v1");
+    expect((await call("/console", { headers: { cookie: `tm_console=${control}` } })).status).toBe(200);
   });
 
   it("ends when its admin key is removed from ADMIN_API_KEY; sessions of the other key go on", async () => {
@@ -300,15 +401,25 @@ describe("Cloudflare Access", () => {
   });
 
   async function accessJwt(
-    options: { key?: CryptoKey; aud?: string; iss?: string; expiresInSeconds?: number; kid?: string } = {},
+    options: {
+      key?: CryptoKey;
+      aud?: string;
+      iss?: string;
+      expiresInSeconds?: number;
+      kid?: string;
+      sub?: string;
+      email?: string;
+      issuedSecondsAgo?: number;
+      alg?: string;
+    } = {},
   ) {
     const now = Math.floor(Date.now() / 1000);
-    return new SignJWT({ email: "operator@example.com", type: "app" })
-      .setProtectedHeader({ alg: "RS256", kid: options.kid ?? "team-key-1" })
-      .setSubject("user-1234")
+    return new SignJWT({ email: options.email ?? "operator@example.com", type: "app" })
+      .setProtectedHeader({ alg: options.alg ?? "RS256", kid: options.kid ?? "team-key-1" })
+      .setSubject(options.sub ?? "user-1234")
       .setIssuer(options.iss ?? issuer)
       .setAudience(options.aud ?? audience)
-      .setIssuedAt(now - 60)
+      .setIssuedAt(now - (options.issuedSecondsAgo ?? 60))
       .setExpirationTime(now + (options.expiresInSeconds ?? 3600))
       .sign(options.key ?? teamKey);
   }
@@ -343,6 +454,89 @@ describe("Cloudflare Access", () => {
     }
   });
 
+  it("refuses a token without a person: an Access service token's empty sub", async () => {
+    const service = await accessJwt({ sub: "", email: "" });
+    const page = await open("", service);
+    expect(page.status).toBe(303);
+    expect(page.headers.get("location")).toBe("/token-management/console/sign-in");
+    expect((await open("", await accessJwt({ sub: "user-1234", email: "" }))).status).toBe(200);
+  });
+
+  it("pins RS256: a PS256 token signed with the team's own RSA key is refused", async () => {
+    // A key set whose key does not name its algorithm: the pin alone refuses the other one.
+    const pinTeam = uniqueId("team-pin");
+    const pair = await generateKeyPair("RS256", { extractable: true });
+    const jwk = { ...(await exportJWK(pair.publicKey)), kid: "pin-key-1", use: "sig" };
+    const certsUrl = `${accessJwksUrl()}/teams/${pinTeam}/certs`;
+    expect((await fetch(certsUrl, { method: "PUT", body: JSON.stringify({ keys: [jwk] }) })).status).toBe(204);
+    const pinIssuer = `https://${pinTeam}.cloudflareaccess.com`;
+    const pinEnv: Record<string, string> = {
+      CF_ACCESS_TEAM_DOMAIN: `${pinTeam}.cloudflareaccess.com`,
+      CF_ACCESS_AUD: audience,
+      CF_ACCESS_CERTS_URL: certsUrl,
+    };
+    // The same RSA private key, imported for each algorithm (a CryptoKey serves one).
+    const privateJwk = await exportJWK(pair.privateKey);
+    const tokenWith = async (alg: string) =>
+      accessJwt({ key: (await importJWK(privateJwk, alg)) as CryptoKey, kid: "pin-key-1", iss: pinIssuer, alg });
+    const openWith = async (jwt: string) =>
+      call(`${BASE}/console`, { envOverrides: pinEnv, headers: { "cf-access-jwt-assertion": jwt } });
+    expect((await openWith(await tokenWith("RS256"))).status).toBe(200);
+    const ps256 = await openWith(await tokenWith("PS256"));
+    expect(ps256.status).toBe(303);
+    expect(ps256.headers.get("location")).toBe("/token-management/console/sign-in");
+  });
+
+  it("CF_ACCESS_CERTS_URL must be on the team's origin unless OAUTH_ALLOW_INSECURE_HTTP is on", async () => {
+    const productionBindings: Record<string, string> = {
+      OAUTH_ALLOW_INSECURE_HTTP: "false",
+      OAUTH_ISSUER: "https://issuer.example",
+      OAUTH_AUTHORIZATION_URL: "https://issuer.example/authorize",
+      OAUTH_TOKEN_URL: "https://issuer.example/token",
+      OAUTH_REVOCATION_URL: "",
+      CF_ACCESS_TEAM_DOMAIN: teamDomain,
+      CF_ACCESS_AUD: audience,
+    };
+    const production = { ...testEnv, ...productionBindings };
+    expect(parseEnv({ ...production, CF_ACCESS_CERTS_URL: `${issuer}/cdn-cgi/access/certs` }).CF_ACCESS_CERTS_URL).toBe(
+      `${issuer}/cdn-cgi/access/certs`,
+    );
+    expect(parseEnv(production).CF_ACCESS_CERTS_URL).toBeUndefined();
+    for (const certsUrl of [
+      "https://keys.attacker.example/certs",
+      `http://${teamDomain}/cdn-cgi/access/certs`,
+      `https://other-team.cloudflareaccess.com/cdn-cgi/access/certs`,
+      envOverrides.CF_ACCESS_CERTS_URL!,
+    ]) {
+      expect(() => parseEnv({ ...production, CF_ACCESS_CERTS_URL: certsUrl }), certsUrl).toThrow(
+        /CF_ACCESS_CERTS_URL: must be on the origin of CF_ACCESS_TEAM_DOMAIN/,
+      );
+    }
+    // Without a team domain there is no origin it could be on.
+    const { CF_ACCESS_TEAM_DOMAIN: _team, CF_ACCESS_AUD: _aud, ...noAccess } = production;
+    expect(() => parseEnv({ ...noAccess, CF_ACCESS_CERTS_URL: `${issuer}/cdn-cgi/access/certs` })).toThrow(
+      /CF_ACCESS_CERTS_URL/,
+    );
+    // The Worker refuses to serve with it, as with any bad binding: a configuration error, the URL not echoed.
+    const broken: Record<string, string> = {
+      ...productionBindings,
+      CF_ACCESS_CERTS_URL: "https://keys.attacker.example/certs",
+    };
+    const answer = await call("https://tokens.example.com/token-management/health", {
+      key: "admin",
+      envOverrides: broken,
+    });
+    const text = await answer.text();
+    expect(answer.status, text).toBe(500);
+    expect(text).toContain("configuration_error");
+    expect(text).toContain("CF_ACCESS_CERTS_URL: must be on the origin");
+    expect(text).not.toContain("keys.attacker.example");
+    // These tests' local stand-in (plain http, another origin) is accepted with the flag.
+    expect(parseEnv({ ...production, OAUTH_ALLOW_INSECURE_HTTP: "true", ...envOverrides }).CF_ACCESS_CERTS_URL).toBe(
+      envOverrides.CF_ACCESS_CERTS_URL,
+    );
+  });
+
   it("refuses everyone when the team's keys cannot be fetched", async () => {
     const unreachable: Record<string, string> = {
       ...envOverrides,
@@ -370,18 +564,26 @@ describe("Cloudflare Access", () => {
     const jwt = await accessJwt();
     const page = await open("", jwt);
     const token = /name="csrf" value="([^"]*)"/.exec(await page.text())![1]!;
-    const post = (csrf: string) =>
+    const post = (csrf: string, as: string = jwt) =>
       call(`${BASE}/console/sign-out`, {
         method: "POST",
         envOverrides,
         headers: {
-          "cf-access-jwt-assertion": jwt,
+          "cf-access-jwt-assertion": as,
           origin: new URL(BASE).origin,
           "content-type": "application/x-www-form-urlencoded",
         },
         body: new URLSearchParams({ csrf }).toString(),
       });
     expect((await post("forged")).status).toBe(403);
+    // Another identity's JWT with this identity's token: refused.
+    const other = await accessJwt({ sub: "user-5678", email: "someone-else@example.com" });
+    expect((await open("", other)).status).toBe(200);
+    expect((await post(token, other)).status).toBe(403);
+    // The same identity after a new Access login (another iat): the old page's token is refused.
+    const later = await accessJwt({ issuedSecondsAgo: 5 });
+    expect((await open("", later)).status).toBe(200);
+    expect((await post(token, later)).status).toBe(403);
     const out = await post(token);
     expect(out.status).toBe(303);
     expect(out.headers.get("location")).toBe("/cdn-cgi/access/logout");

@@ -1,6 +1,5 @@
 import type { ClientRow, EventRow, TokenRow } from "../../db/schema";
 import type { BranchStatus } from "../../services/branch-list";
-import type { LoginLink } from "../../services/login-links";
 import { Csrf, consolePath, expiryWords, Layout, StatusBadge, tokenExpiryWords, utc, When } from "./layout";
 import { EventsTable, type PageContext } from "./pages";
 
@@ -41,7 +40,8 @@ export function BranchView(props: {
   page: PageContext;
   details: BranchDetails;
   now: Date;
-  link?: LoginLink | undefined;
+  /** A login link just issued (from the redirect's flash), shown once. */
+  link?: ShownLink | undefined;
 }) {
   const { page, details, now } = props;
   const { client, token } = details;
@@ -197,6 +197,11 @@ export function BranchView(props: {
   );
 }
 
+export interface ShownLink {
+  url: string;
+  expiresAt: Date;
+}
+
 /** Copies the link to the clipboard; without JavaScript the field is still selectable. */
 const COPY_SCRIPT = `
 document.getElementById("copy-login-link").addEventListener("click", function () {
@@ -208,7 +213,7 @@ document.getElementById("copy-login-link").addEventListener("click", function ()
   else { document.execCommand("copy"); ok(); }
 });`;
 
-function NewLink({ link, nonce, now }: { link: LoginLink; nonce: string; now: Date }) {
+function NewLink({ link, nonce, now }: { link: ShownLink; nonce: string; now: Date }) {
   return (
     <section aria-labelledby="new-link" class="actions">
       <section>

@@ -43,18 +43,32 @@ export function SignInPage(props: { page: PageContext; error?: string | undefine
   );
 }
 
-export function ErrorPage(props: { page: PageContext; title: string; message: string; signIn?: boolean }) {
+export function ErrorPage(props: {
+  page: PageContext;
+  title: string;
+  message: string;
+  signIn?: boolean;
+  /** Shown on a 5xx page: what the log line of the failure carries. */
+  requestId?: string | undefined;
+  /** Where the page's link leads instead of the branch list (the https console). */
+  homeHref?: string | undefined;
+}) {
   const { page } = props;
   return (
     <Layout title={props.title} nonce={page.nonce} who={page.who} csrf={page.csrf}>
       <p role="alert" class="flash error">
         {props.message}
       </p>
+      {props.requestId !== undefined && (
+        <p>
+          Request ID: <code id="request-id">{props.requestId}</code>
+        </p>
+      )}
       <p>
         {props.signIn ? (
           <a href={consolePath("/sign-in")}>Sign in</a>
         ) : (
-          <a href={consolePath()}>Back to the branches</a>
+          <a href={props.homeHref ?? consolePath()}>Back to the branches</a>
         )}
       </p>
     </Layout>
