@@ -25,10 +25,10 @@ import {
 
 /**
  * The Cron Trigger's job: refresh every token that expires within CRON_REFRESH_WINDOW_SECONDS, oldest
- * expiry first, at most CRON_MAX_REFRESHES per run. Provider calls run with bounded concurrency; a
- * lease is claimed for the lanes free at that moment (one statement), and results are written in
- * batches (group commit). What one run may not refresh goes to REFRESH_QUEUE when that binding
- * exists, else to the next run.
+ * expiry first, at most CRON_MAX_REFRESHES per run. Provider calls run with bounded concurrency;
+ * leases are claimed for several lanes in one statement, at most CLAIM_AHEAD_MS ahead of the calls
+ * (see Claimer), and results are written in batches (group commit). What one run may not refresh
+ * goes to REFRESH_QUEUE when that binding exists, else to the next run.
  */
 
 export const PROVIDER_CONCURRENCY = MAX_OUTBOUND_CONNECTIONS;
@@ -38,6 +38,16 @@ export const FLUSH_INTERVAL_MS = 250;
 /** At most this many tokens beyond the cap are handed to the queue per run. */
 export const QUEUE_FANOUT_LIMIT = 10_000;
 export const QUEUE_MESSAGE_TOKENS = 50;
+/**
+ * How far ahead of its provider call a token may be claimed. A claim statement covers the lanes
+ * free now plus what the lanes will start within this window at the pace of the calls so far, and
+ * its lease is longer by this much, so the lease still outlives the wait, the call and the write.
+ * A token claimed ahead that is still waiting when the window ends is claimed again (renewing our
+ * lease) before its call starts.
+ */
+export const CLAIM_AHEAD_MS = 1_000;
+/** At most this many tokens per claim statement. */
+export const CLAIM_BATCH_MAX = 100;
 
 export interface RefreshMessage {
   tokenIds: number[];
@@ -55,6 +65,8 @@ export interface RefreshDeps extends Pick<Services, "db" | "keyring" | "provider
   persistBudgetMs: number;
   /** Only what expires within this many seconds is (still) due. */
   windowSeconds: number;
+  /** CLAIM_AHEAD_MS; tests inject other windows. */
+  claimAheadMs: number;
 }
 
 export interface RefreshCounts {
@@ -90,6 +102,7 @@ export function refreshDeps(d: Services): RefreshDeps {
     leaseMs: leaseMsFor(d.config.OAUTH_TIMEOUT_MS),
     persistBudgetMs: INVOCATION_PERSIST_BUDGET_MS,
     windowSeconds: d.config.CRON_REFRESH_WINDOW_SECONDS,
+    claimAheadMs: CLAIM_AHEAD_MS,
   };
 }
 
@@ -158,12 +171,16 @@ function due(now: Date, windowSeconds: number) {
 
 /** A token the scheduler may refresh now: current, alive, not in backoff, not leased, client usable. */
 function refreshable(now: Date) {
+  return and(eligible(now), leaseIsFree());
+}
+
+/** refreshable() but for the lease, which claimLeases checks itself. */
+function eligible(now: Date) {
   return and(
     eq(tokens.isValid, true),
     eq(tokens.status, "active"),
     isNotNull(tokens.refreshToken),
     or(isNull(tokens.nextAttemptAt), lte(tokens.nextAttemptAt, now)),
-    leaseIsFree(),
     eq(clients.isActive, true),
     isNull(clients.credentialsRejectedAt),
   );
@@ -171,9 +188,9 @@ function refreshable(now: Date) {
 
 /**
  * Refreshes the given tokens (those still due and refreshable when claimed). PROVIDER_CONCURRENCY
- * lanes call the provider; a token is leased only when a lane is free to start on it (one claim
- * statement for all lanes free at that moment), so no lease waits behind other calls. Results are
- * written in batches (group commit), each write conditional on the lease.
+ * lanes call the provider; leases are claimed for several lanes per statement, never more than
+ * CLAIM_AHEAD_MS before a call starts (Claimer). Results are written in batches (group commit),
+ * each write conditional on the lease.
  */
 export async function refreshTokens(d: RefreshDeps, ids: number[], now: Date): Promise<RefreshCounts> {
   const counts: RefreshCounts = { refreshed: 0, failed: 0, dead: 0, skipped: 0, dropped: 0, unsaved: 0 };
@@ -183,15 +200,24 @@ export async function refreshTokens(d: RefreshDeps, ids: number[], now: Date): P
   const writer = new BatchWriter(d, counts);
   const claimer = new Claimer(
     ids,
-    (batch) =>
-      claimLeases(d.db, and(inArray(tokens.id, batch), refreshable(now), due(now, d.windowSeconds)), owner, d.leaseMs),
+    (batch, ahead, renewOwn) =>
+      claimLeases(
+        d.db,
+        and(inArray(tokens.id, batch), eligible(now), due(now, d.windowSeconds)),
+        owner,
+        d.leaseMs + (ahead ? d.claimAheadMs : 0),
+        { renewOwn },
+      ),
     counts,
+    PROVIDER_CONCURRENCY,
+    d.claimAheadMs,
   );
   await forEachLane(PROVIDER_CONCURRENCY, async () => {
     for (let leased = await claimer.next(); leased; leased = await claimer.next()) {
       const { token, clientId, clientSecret } = leased;
       const hold = holdOf(leased, owner);
       const sentAt = at();
+      const callStarted = Date.now();
       try {
         const issued = await refreshGrant(
           d.provider,
@@ -204,6 +230,7 @@ export async function refreshTokens(d: RefreshDeps, ids: number[], now: Date): P
           },
           await open(d.keyring, token.refreshToken!, { column: "tokens.refresh_token", clientId: token.clientId }),
         );
+        claimer.observe(Date.now() - callStarted);
         const values = await refreshedValues(d.keyring, token.clientId, issued, sentAt);
         writer.push({
           write: [successStatement(d.db, d.events, hold, values)],
@@ -212,6 +239,7 @@ export async function refreshTokens(d: RefreshDeps, ids: number[], now: Date): P
           rotated: values.refreshToken !== undefined,
         });
       } catch (error) {
+        claimer.observe(Date.now() - callStarted);
         const failure = error instanceof ProviderError ? error : new ProviderError("network", describeError(error));
         writer.push({
           write: failureStatements(d.db, d.events, token, hold, failure, at()),
@@ -227,31 +255,52 @@ export async function refreshTokens(d: RefreshDeps, ids: number[], now: Date): P
 }
 
 /**
- * Hands leased tokens to lanes as they free up: one claim statement at a time, for as many ids as
- * lanes are waiting when it starts, so every lease taken has a lane about to use it.
+ * Hands leased tokens to lanes. One claim statement covers the lanes waiting now plus what the
+ * lanes will start within `aheadMs` at the pace of the calls so far (none before the first call
+ * ends), up to CLAIM_BATCH_MAX; the next one is sent while half of that is still ready, so lanes
+ * rarely wait on a claim. A claim that includes tokens for later is leased `aheadMs` longer. A
+ * token still unstarted `aheadMs` after its claim was sent is not handed out: it is claimed again
+ * (our lease renewed from the database's clock), so every call starts with a full lease ahead.
  */
 class Claimer {
-  private readonly ready: Leased[] = [];
+  private readonly ready: { leased: Leased; claimSentAt: number }[] = [];
   private readonly pending: number[];
+  /** Our own claims that went stale before a lane took them. */
+  private readonly stale: number[] = [];
   private waiting = 0;
   private claiming: Promise<void> | undefined;
+  /** Running mean of a provider call's duration (ms), once one has ended. */
+  private callMs: number | undefined;
 
   constructor(
     ids: number[],
-    private readonly claim: (ids: number[]) => Promise<Leased[]>,
+    private readonly claim: (ids: number[], ahead: boolean, renewOwn: boolean) => Promise<Leased[]>,
     private readonly counts: RefreshCounts,
+    private readonly lanes: number,
+    private readonly aheadMs: number,
   ) {
     this.pending = [...ids];
   }
 
+  /** A provider call took this long: the size of later claims follows the pace. */
+  observe(ms: number): void {
+    this.callMs = this.callMs === undefined ? ms : 0.8 * this.callMs + 0.2 * ms;
+  }
+
   async next(): Promise<Leased | undefined> {
     for (;;) {
-      const leased = this.ready.shift();
-      if (leased) return leased;
-      if (!this.claiming && this.pending.length === 0) return undefined;
-      this.claiming ??= this.claimForWaitingLanes();
+      const now = Date.now();
+      for (let item = this.ready.shift(); item; item = this.ready.shift()) {
+        if (now - item.claimSentAt <= this.aheadMs) {
+          this.refill();
+          return item.leased;
+        }
+        this.stale.push(item.leased.token.id);
+      }
+      if (!this.claiming && this.pending.length === 0 && this.stale.length === 0) return undefined;
       this.waiting++;
       try {
+        this.claiming ??= this.claimBatch();
         await this.claiming;
       } finally {
         this.waiting--;
@@ -259,14 +308,40 @@ class Claimer {
     }
   }
 
-  private async claimForWaitingLanes(): Promise<void> {
+  /** How many tokens the lanes start within the window at the current pace (0 before any call ended). */
+  private perWindow(): number {
+    if (this.callMs === undefined) return 0;
+    return Math.floor((this.lanes * this.aheadMs) / Math.max(1, this.callMs));
+  }
+
+  /** Claims ahead in the background while less than half a window's worth is ready. */
+  private refill(): void {
+    if (this.claiming || this.pending.length + this.stale.length === 0) return;
+    if (this.ready.length * 2 >= this.perWindow()) return;
+    this.claiming = this.claimBatch();
+    // A failure surfaces to the lane that awaits the next claim.
+    this.claiming.catch(() => undefined);
+  }
+
+  private async claimBatch(): Promise<void> {
     // Let every lane that is free right now line up before counting them.
     await Promise.resolve();
     try {
-      const ids = this.pending.splice(0, Math.max(1, this.waiting));
-      const leased = await this.claim(ids);
+      const wanted = Math.min(CLAIM_BATCH_MAX, Math.max(this.waiting, 1) + this.perWindow() - this.ready.length);
+      const renewed = this.stale.splice(0, wanted);
+      const ids = [...renewed, ...this.pending.splice(0, Math.max(0, wanted - renewed.length))];
+      const claimSentAt = Date.now();
+      let leased: Leased[];
+      try {
+        leased = await this.claim(ids, ids.length > this.waiting, renewed.length > 0);
+      } catch (error) {
+        // Nothing is lost: the ids go back, and the lane that awaits this claim sees the failure.
+        this.stale.unshift(...renewed);
+        this.pending.unshift(...ids.slice(renewed.length));
+        throw error;
+      }
       this.counts.skipped += ids.length - leased.length;
-      this.ready.push(...leased);
+      for (const one of leased) this.ready.push({ leased: one, claimSentAt });
     } finally {
       this.claiming = undefined;
     }

@@ -348,32 +348,41 @@ function secondsLeftUntil(when: Date, now: Date): number {
   return Math.ceil((when.getTime() - now.getTime()) / 1000);
 }
 
-/** Whether the row was still leased (a lapsed, unreleased lease), read from the statement's snapshot. */
-const TOOK_OVER = sql<boolean>`(select p.lease_owner is not null from tokens p where p.id = ${tokens.id})`.mapWith(
-  (value: unknown) => value === true || value === "t",
-);
+/**
+ * Whether the row was still leased by someone else (a lapsed, unreleased lease), read from the
+ * statement's snapshot. Renewing our own claim is no take-over.
+ */
+function tookOverFrom(owner: string) {
+  return sql<boolean>`(select p.lease_owner is not null and p.lease_owner <> ${owner} from tokens p where p.id = ${tokens.id})`.mapWith(
+    (value: unknown) => value === true || value === "t",
+  );
+}
 
 /**
  * One statement: lease every token matching `condition` whose lease is free, for `leaseMs` from the
  * database's clock, and return each with its client's credentials. Callers claim only tokens whose
- * provider call starts right away, so the lease outlives the call and the write of its result.
+ * provider call starts right away (or within a window the lease is lengthened by; see
+ * src/services/scheduled.ts), so the lease outlives the call and the write of its result. With
+ * `renewOwn`, rows this owner already leases (claimed ahead, call not started) are leased again.
  */
 export async function claimLeases(
   db: Db,
   condition: SQL | undefined,
   owner: string,
   leaseMs: number,
+  options: { renewOwn?: boolean } = {},
 ): Promise<Leased[]> {
+  const claimable = options.renewOwn ? or(leaseIsFree(), eq(tokens.leaseOwner, owner)) : leaseIsFree();
   return db
     .update(tokens)
     .set({ leaseOwner: owner, leaseExpiresAt: leaseExpiry(leaseMs) })
     .from(clients)
-    .where(and(eq(clients.id, tokens.clientId), leaseIsFree(), condition))
+    .where(and(eq(clients.id, tokens.clientId), claimable, condition))
     .returning({
       token: tokens,
       clientId: clients.clientId,
       clientSecret: clients.clientSecret,
-      tookOver: TOOK_OVER,
+      tookOver: tookOverFrom(owner),
     });
 }
 

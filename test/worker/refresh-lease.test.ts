@@ -405,3 +405,80 @@ describe("a rotated refresh token whose write fails", () => {
     expect((await currentTokens(branch.clientId)).refreshToken).toBe(before.refreshToken);
   });
 });
+
+describe("claims for several lanes (the cron and the queue)", () => {
+  /** A view of the database under its own user name, so its SQL round trips are counted alone. */
+  function countedEnv() {
+    const user = `claims_${crypto.randomUUID().slice(0, 8)}`;
+    const url = new URL(testEnv.TOKEN_MANAGEMENT_DATABASE_URL as string);
+    url.username = user;
+    return {
+      env: { ...testEnv, TOKEN_MANAGEMENT_DATABASE_URL: url.toString() },
+      async requests(): Promise<number> {
+        const response = await fetch(`${testEnv.NEON_LOCAL_URL}/stats?user=${user}`);
+        return ((await response.json()) as { requests: number }).requests;
+      },
+    };
+  }
+
+  it("claims the tokens several lanes will start in one statement: 30 tokens in a handful of round trips", async () => {
+    const branches = await Promise.all(Array.from({ length: 30 }, () => connectBranch()));
+    // Uneven provider times, so the lanes come free one by one (as they do at scale).
+    await Promise.all(
+      branches.map((b, i) => setProviderBehavior(b.oauthClientId, { tokenDelayMs: 30 + (i % 6) * 15 })),
+    );
+    for (const b of branches) await expireIn(b.clientId, -10);
+    const ids = await Promise.all(branches.map(async (b) => (await currentTokens(b.clientId)).row.id));
+    const counted = countedEnv();
+    const d = refreshDeps(await createServices(counted.env));
+
+    const counts = await refreshTokens(d, ids, new Date());
+
+    expect(counts).toMatchObject({ refreshed: 30, failed: 0, skipped: 0, dropped: 0 });
+    // One claim per free lane (the previous rule) took about one statement per token here.
+    expect(await counted.requests()).toBeLessThanOrEqual(8);
+    for (const b of branches) expect((await providerStats(b.oauthClientId)).refreshGrants).toBe(1);
+    for (const b of branches) expect(await leaseOf(b.clientId)).toEqual({ owner: null, remainingMs: null });
+  });
+
+  it("claims a token waiting past the window again before its call, so the call starts with a full lease", async () => {
+    const claimAheadMs = 150;
+    const d = { ...refreshDeps(await createServices(testEnv)), claimAheadMs };
+    // Lane 1 comes free after 50 ms, claims the last two tokens ahead, and starts one of them; the
+    // other waits ~900 ms for the next free lane, far past the window.
+    const branches = await Promise.all(Array.from({ length: 8 }, () => connectBranch()));
+    await Promise.all(
+      branches.map((b, i) => setProviderBehavior(b.oauthClientId, { tokenDelayMs: i === 0 ? 50 : 900 })),
+    );
+    for (const b of branches) await expireIn(b.clientId, -10);
+    const ids = await Promise.all(branches.map(async (b) => (await currentTokens(b.clientId)).row.id));
+    const lastTwo = branches.slice(6);
+    // The code exchange counted one token request each.
+    const started = async (b: ConnectedBranch) => (await providerStats(b.oauthClientId)).tokenRequests > 1;
+
+    const run = refreshTokens(d, ids, new Date());
+    const first = await vi.waitFor(
+      async () => {
+        for (const b of lastTwo) if (await started(b)) return b;
+        throw new Error("neither started yet");
+      },
+      { timeout: 10_000, interval: 5 },
+    );
+    const late = lastTwo.find((b) => b !== first)!;
+    expect(await started(late)).toBe(false);
+    await vi.waitFor(
+      async () => {
+        if (!(await started(late))) throw new Error("not started yet");
+      },
+      { timeout: 10_000, interval: 5 },
+    );
+    // Its provider call has just started (it takes 900 ms): the lease ahead is (about) a full one,
+    // not what was left of the claim made ~850 ms before.
+    const { owner, remainingMs } = await leaseOf(late.clientId);
+    expect(owner).not.toBeNull();
+    expect(remainingMs).toBeGreaterThan(d.leaseMs - 300);
+
+    expect(await run).toMatchObject({ refreshed: 8, failed: 0, skipped: 0, dropped: 0 });
+    for (const b of branches) expect((await providerStats(b.oauthClientId)).refreshGrants).toBe(1);
+  });
+});
