@@ -139,6 +139,7 @@ async function memoryRun(count: number) {
     maxAgeSeconds: DEFAULT_TOKEN_CACHE_MAX_AGE_SECONDS,
     memoryEntries: DEFAULT_TOKEN_CACHE_MEMORY_ENTRIES,
     refreshAheadSeconds: 300,
+    joinWaitMs: 15_000,
     location: async () => undefined,
     // Background work (sealing an entry for the location tier) finishes, as waitUntil lets it.
     waitUntil: (task: Promise<unknown>) => background.push(task),

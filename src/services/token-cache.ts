@@ -2,7 +2,7 @@ import type { Services } from "../context";
 import { AppError } from "../errors";
 import { type Keyring, open, seal, tokenCacheKey } from "../lib/crypto";
 import { describeError, logWarn } from "../lib/log";
-import { needsRefresh } from "./refresh-policy";
+import { leaseMsFor, needsRefresh } from "./refresh-policy";
 import type { ServedToken } from "./tokens";
 
 /**
@@ -157,7 +157,7 @@ export class MemoryLru<V> {
 
 // Per isolate: the memory tier, the database reads in flight, and the recent invalidations.
 const memory = new MemoryLru<MemoryEntry>(DEFAULT_TOKEN_CACHE_MEMORY_ENTRIES);
-const inFlight = new Map<string, Promise<Loaded>>();
+const inFlight = new Map<string, Flight>();
 const invalidations = new Map<string, number>();
 let invalidationSeq = 0;
 
@@ -182,6 +182,12 @@ export interface TokenCacheDeps {
   maxAgeSeconds: number;
   memoryEntries: number;
   refreshAheadSeconds: number;
+  /**
+   * How long a read waits for the same branch's load begun by another request before loading
+   * itself: the refresh lease's length (leaseMsFor(OAUTH_TIMEOUT_MS)), the longest a read that
+   * refreshes should take.
+   */
+  joinWaitMs: number;
   /** The location tier; resolves to undefined where the Cache API is not available. */
   location: () => Promise<Cache | undefined>;
   waitUntil: (promise: Promise<unknown>) => void;
@@ -199,6 +205,7 @@ export function tokenCacheDeps(
     maxAgeSeconds: services.config.TOKEN_CACHE_MAX_AGE_SECONDS,
     memoryEntries: services.config.TOKEN_CACHE_MEMORY_ENTRIES,
     refreshAheadSeconds: services.config.REFRESH_AHEAD_SECONDS,
+    joinWaitMs: leaseMsFor(services.config.OAUTH_TIMEOUT_MS),
     location: () => {
       locationTier ??= caches.open(TOKEN_CACHE_NAME).catch((error: unknown) => {
         locationTier = undefined;
@@ -315,12 +322,56 @@ async function revalidate(
   }
 }
 
+/**
+ * A database read of one branch under way in this isolate, and its outcome once known: plain data
+ * that other requests look at, never a promise they await (see join).
+ */
+interface Flight {
+  outcome?: { loaded: Loaded } | { error: unknown };
+}
+
+/** A joining read first looks again after this long, doubling up to the maximum. */
+const JOIN_FIRST_POLL_MS = 1;
+const JOIN_MAX_POLL_MS = 10;
+
 /** Concurrent database reads of one branch in this isolate share one load. */
 function loadOnce(deps: TokenCacheDeps, branchId: string, load: () => Promise<CachedToken>): Promise<Loaded> {
   const key = memoryKey(deps.keyring, branchId);
   const running = inFlight.get(key);
-  if (running) return running;
+  if (running) return join(running, deps.joinWaitMs, () => startLoad(deps, branchId, key, load));
+  return startLoad(deps, branchId, key, load);
+}
+
+/**
+ * Waits for a load another request started, on timers of this request's own, looking at the
+ * flight's outcome between them. The Workers runtime does not let requests share promises safely:
+ * a request awaiting another request's I/O with nothing of its own pending is canceled as hung,
+ * and work continued from one request's context on behalf of another fails ("Cannot perform I/O
+ * on behalf of a different request"); both were measured here under load (test/node/single-flight).
+ * A poll costs no I/O; the wait adds at most JOIN_MAX_POLL_MS to a joined read. If the other load
+ * has not settled after `waitMs` (its request was canceled, say), this request loads for itself.
+ */
+async function join(flight: Flight, waitMs: number, loadItself: () => Promise<Loaded>): Promise<Loaded> {
+  const deadline = Date.now() + waitMs;
+  for (let pollMs = JOIN_FIRST_POLL_MS; ; pollMs = Math.min(2 * pollMs, JOIN_MAX_POLL_MS)) {
+    await new Promise((resolve) => setTimeout(resolve, pollMs));
+    const outcome = flight.outcome;
+    if (outcome) {
+      if ("error" in outcome) throw outcome.error;
+      return outcome.loaded;
+    }
+    if (Date.now() >= deadline) return loadItself();
+  }
+}
+
+function startLoad(
+  deps: TokenCacheDeps,
+  branchId: string,
+  key: string,
+  load: () => Promise<CachedToken>,
+): Promise<Loaded> {
   const readAtMs = Date.now();
+  const flight: Flight = {};
   const promise = load().then(
     (token) => ({ token, readAtMs }),
     async (error: unknown) => {
@@ -330,9 +381,17 @@ function loadOnce(deps: TokenCacheDeps, branchId: string, load: () => Promise<Ca
       throw error;
     },
   );
-  inFlight.set(key, promise);
+  inFlight.set(key, flight);
+  promise.then(
+    (loaded) => {
+      flight.outcome = { loaded };
+    },
+    (error: unknown) => {
+      flight.outcome = { error };
+    },
+  );
   const forget = () => {
-    if (inFlight.get(key) === promise) inFlight.delete(key);
+    if (inFlight.get(key) === flight) inFlight.delete(key);
   };
   promise.then(forget, forget);
   return promise;
