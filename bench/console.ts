@@ -300,7 +300,6 @@ async function main(): Promise<void> {
     const statements: { query: string; params: unknown[] }[] = [];
     const direct = drizzle({
       client: neon(url.toString()),
-      schema,
       logger: { logQuery: (query, params) => statements.push({ query, params }) },
     });
 
