@@ -1,7 +1,7 @@
 import { createMiddleware } from "hono/factory";
 import type { AppEnv } from "../context";
 import { AppError } from "../errors";
-import { matchesAny } from "./crypto";
+import { matchesEach } from "./crypto";
 
 export type KeyRole = "admin" | "service";
 
@@ -19,9 +19,10 @@ export function requireKey(role: KeyRole) {
         headers: CHALLENGE,
       });
     }
-    const { ADMIN_API_KEY, SERVICE_API_KEY } = c.var.config;
-    if (await matchesAny(presented, ADMIN_API_KEY)) return next();
-    if (await matchesAny(presented, SERVICE_API_KEY)) {
+    const { ADMIN_API_KEY, SERVICE_API_KEY } = c.get("config");
+    const [admin, service] = await matchesEach(presented, ADMIN_API_KEY, SERVICE_API_KEY);
+    if (admin) return next();
+    if (service) {
       if (role === "service") return next();
       throw new AppError("forbidden", "This route needs the admin API key; the service key cannot use it.");
     }

@@ -239,14 +239,40 @@ export async function verify(keyring: Keyring, message: string, signature: strin
   return false;
 }
 
+/** SHA-256 digests of configured keys, computed once per isolate (configuration, not requests). */
+const acceptedDigests = new Map<string, Promise<Uint8Array>>();
+
+function sha256(text: string): Promise<Uint8Array> {
+  return crypto.subtle.digest("SHA-256", utf8(text)).then((digest) => new Uint8Array(digest));
+}
+
+function acceptedDigest(key: string): Promise<Uint8Array> {
+  let digest = acceptedDigests.get(key);
+  if (!digest) {
+    digest = sha256(key);
+    acceptedDigests.set(key, digest);
+  }
+  return digest;
+}
+
 /** Constant-time membership test: compares SHA-256 digests so length differences leak nothing. */
 export async function matchesAny(candidate: string, accepted: readonly string[]): Promise<boolean> {
-  const candidateDigest = new Uint8Array(await crypto.subtle.digest("SHA-256", utf8(candidate)));
-  let found = false;
-  for (const key of accepted) {
-    const digest = new Uint8Array(await crypto.subtle.digest("SHA-256", utf8(key)));
-    // Every key is compared, match or not, so timing does not reveal which one matched.
-    if (equalDigests(candidateDigest, digest)) found = true;
+  const [found] = await matchesEach(candidate, accepted);
+  return found!;
+}
+
+/**
+ * For each list of keys, whether `candidate` is one of them: one digest of the candidate however
+ * many lists (the API-key check asks admin and service at once). Every key of every list is
+ * compared, match or not, so timing does not reveal which one matched.
+ */
+export async function matchesEach(candidate: string, ...lists: (readonly string[])[]): Promise<boolean[]> {
+  const candidateDigest = await sha256(candidate);
+  const found: boolean[] = [];
+  for (const accepted of lists) {
+    let inList = false;
+    for (const key of accepted) if (equalDigests(candidateDigest, await acceptedDigest(key))) inList = true;
+    found.push(inList);
   }
   return found;
 }
