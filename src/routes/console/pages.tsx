@@ -108,33 +108,24 @@ export function BranchListView(props: {
       </section>
 
       <form method="get" action={consolePath()} class="filters" aria-label="Filter branches">
-        <div>
-          <label for="filter-status">Status</label>
-          <select id="filter-status" name="status">
-            <option value="" selected={query.status === undefined}>
-              Any
-            </option>
-            {BRANCH_STATUSES.map((status) => (
-              <option value={status} selected={query.status === status}>
-                {statusWords(status)}
-              </option>
-            ))}
-          </select>
-        </div>
-        <div>
-          <label for="filter-active">Active</label>
-          <select id="filter-active" name="active">
-            <option value="any" selected={query.active === undefined}>
-              Any
-            </option>
-            <option value="true" selected={query.active === true}>
-              Active only
-            </option>
-            <option value="false" selected={query.active === false}>
-              Inactive only
-            </option>
-          </select>
-        </div>
+        <FilterSelect
+          id="filter-status"
+          name="status"
+          label="Status"
+          choices={[["", "Any"], ...BRANCH_STATUSES.map((status) => [status, statusWords(status)] as const)]}
+          selected={query.status ?? ""}
+        />
+        <FilterSelect
+          id="filter-active"
+          name="active"
+          label="Active"
+          choices={[
+            ["any", "Any"],
+            ["true", "Active only"],
+            ["false", "Inactive only"],
+          ]}
+          selected={query.active === undefined ? "any" : String(query.active)}
+        />
         <div>
           <label for="filter-q">Search branch or workspace</label>
           <input id="filter-q" name="q" type="search" value={query.search ?? ""} maxlength={128} />
@@ -375,19 +366,13 @@ export function EventLogView(props: {
           <label for="filter-branch">Branch ID</label>
           <input id="filter-branch" name="branch_id" type="search" value={filters.branchId ?? ""} maxlength={128} />
         </div>
-        <div>
-          <label for="filter-type">Type</label>
-          <select id="filter-type" name="type">
-            <option value="" selected={filters.type === undefined}>
-              Any
-            </option>
-            {EVENT_TYPES.map((type) => (
-              <option value={type} selected={filters.type === type}>
-                {type}
-              </option>
-            ))}
-          </select>
-        </div>
+        <FilterSelect
+          id="filter-type"
+          name="type"
+          label="Type"
+          choices={[["", "Any"], ...EVENT_TYPES.map((type) => [type, type] as const)]}
+          selected={filters.type ?? ""}
+        />
         <button type="submit">Filter</button>
       </form>
       {!props.canRedeliver && (
@@ -410,5 +395,27 @@ export function EventLogView(props: {
         </p>
       )}
     </Layout>
+  );
+}
+
+/** A labelled filter select; `choices` are [value, words] pairs, `selected` the current value. */
+function FilterSelect(props: {
+  id: string;
+  name: string;
+  label: string;
+  choices: readonly (readonly [string, string])[];
+  selected: string;
+}) {
+  return (
+    <div>
+      <label for={props.id}>{props.label}</label>
+      <select id={props.id} name={props.name}>
+        {props.choices.map(([value, words]) => (
+          <option value={value} selected={props.selected === value}>
+            {words}
+          </option>
+        ))}
+      </select>
+    </div>
   );
 }
