@@ -387,7 +387,7 @@ async function main(): Promise<void> {
       memory,
       benchWallSeconds: round((performance.now() - t0) / 1000, 1),
     };
-    writeFileSync(RESULTS, `${JSON.stringify(report, null, 2)}\n`);
+    stack.writeResults(RESULTS, report);
     printTable(byLatency, ratios, faultRun, memory);
     log(`wrote ${RESULTS} (${report.benchWallSeconds} s)`);
   } finally {

@@ -18,7 +18,6 @@
  * BENCH_CONSOLE_DATABASE_URL (unset: PGlite; else a throwaway PostgreSQL database behind neon-local,
  * whose public schema the bench drops and recreates).
  */
-import { execFileSync } from "node:child_process";
 import { mkdtempSync, rmSync, writeFileSync } from "node:fs";
 import { cpus, loadavg, tmpdir } from "node:os";
 import { join } from "node:path";
@@ -425,9 +424,7 @@ async function main(): Promise<void> {
       consolePages: pages,
       firstPagePlan: planText,
     };
-    writeFileSync(RESULTS, `${JSON.stringify(report, null, 2)}\n`);
-    // In the repository's format, so that `npm run lint` stays clean after a run.
-    execFileSync(join(stack.ROOT, "node_modules/.bin/biome"), ["format", "--write", RESULTS], { stdio: "ignore" });
+    stack.writeResults(RESULTS, report);
     console.log(planText);
     console.log(JSON.stringify({ ...report, firstPagePlan: undefined }, null, 2));
   } finally {

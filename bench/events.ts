@@ -15,7 +15,7 @@
  * Knobs: BENCH_EVENTS_PLAIN (200), BENCH_EVENTS_FAILURES (1000), BENCH_EVENTS_DELIVERY (1000),
  * BENCH_EVENTS_ROUNDS (3).
  */
-import { mkdtempSync, rmSync, writeFileSync } from "node:fs";
+import { mkdtempSync, rmSync } from "node:fs";
 import { cpus, tmpdir } from "node:os";
 import { join } from "node:path";
 import { Webhook } from "standardwebhooks";
@@ -259,7 +259,7 @@ async function main(): Promise<void> {
       },
       benchWallSeconds: round((performance.now() - t0) / 1000, 1),
     };
-    writeFileSync(RESULTS, `${JSON.stringify(report, null, 2)}\n`);
+    stack.writeResults(RESULTS, report);
     console.table({
       "plain refreshes": {
         refreshes: PLAIN,

@@ -17,7 +17,7 @@
  * Knobs: BENCH_SCALE_TOKENS (10000), BENCH_SCALE_PROVIDER_DELAY_MS (20).
  */
 import { randomBytes } from "node:crypto";
-import { mkdtempSync, rmSync, writeFileSync } from "node:fs";
+import { mkdtempSync, rmSync } from "node:fs";
 import { cpus, loadavg, tmpdir } from "node:os";
 import { join } from "node:path";
 import * as stack from "../dev/local-stack.ts";
@@ -248,7 +248,7 @@ async function main(): Promise<void> {
         how: `bulk SQL inserts of ${SEED_CHUNK} rows (values sealed with src/lib/crypto.ts, bound to their row) + POST /admin/import at the authorization server`,
       },
     };
-    writeFileSync(RESULTS, `${JSON.stringify(report, null, 2)}\n`);
+    stack.writeResults(RESULTS, report);
     console.log(JSON.stringify(report, null, 2));
     if (!report.checks.nothingMissed || !report.checks.nothingTwice) {
       throw new Error(`checks failed: ${JSON.stringify(report.checks)} ${JSON.stringify(report.refreshed)}`);

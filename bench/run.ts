@@ -464,7 +464,7 @@ async function main(): Promise<void> {
       benchWallSeconds: 0,
     };
     report.benchWallSeconds = round((performance.now() - t0) / 1000, 1);
-    writeFileSync(RESULTS, `${JSON.stringify(report, null, 2)}\n`);
+    stack.writeResults(RESULTS, report);
     printTable(report);
     log(`wrote ${RESULTS} (${report.benchWallSeconds} s)`);
   } catch (error) {

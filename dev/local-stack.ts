@@ -8,9 +8,9 @@
  *
  * Each script starts the authorization server itself (`startOAuthServer`) and decides what to measure.
  */
-import { type ChildProcess, execFile, spawn } from "node:child_process";
+import { type ChildProcess, execFile, execFileSync, spawn } from "node:child_process";
 import { randomBytes } from "node:crypto";
-import { readdirSync, readFileSync } from "node:fs";
+import { readdirSync, readFileSync, writeFileSync } from "node:fs";
 import { delimiter, dirname, join, resolve } from "node:path";
 import { fileURLToPath } from "node:url";
 import { promisify } from "node:util";
@@ -262,4 +262,13 @@ export async function connectBranch(
   const text = await callback.text();
   if (callback.status !== 200) throw new Error(`callback: ${callback.status} ${text}`);
   return body.branch_id;
+}
+
+/**
+ * Writes a bench's results as JSON in the repository's format (biome's), so that `npm run lint`
+ * stays clean after `npm run bench`.
+ */
+export function writeResults(path: string, report: unknown): void {
+  writeFileSync(path, `${JSON.stringify(report, null, 2)}\n`);
+  execFileSync(join(ROOT, "node_modules/.bin/biome"), ["format", "--write", path], { stdio: "ignore" });
 }
