@@ -188,15 +188,7 @@ async function main(): Promise<void> {
   const miniflares: Miniflare[] = [];
   try {
     log("bundling the Worker and the floor Worker");
-    const floorConfig = join(scratch, "floor.wrangler.json");
-    writeFileSync(
-      floorConfig,
-      JSON.stringify({
-        name: "bench-floor",
-        main: join(stack.ROOT, "bench/floor-worker.ts"),
-        compatibility_date: stack.COMPATIBILITY_DATE,
-      }),
-    );
+    const floorConfig = stack.floorWorkerConfig(scratch);
     const cpuConfig = join(scratch, "cache-cpu.wrangler.json");
     writeFileSync(
       cpuConfig,

@@ -18,7 +18,7 @@
  * BENCH_CONSOLE_DATABASE_URL (unset: PGlite; else a throwaway PostgreSQL database behind neon-local,
  * whose public schema the bench drops and recreates).
  */
-import { mkdtempSync, rmSync, writeFileSync } from "node:fs";
+import { mkdtempSync, rmSync } from "node:fs";
 import { cpus, loadavg, tmpdir } from "node:os";
 import { join } from "node:path";
 import { pathToFileURL } from "node:url";
@@ -267,15 +267,7 @@ async function main(): Promise<void> {
   let oauth: OAuthServer | undefined;
   const miniflares: stack.RunningWorker[] = [];
   try {
-    const floorConfig = join(scratch, "floor.wrangler.json");
-    writeFileSync(
-      floorConfig,
-      JSON.stringify({
-        name: "bench-floor",
-        main: join(stack.ROOT, "bench/floor-worker.ts"),
-        compatibility_date: stack.COMPATIBILITY_DATE,
-      }),
-    );
+    const floorConfig = stack.floorWorkerConfig(scratch);
     const [app, floor] = await Promise.all([
       stack.bundleWorker(join(scratch, "app")),
       stack.bundleWorker(join(scratch, "floor"), floorConfig),

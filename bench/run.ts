@@ -175,15 +175,7 @@ async function main(): Promise<void> {
   try {
     // 1. Bundles (item 3 too).
     log("bundling the Worker and the floor Worker with wrangler deploy --dry-run");
-    const floorConfig = join(scratch, "floor.wrangler.json");
-    writeFileSync(
-      floorConfig,
-      JSON.stringify({
-        name: "bench-floor",
-        main: join(stack.ROOT, "bench/floor-worker.ts"),
-        compatibility_date: stack.COMPATIBILITY_DATE,
-      }),
-    );
+    const floorConfig = stack.floorWorkerConfig(scratch);
     const cpuConfig = join(scratch, "cpu.wrangler.json");
     writeFileSync(
       cpuConfig,

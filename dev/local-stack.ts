@@ -141,6 +141,23 @@ export async function bundleWorker(outdir: string, configPath?: string): Promise
 }
 
 /**
+ * The benches' floor Worker (bench/floor-worker.ts): writes its wrangler config into `dir` and
+ * returns the path, for bundleWorker.
+ */
+export function floorWorkerConfig(dir: string): string {
+  const path = join(dir, "floor.wrangler.json");
+  writeFileSync(
+    path,
+    JSON.stringify({
+      name: "bench-floor",
+      main: join(ROOT, "bench/floor-worker.ts"),
+      compatibility_date: COMPATIBILITY_DATE,
+    }),
+  );
+  return path;
+}
+
+/**
  * The bindings every local run gives the Worker: the local database, fresh random keys, and the
  * OAuth endpoints at the local authorization server (plain HTTP allowed). Add the rest per run.
  */
@@ -222,6 +239,23 @@ export interface BranchClient {
   workspace_name: string;
 }
 
+/** Registers an OAuth client at the local authorization server (its admin API). */
+export async function registerAtProvider(
+  oauth: Pick<OAuthServer, "url">,
+  client: { clientId: string; clientSecret: string; redirectUri: string },
+): Promise<void> {
+  const response = await fetch(`${oauth.url}/admin/clients`, {
+    method: "POST",
+    headers: { "content-type": "application/json" },
+    body: JSON.stringify({
+      client_id: client.clientId,
+      client_secret: client.clientSecret,
+      redirect_uris: [client.redirectUri],
+    }),
+  });
+  if (response.status !== 201) throw new Error(`provider registration: ${response.status} ${await response.text()}`);
+}
+
 /** Connects one branch through the real consent flow; resolves to its branch_id once the callback stored a token. */
 export async function connectBranch(
   worker: string,
@@ -230,18 +264,11 @@ export async function connectBranch(
   client: BranchClient,
 ): Promise<string> {
   const body = { ...client, redirect_uri: `${worker}${BASE_PATH}/auth/callback` };
-  const registered = await fetch(`${oauth.url}/admin/clients`, {
-    method: "POST",
-    headers: { "content-type": "application/json" },
-    body: JSON.stringify({
-      client_id: body.client_id,
-      client_secret: body.client_secret,
-      redirect_uris: [body.redirect_uri],
-    }),
+  await registerAtProvider(oauth, {
+    clientId: body.client_id,
+    clientSecret: body.client_secret,
+    redirectUri: body.redirect_uri,
   });
-  if (registered.status !== 201) {
-    throw new Error(`provider registration: ${registered.status} ${await registered.text()}`);
-  }
   const created = await fetch(`${worker}${BASE_PATH}/clients`, {
     method: "POST",
     headers: { authorization: `Bearer ${adminKey}`, "content-type": "application/json" },

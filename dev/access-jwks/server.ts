@@ -5,6 +5,7 @@
 //   GET /teams/<team>/certs   the stored key set, as Access serves it (404 for an unknown team)
 import { createServer, type IncomingMessage, type ServerResponse } from "node:http";
 import type { AddressInfo } from "node:net";
+import { readBody } from "../read-body.ts";
 
 export interface AccessJwksServer {
   url: string;
@@ -26,7 +27,7 @@ export async function startAccessJwksServer(options: { host?: string; port?: num
     const team = /^\/teams\/([\w.-]{1,100})\/certs$/.exec(url.pathname)?.[1];
     if (!team) return send(response, 404, JSON.stringify({ error: "not found" }));
     if (request.method === "PUT") {
-      const body = await readBody(request);
+      const body = await readBody(request, MAX_BODY_BYTES);
       const parsed = JSON.parse(body) as { keys?: unknown };
       if (!Array.isArray(parsed.keys)) return send(response, 400, JSON.stringify({ error: "expected {keys: [...]}" }));
       teams.set(team, JSON.stringify({ keys: parsed.keys }));
@@ -47,15 +48,4 @@ export async function startAccessJwksServer(options: { host?: string; port?: num
 function send(response: ServerResponse, status: number, body: string): void {
   response.writeHead(status, { "content-type": "application/json", "content-length": Buffer.byteLength(body) });
   response.end(body);
-}
-
-async function readBody(request: IncomingMessage): Promise<string> {
-  let size = 0;
-  const chunks: Buffer[] = [];
-  for await (const chunk of request) {
-    size += (chunk as Buffer).length;
-    if (size > MAX_BODY_BYTES) throw new Error("body too large");
-    chunks.push(chunk as Buffer);
-  }
-  return Buffer.concat(chunks).toString("utf8");
 }

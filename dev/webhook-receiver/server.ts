@@ -11,6 +11,7 @@
 import { createServer, type IncomingMessage, type ServerResponse } from "node:http";
 import type { AddressInfo } from "node:net";
 import { Webhook } from "standardwebhooks";
+import { readBody } from "../read-body.ts";
 
 export type InboxMode = "ok" | "fail" | "hang" | "gone";
 
@@ -76,7 +77,7 @@ export async function startWebhookReceiver(options: WebhookReceiverOptions = {})
       return send(response, 200, { mode: inbox(admin[1]).mode, deliveries: inbox(admin[1]).deliveries });
     }
     if (admin?.[1] && request.method === "PUT") {
-      const body = JSON.parse((await readBody(request)) || "{}") as {
+      const body = JSON.parse((await readBody(request, MAX_BODY_BYTES)) || "{}") as {
         mode?: InboxMode;
         status?: number;
         secrets?: string[];
@@ -100,7 +101,7 @@ export async function startWebhookReceiver(options: WebhookReceiverOptions = {})
 
   async function receive(name: string, request: IncomingMessage, response: ServerResponse): Promise<void> {
     const target = inbox(name);
-    const body = await readBody(request);
+    const body = await readBody(request, MAX_BODY_BYTES);
     const headers = {
       "webhook-id": header(request, "webhook-id"),
       "webhook-timestamp": header(request, "webhook-timestamp"),
@@ -168,17 +169,6 @@ export async function startWebhookReceiver(options: WebhookReceiverOptions = {})
 function header(request: IncomingMessage, name: string): string {
   const value = request.headers[name];
   return Array.isArray(value) ? (value[0] ?? "") : (value ?? "");
-}
-
-async function readBody(request: IncomingMessage): Promise<string> {
-  let size = 0;
-  const chunks: Buffer[] = [];
-  for await (const chunk of request) {
-    size += (chunk as Buffer).length;
-    if (size > MAX_BODY_BYTES) throw new Error("body too large");
-    chunks.push(chunk as Buffer);
-  }
-  return Buffer.concat(chunks).toString("utf8");
 }
 
 function safeJson(text: string): unknown {

@@ -57,21 +57,8 @@ export async function startStack(): Promise<Stack> {
 }
 
 /** Registers an OAuth client at the local authorization server, as an operator does at Google. */
-export async function registerAtProvider(
-  oauth: OAuthServer,
-  client: { clientId: string; clientSecret: string; redirectUri: string },
-): Promise<void> {
-  const response = await fetch(`${oauth.url}/admin/clients`, {
-    method: "POST",
-    headers: { "content-type": "application/json" },
-    body: JSON.stringify({
-      client_id: client.clientId,
-      client_secret: client.clientSecret,
-      redirect_uris: [client.redirectUri],
-    }),
-  });
-  if (response.status !== 201) throw new Error(`provider registration: ${response.status} ${await response.text()}`);
-}
+/** Registering an OAuth client at the local authorization server, as the benches do it. */
+export const registerAtProvider = local.registerAtProvider;
 
 export interface ProviderStats {
   authorizationCodeGrants: number;

@@ -177,13 +177,7 @@ export function BranchListView(props: {
           ))}
         </tbody>
       </table>
-      {props.nextHref && (
-        <p>
-          <a href={props.nextHref} rel="next">
-            Next page
-          </a>
-        </p>
-      )}
+      <NextPage href={props.nextHref} />
     </Layout>
   );
 }
@@ -387,13 +381,7 @@ export function EventLogView(props: {
         showBranch={true}
         canRedeliver={props.canRedeliver}
       />
-      {props.nextHref && (
-        <p>
-          <a href={props.nextHref} rel="next">
-            Next page
-          </a>
-        </p>
-      )}
+      <NextPage href={props.nextHref} />
     </Layout>
   );
 }
@@ -417,5 +405,17 @@ function FilterSelect(props: {
         ))}
       </select>
     </div>
+  );
+}
+
+/** The "Next page" link of a cursor-paged list, when there is a next page. */
+function NextPage(props: { href: string | null | undefined }) {
+  if (!props.href) return null;
+  return (
+    <p>
+      <a href={props.href} rel="next">
+        Next page
+      </a>
+    </p>
   );
 }
