@@ -18,7 +18,7 @@
  *
  * Knobs: BENCH_CACHE_DURATION_MS (per measurement, default 3000), BENCH_CACHE_BRANCHES (100),
  * BENCH_CACHE_LATENCIES (0,20,80,150), BENCH_CACHE_FAULT_SECONDS (10), BENCH_CACHE_MEMORY_BRANCHES (100000),
- * BENCH_CACHE_CPU_ONLY=1 (stop after the memory-hit CPU breakdown).
+ * BENCH_CACHE_CPU_ONLY=1 (stop after the memory-hit CPU breakdown); BENCH_SMOKE=1 (seconds-long, results to a temporary file).
  */
 import { randomBytes } from "node:crypto";
 import { mkdtempSync, rmSync, writeFileSync } from "node:fs";
@@ -39,19 +39,24 @@ import {
 } from "../src/services/token-cache.ts";
 import { type LoadResult, load } from "./load.ts";
 
-const RESULTS = join(stack.ROOT, process.env.BENCH_CACHE_RESULTS ?? "bench/cache-results.json");
-const DURATION_MS = Number(process.env.BENCH_CACHE_DURATION_MS ?? 3000);
-const BRANCHES = Number(process.env.BENCH_CACHE_BRANCHES ?? 100);
-const LATENCIES = (process.env.BENCH_CACHE_LATENCIES ?? "0,20,80,150").split(",").map(Number);
-const FAULT_SECONDS = Number(process.env.BENCH_CACHE_FAULT_SECONDS ?? 10);
+const RESULTS = stack.resultsPath(process.env.BENCH_CACHE_RESULTS ?? "bench/cache-results.json");
+const DURATION_MS = stack.benchKnob("BENCH_CACHE_DURATION_MS", 3000, 150);
+const BRANCHES = stack.benchKnob("BENCH_CACHE_BRANCHES", 100, 4);
+const LATENCIES = (process.env.BENCH_CACHE_LATENCIES || (stack.BENCH_SMOKE ? "0,80" : "0,20,80,150"))
+  .split(",")
+  .map(Number);
+const FAULT_SECONDS = stack.benchKnob("BENCH_CACHE_FAULT_SECONDS", 10, 1);
+/** The fault run: reads before the database goes down, and after it is back. */
+const FAULT_LEAD_MS = stack.BENCH_SMOKE ? 500 : 2000;
+const FAULT_TAIL_MS = stack.BENCH_SMOKE ? 1000 : 2000;
 const FAULT_CONNECTIONS = 64;
 /** The steady-state run lasts longer than the max age, so background re-reads are all counted. */
-const STEADY_SECONDS = Number(process.env.BENCH_CACHE_STEADY_SECONDS ?? 75);
+const STEADY_SECONDS = stack.benchKnob("BENCH_CACHE_STEADY_SECONDS", 75, 1);
 const STEADY_LATENCY_MS = 80;
 const STEADY_CONNECTIONS = 16;
-const MEMORY_BRANCHES = Number(process.env.BENCH_CACHE_MEMORY_BRANCHES ?? 100_000);
+const MEMORY_BRANCHES = stack.benchKnob("BENCH_CACHE_MEMORY_BRANCHES", 100_000, 1000);
 const CONCURRENCIES = [1, 16] as const;
-const CPU_ITERATIONS = 5000;
+const CPU_ITERATIONS = stack.BENCH_SMOKE ? 100 : 5000;
 const SEED_CONCURRENCY = 8;
 const TARGET_P50_RATIO = 1.25;
 const TARGET_SQL_PER_1000 = 20;
@@ -306,7 +311,7 @@ async function main(): Promise<void> {
     await setLatency(db, 0);
     for (const url of urlsOf(workers.on)) await (await fetch(url, { headers })).arrayBuffer();
     const faultTimer = (async () => {
-      await new Promise((r) => setTimeout(r, 2000));
+      await new Promise((r) => setTimeout(r, FAULT_LEAD_MS));
       await setDatabase(db!, "down");
       await new Promise((r) => setTimeout(r, FAULT_SECONDS * 1000));
       await setDatabase(db!, "ok");
@@ -315,7 +320,7 @@ async function main(): Promise<void> {
       url: urlsOf(workers.on),
       headers,
       connections: FAULT_CONNECTIONS,
-      durationMs: FAULT_SECONDS * 1000 + 4000,
+      durationMs: FAULT_LEAD_MS + FAULT_SECONDS * 1000 + FAULT_TAIL_MS,
       tally: "cache-status",
     });
     await faultTimer;

@@ -35,11 +35,11 @@ import { BRANCH_STATUSES, type BranchListQuery, type BranchStatus, listBranches 
 import { type LoadResult, load } from "./load.ts";
 
 const POSTGRES_URL = process.env.BENCH_CONSOLE_DATABASE_URL;
-const RESULTS = join(stack.ROOT, POSTGRES_URL ? "bench/console-results-postgres.json" : "bench/console-results.json");
-const BRANCHES = Number(process.env.BENCH_CONSOLE_BRANCHES ?? 10_000);
-const SAMPLES = Number(process.env.BENCH_CONSOLE_SAMPLES ?? 60);
-const DURATION_MS = Number(process.env.BENCH_CONSOLE_DURATION_MS ?? 3000);
-const LIMIT = Number(process.env.BENCH_CONSOLE_LIMIT ?? 50);
+const RESULTS = stack.resultsPath(POSTGRES_URL ? "bench/console-results-postgres.json" : "bench/console-results.json");
+const BRANCHES = stack.benchKnob("BENCH_CONSOLE_BRANCHES", 10_000, 200);
+const SAMPLES = stack.benchKnob("BENCH_CONSOLE_SAMPLES", 60, 3);
+const DURATION_MS = stack.benchKnob("BENCH_CONSOLE_DURATION_MS", 3000, 150);
+const LIMIT = stack.benchKnob("BENCH_CONSOLE_LIMIT", 50, 50);
 /** Rows per INSERT statement while seeding (well under neon-local's 10 MB body limit). */
 const SEED_CHUNK_ROWS = 1_000;
 /** Sequential requests whose SQL round trips are counted per page. */

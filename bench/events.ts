@@ -27,11 +27,11 @@ import { MAX_OUTBOUND_CONNECTIONS } from "../src/lib/concurrency.ts";
 import { DEGRADED_AFTER_FAILURES } from "../src/services/events.ts";
 import { DELIVERY_MAX_PER_RUN } from "../src/services/webhooks.ts";
 
-const RESULTS = join(stack.ROOT, process.env.BENCH_EVENTS_RESULTS ?? "bench/events-results.json");
-const PLAIN = Number(process.env.BENCH_EVENTS_PLAIN ?? 200);
-const FAILURES = Number(process.env.BENCH_EVENTS_FAILURES ?? 1000);
-const DELIVERY = Math.min(Number(process.env.BENCH_EVENTS_DELIVERY ?? 1000), DELIVERY_MAX_PER_RUN);
-const ROUNDS = Number(process.env.BENCH_EVENTS_ROUNDS ?? 3);
+const RESULTS = stack.resultsPath(process.env.BENCH_EVENTS_RESULTS ?? "bench/events-results.json");
+const PLAIN = stack.benchKnob("BENCH_EVENTS_PLAIN", 200, 5);
+const FAILURES = stack.benchKnob("BENCH_EVENTS_FAILURES", 1000, 5);
+const DELIVERY = Math.min(stack.benchKnob("BENCH_EVENTS_DELIVERY", 1000, 20), DELIVERY_MAX_PER_RUN);
+const ROUNDS = stack.benchKnob("BENCH_EVENTS_ROUNDS", 3, 1);
 /** A fixed test secret (base64 of 32 bytes); nothing real is protected by it. */
 const SECRET = "whsec_C2FVsBQIhrscChlQIMV+b5sSYspob7oD6MYsfm1IOmw=";
 

@@ -26,10 +26,11 @@ import { applyMigrations } from "../scripts/migrate.ts";
 import { loadKeyring, seal } from "../src/lib/crypto.ts";
 import { PROVIDER_CONCURRENCY, QUEUE_MESSAGE_TOKENS } from "../src/services/scheduled.ts";
 
-const RESULTS = join(stack.ROOT, "bench/scale-results.json");
-const TOKENS = Number(process.env.BENCH_SCALE_TOKENS ?? 10_000);
-const PROVIDER_DELAY_MS = Number(process.env.BENCH_SCALE_PROVIDER_DELAY_MS ?? 20);
-const CRON_MAX_REFRESHES = 500;
+const RESULTS = stack.resultsPath("bench/scale-results.json");
+const TOKENS = stack.benchKnob("BENCH_SCALE_TOKENS", 10_000, 120);
+const PROVIDER_DELAY_MS = stack.benchKnob("BENCH_SCALE_PROVIDER_DELAY_MS", 20, 2);
+/** The cron's own share (the rest goes to the queue); the smoke run keeps both paths at its small size. */
+const CRON_MAX_REFRESHES = stack.BENCH_SMOKE ? 40 : 500;
 const QUEUE_BATCH_MESSAGES = 10;
 /** Rows per INSERT (and grants per import call) when seeding. */
 const SEED_CHUNK = 1_000;

@@ -9,7 +9,8 @@
  *     Miniflare, and the floor Worker (bench/floor-worker.ts) bundled and run the same way.
  *
  * Environment knobs: BENCH_DURATION_MS (per measurement, default 4000), BENCH_ROUNDS (default 5),
- * BENCH_CRON_TOKENS (1000), BENCH_CRON_ROUNDS (3), BENCH_PROVIDER_DELAY_MS (50).
+ * BENCH_CRON_TOKENS (1000), BENCH_CRON_ROUNDS (3), BENCH_PROVIDER_DELAY_MS (50); BENCH_SMOKE=1 shrinks all
+ * of them to a seconds-long run whose results go to a temporary file (dev/local-stack.ts).
  */
 import { randomBytes } from "node:crypto";
 import { mkdtempSync, readdirSync, readFileSync, rmSync, statSync, writeFileSync } from "node:fs";
@@ -24,16 +25,21 @@ import { applyMigrations } from "../scripts/migrate.ts";
 import { cpuBreakdown } from "./cpu.ts";
 import { type LoadResult, load } from "./load.ts";
 
-const RESULTS = join(stack.ROOT, "bench/results.json");
+const RESULTS = stack.resultsPath("bench/results.json");
 
-const DURATION_MS = Number(process.env.BENCH_DURATION_MS ?? 4000);
-const ROUNDS = Number(process.env.BENCH_ROUNDS ?? 5);
-const CRON_TOKENS = Number(process.env.BENCH_CRON_TOKENS ?? 1000);
-const CRON_ROUNDS = Number(process.env.BENCH_CRON_ROUNDS ?? 3);
-const PROVIDER_DELAY_MS = Number(process.env.BENCH_PROVIDER_DELAY_MS ?? 50);
+const DURATION_MS = stack.benchKnob("BENCH_DURATION_MS", 4000, 200);
+const ROUNDS = stack.benchKnob("BENCH_ROUNDS", 5, 1);
+const CRON_TOKENS = stack.benchKnob("BENCH_CRON_TOKENS", 1000, 12);
+const CRON_ROUNDS = stack.benchKnob("BENCH_CRON_ROUNDS", 3, 1);
+const PROVIDER_DELAY_MS = stack.benchKnob("BENCH_PROVIDER_DELAY_MS", 50, 5);
 /** Workers' simultaneous outbound connections per invocation (the cron's provider concurrency). */
 const OUTBOUND_CONNECTIONS = 6;
 const SEED_CONCURRENCY = 16;
+/** Requests for the exact SQL round trips per read, and iterations of the CPU breakdown. */
+const EXACT_TRIP_READS = stack.BENCH_SMOKE ? 10 : 200;
+const CPU_ITERATIONS = stack.BENCH_SMOKE ? 50 : 2000;
+const FIRST_WARMUP_MS = stack.BENCH_SMOKE ? 100 : 1000;
+const WARMUP_MS = stack.BENCH_SMOKE ? 50 : 300;
 
 const log = (message: string) => console.log(`[bench] ${message}`);
 const median = (values: number[]) => {
@@ -273,7 +279,7 @@ async function main(): Promise<void> {
           headers: auth,
           connections,
           durationMs: DURATION_MS,
-          warmupMs: r === 0 ? 1000 : 300,
+          warmupMs: r === 0 ? FIRST_WARMUP_MS : WARMUP_MS,
         });
         if (result.non2xx || result.errors) {
           throw new Error(`${target} c${connections}: ${result.non2xx} non-2xx, ${result.errors} errors`);
@@ -289,7 +295,7 @@ async function main(): Promise<void> {
     const exactTrips: Record<string, number> = {};
     for (const target of ["app", "floor"] as const) {
       await resetDbStats(db);
-      const n = 200;
+      const n = EXACT_TRIP_READS;
       for (let i = 0; i < n; i++) {
         const response = await fetch(targets[target], { headers: auth });
         await response.arrayBuffer();
@@ -313,7 +319,12 @@ async function main(): Promise<void> {
     const paired = { c1: pairedRatio("c1"), c16: pairedRatio("c16") };
 
     log("CPU breakdown (in workerd, database answer replayed) and database time per query");
-    const cpu = await cpuBreakdown({ cpuWorkerUrl: cpuMf.url, branchId: branch, serviceKey, iterations: 2000 });
+    const cpu = await cpuBreakdown({
+      cpuWorkerUrl: cpuMf.url,
+      branchId: branch,
+      serviceKey,
+      iterations: CPU_ITERATIONS,
+    });
     const us = cpu.cpuUs;
     const breakdown = {
       cpuUs: us,

@@ -10,8 +10,9 @@
  */
 import { type ChildProcess, execFile, execFileSync, spawn } from "node:child_process";
 import { randomBytes } from "node:crypto";
-import { readdirSync, readFileSync, writeFileSync } from "node:fs";
-import { delimiter, dirname, join, resolve } from "node:path";
+import { mkdtempSync, readdirSync, readFileSync, writeFileSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { basename, delimiter, dirname, join, relative, resolve } from "node:path";
 import { fileURLToPath } from "node:url";
 import { promisify } from "node:util";
 import { convertV4MiniflareOptions, Miniflare, type WorkerdStructuredLog } from "miniflare";
@@ -291,11 +292,38 @@ export async function connectBranch(
   return body.branch_id;
 }
 
+// ---------------------------------------------------------------------------------------------
+// Benchmarks: their knobs, the smoke mode and their results files.
+
+/**
+ * BENCH_SMOKE=1 (`.ci/run`): every bench runs end to end at tiny sizes and durations, in seconds, so
+ * none can break unnoticed. Its figures mean nothing: its results go to a temporary directory
+ * (BENCH_RESULTS_DIR when set), never over the repository's results files.
+ */
+export const BENCH_SMOKE = process.env.BENCH_SMOKE === "1";
+
+/** A bench's numeric knob: the variable `name` when set, else the full run's value (or the smoke run's). */
+export function benchKnob(name: string, full: number, smoke: number): number {
+  const value = process.env[name];
+  return value !== undefined && value !== "" ? Number(value) : BENCH_SMOKE ? smoke : full;
+}
+
+let smokeResultsDir: string | undefined;
+
+/** Where a bench writes `file` (a path in the repository), or under BENCH_SMOKE=1 a temporary file. */
+export function resultsPath(file: string): string {
+  if (!BENCH_SMOKE) return join(ROOT, file);
+  smokeResultsDir ??= process.env.BENCH_RESULTS_DIR || mkdtempSync(join(tmpdir(), "tm-bench-smoke-"));
+  return join(smokeResultsDir, basename(file));
+}
+
 /**
  * Writes a bench's results as JSON in the repository's format (biome's), so that `npm run lint`
- * stays clean after `npm run bench`.
+ * stays clean after `npm run bench`. A smoke run's file, outside the repository, is written as is
+ * (biome formats only the files its configuration includes, and exits 1 on any other).
  */
 export function writeResults(path: string, report: unknown): void {
   writeFileSync(path, `${JSON.stringify(report, null, 2)}\n`);
+  if (relative(ROOT, path).startsWith("..")) return;
   execFileSync(join(ROOT, "node_modules/.bin/biome"), ["format", "--write", path], { stdio: "ignore" });
 }
