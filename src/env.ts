@@ -97,12 +97,13 @@ const EnvFields = z.object({
   TOKEN_ENCRYPTION_KEY: base64Key,
   TOKEN_ENCRYPTION_PREVIOUS_KEYS: commaList.pipe(z.array(base64Key)).default([]),
   /**
-   * Whether values sealed before row binding (v1 envelopes) still open. On by default so an upgrade
-   * keeps working until `npm run db:reseal` has rewritten them; turn it off once that reports none left.
+   * Whether values sealed before row binding (v1 envelopes) still open. Off by default: a deployment
+   * that never wrote v1 values never accepts one. Only an upgrade from a release that wrote them
+   * turns it on, until `npm run db:reseal` (which always reads v1) reports none left (README).
    */
   TOKEN_ENCRYPTION_ACCEPT_V1: z
     .enum(["true", "false", "1", "0"])
-    .default("true")
+    .default("false")
     .transform((value) => value === "true" || value === "1"),
   ADMIN_API_KEY: apiKeys,
   SERVICE_API_KEY: apiKeys,

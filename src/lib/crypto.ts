@@ -9,9 +9,9 @@ import { fromBase64, fromBase64Url, fromUtf8, toBase64Url, utf8 } from "./encodi
  *   every value to the current key). The additional authenticated data binds the value to its
  *   place: the column and the internal id of the client (branch) the row belongs to, so a value
  *   copied to another column or to another branch's row does not open.
- * - `v1` envelopes (before row binding: the column name alone was the additional data) still open
- *   while the keyring accepts them (TOKEN_ENCRYPTION_ACCEPT_V1), until `npm run db:reseal` has
- *   rewritten them all as v2. New values are always v2.
+ * - `v1` envelopes (before row binding: the column name alone was the additional data) open only
+ *   when the keyring is told to accept them (TOKEN_ENCRYPTION_ACCEPT_V1, off by default: an upgraded
+ *   deployment turns it on until `npm run db:reseal` has rewritten them all). New values are always v2.
  * - State, login links and the edge token cache use sub-keys derived with HKDF, one per purpose.
  *   A cache entry is bound to its branch (and its clear fields) as additional data, and its cache
  *   key is an HMAC of the branch id, so neither the key nor the value names the branch.
@@ -67,6 +67,7 @@ export interface Keyring {
 }
 
 export interface KeyringOptions {
+  /** Open v1 envelopes too (default false: only an upgrade before `db:reseal` has finished needs it). */
   acceptV1?: boolean;
 }
 
@@ -92,7 +93,7 @@ export function loadKeyring(
   previousKeys: readonly string[] = [],
   options: KeyringOptions = {},
 ): Promise<Keyring> {
-  const acceptV1 = options.acceptV1 ?? true;
+  const acceptV1 = options.acceptV1 ?? false;
   const cacheKey = [currentKey, ...previousKeys, acceptV1].join(",");
   let keyring = keyrings.get(cacheKey);
   if (!keyring) {

@@ -135,10 +135,11 @@ describe("v1 envelopes (sealed before row binding)", () => {
     await expect(open(ring, legacy, REFRESH)).rejects.toBeInstanceOf(SealedValueError);
   });
 
-  it("refuses every v1 value once v1 is no longer accepted", async () => {
+  it("refuses every v1 value once v1 is no longer accepted, and by default", async () => {
     const ring = await loadKeyring(OLD_KEY, [], { acceptV1: false });
     const legacy = await sealV1(OLD_KEY, "old token", "tokens.access_token");
     await expect(open(ring, legacy, ACCESS)).rejects.toThrow(/v1 envelope/);
+    await expect(open(await loadKeyring(OLD_KEY), legacy, ACCESS)).rejects.toThrow(/v1 envelope/);
   });
 
   it("cannot be forged from a v2 value by relabelling it v1", async () => {

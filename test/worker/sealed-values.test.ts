@@ -101,19 +101,21 @@ describe("the cron and a foreign value", () => {
 });
 
 describe("values sealed before row binding (v1 envelopes)", () => {
-  it("are served while TOKEN_ENCRYPTION_ACCEPT_V1 is on (the default) and refused once it is off", async () => {
+  it("are refused by default (wrangler.toml and unset alike), served while TOKEN_ENCRYPTION_ACCEPT_V1 is on", async () => {
     const branch = await connectBranch();
     const legacy = await sealV1(TEST_ENCRYPTION_KEY, "ya29.legacy-access-token", "tokens.access_token");
     await sql("update tokens set access_token = $1 where client_id = $2 and is_valid", [legacy, branch.clientId]);
+    // Read from the database each time: the edge cache would serve the token it holds.
+    const noCache = { TOKEN_CACHE_MAX_AGE_SECONDS: "0" };
 
-    const served = await getToken(branch.branchId);
+    // The tests' bindings are wrangler.toml's [vars]: a new deployment's configuration.
+    await expectProblem(await getToken(branch.branchId, { envOverrides: noCache }), 409, "sealed_value_unreadable");
+    const unset = await getToken(branch.branchId, { envOverrides: { ...noCache, TOKEN_ENCRYPTION_ACCEPT_V1: "" } });
+    await expectProblem(unset, 409, "sealed_value_unreadable");
+
+    // An upgraded deployment before `db:reseal` has finished: the value was left in place and serves.
+    const served = await getToken(branch.branchId, { envOverrides: { ...noCache, TOKEN_ENCRYPTION_ACCEPT_V1: "true" } });
     expect(served.status).toBe(200);
     expect((await json<{ access_token: string }>(served)).access_token).toBe("ya29.legacy-access-token");
-
-    // Read from the database: the edge cache would serve the token it holds for up to its max age.
-    const refused = await getToken(branch.branchId, {
-      envOverrides: { TOKEN_ENCRYPTION_ACCEPT_V1: "false", TOKEN_CACHE_MAX_AGE_SECONDS: "0" },
-    });
-    await expectProblem(refused, 409, "sealed_value_unreadable");
   });
 });
