@@ -415,11 +415,21 @@ async function authenticate(c: ConsoleContext, next: Next): Promise<Response | u
   return undefined;
 }
 
-/** The request's form fields (hono caches the parsed body, so handlers read it again for free). */
+/**
+ * The request's form fields (hono caches the parsed body, so handlers read it again for free). A
+ * body that does not parse as its content type says (a multipart body without its boundary, say)
+ * is the sender's error: a 400, before anything else looks at it.
+ */
 async function formOf(c: ConsoleContext): Promise<Record<string, string>> {
   const type = c.req.header("content-type") ?? "";
   if (!/^(application\/x-www-form-urlencoded|multipart\/form-data)/i.test(type)) return {};
-  const body = await c.req.parseBody();
+  let body: Awaited<ReturnType<typeof c.req.parseBody>>;
+  try {
+    body = await c.req.parseBody();
+  } catch (error) {
+    if (error instanceof AppError || error instanceof HTTPException) throw error; // the body limit's 413
+    throw new AppError("bad_request", "The form body does not parse as its Content-Type says.", { cause: error });
+  }
   const out: Record<string, string> = {};
   for (const [name, value] of Object.entries(body)) if (typeof value === "string") out[name] = value;
   return out;

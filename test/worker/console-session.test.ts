@@ -329,6 +329,43 @@ describe("CSRF", () => {
   });
 });
 
+describe("malformed form bodies", () => {
+  /** POSTs `body` as a browser form would be sent, with a content type that does not match it. */
+  const postRaw = async (operator: ConsoleBrowser, path: string, contentType: string, body: string) => {
+    const response = await operator.browser.open(`/console${path}`, {
+      method: "POST",
+      headers: { "content-type": contentType, origin: operator.origin },
+      body,
+    });
+    return { status: response.status, html: await response.text() };
+  };
+  const MALFORMED: [string, string][] = [
+    ["multipart/form-data", "api_key=x"],
+    ["multipart/form-data; boundary=zzz", "not a multipart body"],
+    ["multipart/form-data; boundary=zzz", '--zzz\r\nContent-Disposition: form-data; name="api_key"\r\n\r\nx'],
+  ];
+
+  it("are a 400 page on the unauthenticated sign-in, not a 500", async () => {
+    for (const [type, body] of MALFORMED) {
+      const answer = await postRaw(new ConsoleBrowser(), "/sign-in", type, body);
+      expect(answer.status, `${type}: ${answer.html}`).toBe(400);
+      expect(answer.html).toContain("does not parse");
+    }
+  });
+
+  it("are a 400 page on a signed-in operator's action, which changes nothing", async () => {
+    const operator = new ConsoleBrowser();
+    await operator.signIn();
+    for (const [type, body] of MALFORMED) {
+      for (const path of ["/sign-out", "/branches", "/branches/1/refresh"]) {
+        const answer = await postRaw(operator, path, type, body);
+        expect(answer.status, `${path} ${type}: ${answer.html}`).toBe(400);
+      }
+    }
+    expect((await operator.get("")).status).toBe(200);
+  });
+});
+
 describe("every console response", () => {
   it("has a strict CSP with a fresh nonce that its style element carries, no framing, no caching, no referrer", async () => {
     const operator = new ConsoleBrowser();
