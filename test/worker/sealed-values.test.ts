@@ -114,7 +114,9 @@ describe("values sealed before row binding (v1 envelopes)", () => {
     await expectProblem(unset, 409, "sealed_value_unreadable");
 
     // An upgraded deployment before `db:reseal` has finished: the value was left in place and serves.
-    const served = await getToken(branch.branchId, { envOverrides: { ...noCache, TOKEN_ENCRYPTION_ACCEPT_V1: "true" } });
+    const served = await getToken(branch.branchId, {
+      envOverrides: { ...noCache, TOKEN_ENCRYPTION_ACCEPT_V1: "true" },
+    });
     expect(served.status).toBe(200);
     expect((await json<{ access_token: string }>(served)).access_token).toBe("ya29.legacy-access-token");
   });
