@@ -41,6 +41,8 @@ export default defineConfig({
           OAUTH_AUTHORIZATION_URL: `${inject<string>("oauthServerUrl")}/authorize`,
           OAUTH_TOKEN_URL: `${inject<string>("oauthServerUrl")}/token`,
           OAUTH_REVOCATION_URL: `${inject<string>("oauthServerUrl")}/revoke`,
+          // The local server's Google profile is also the RISC transmitter (dev/oauth-server/risc.ts).
+          RISC_CONFIGURATION_URL: `${inject<string>("oauthServerUrl")}/.well-known/risc-configuration`,
         },
       },
     })),

@@ -58,6 +58,16 @@ export function localOAuthUrls(port: number) {
   };
 }
 
+/** The built-in OAuth server's RISC configuration document (its Cross-Account Protection transmitter). */
+export function localRiscConfigurationUrl(port: number): string {
+  return `http://127.0.0.1:${port}/.well-known/risc-configuration`;
+}
+
+/** The Worker's RISC receiver, where the built-in transmitter pushes ("Remove access" on its account page). */
+export function localRiscReceiverUrl(workerPort: number): string {
+  return `http://127.0.0.1:${workerPort}/token-management/risc`;
+}
+
 /** Where `npm run dev` keeps its configuration and data (DEV_VARS_FILE, DEV_DATA_DIR). */
 export function devPaths(env: NodeJS.ProcessEnv = process.env) {
   const dataDir = resolve(ROOT, env.DEV_DATA_DIR || ".data");
@@ -107,6 +117,17 @@ export function devStack(vars: Record<string, string>, env: NodeJS.ProcessEnv = 
   const oauthServerPort = builtIn ? (portFromEnv(env, "OAUTH_SERVER_PORT") ?? DEFAULT_OAUTH_PORT) : undefined;
   if (oauthServerPort !== undefined && oauthServerPort !== DEFAULT_OAUTH_PORT) {
     Object.assign(overrides, localOAuthUrls(oauthServerPort));
+  }
+  // The built-in server is also the RISC transmitter: its configuration document is the Worker's,
+  // unless .dev.vars names another transmitter.
+  const localRisc = localRiscConfigurationUrl(oauthServerPort ?? DEFAULT_OAUTH_PORT);
+  const configuredRisc = vars.RISC_CONFIGURATION_URL;
+  if (
+    oauthServerPort !== undefined &&
+    (!configuredRisc || configuredRisc === localRiscConfigurationUrl(DEFAULT_OAUTH_PORT)) &&
+    configuredRisc !== localRisc
+  ) {
+    overrides.RISC_CONFIGURATION_URL = localRisc;
   }
   return { workerPort: portFromEnv(env, "PORT") ?? DEFAULT_WORKER_PORT, databasePort, oauthServerPort, overrides };
 }
@@ -349,9 +370,13 @@ async function main(): Promise<void> {
         port: stack.oauthServerPort,
         profile: "google",
         issuer: vars.OAUTH_ISSUER || "https://accounts.google.com",
+        riscReceiverUrl: localRiscReceiverUrl(stack.workerPort),
       }).catch(orPortInUse(ports.oauth));
       if (!vars.OAUTH_ISSUER) log(`no OAUTH_ISSUER in ${paths.varsFile}: the local server uses Google's issuer`);
       log(`OAuth server: ${oauth.url} (register a demo client: npm run dev:seed)`);
+      log(
+        `Cross-Account Protection: ${oauth.url}/account is the account page; its "Remove access" pushes tokens-revoked to ${localRiscReceiverUrl(stack.workerPort)}`,
+      );
       await registerSeededClients(oauth, paths.seededClients);
     }
   } catch (error) {

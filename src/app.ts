@@ -14,6 +14,7 @@ import { registerDocsRoutes } from "./routes/docs";
 import { registerEventRoutes } from "./routes/events";
 import { registerHealthRoutes } from "./routes/health";
 import { registerOAuthRoutes } from "./routes/oauth";
+import { RISC_PATH, registerRiscRoutes } from "./routes/risc";
 import { registerTokenRoutes } from "./routes/tokens";
 import { deliverAfterChange } from "./services/webhooks";
 
@@ -59,20 +60,21 @@ export function createApp(): App {
     // after the response, so a slow or failing receiver never delays or fails this request.
     if (services.events.written.length > 0) c.executionCtx.waitUntil(deliverAfterChange(services, new Date(), baseUrl));
   });
-  app.use(
-    bodyLimit({
-      maxSize: MAX_BODY_BYTES,
-      onError: () => {
-        throw new AppError("payload_too_large", `Request bodies are limited to ${MAX_BODY_BYTES} bytes.`);
-      },
-    }),
-  );
+  const limitBody = bodyLimit({
+    maxSize: MAX_BODY_BYTES,
+    onError: () => {
+      throw new AppError("payload_too_large", `Request bodies are limited to ${MAX_BODY_BYTES} bytes.`);
+    },
+  });
+  // The RISC receiver has its own, smaller limit, answered with a 400 as RFC 8935 wants.
+  app.use((c, next) => (c.req.path === `${BASE_PATH}${RISC_PATH}` ? next() : limitBody(c, next)));
 
   registerHealthRoutes(app);
   registerClientRoutes(app);
   registerOAuthRoutes(app);
   registerTokenRoutes(app);
   registerEventRoutes(app);
+  registerRiscRoutes(app);
   registerConsoleRoutes(app);
 
   app.doc31("/openapi.json", {

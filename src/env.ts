@@ -1,5 +1,6 @@
 import { z } from "zod";
 import { AppError } from "./errors";
+import { DEFAULT_RISC_CONFIGURATION_URL } from "./oauth/risc";
 
 /**
  * The Worker's bindings, parsed once per environment object. A missing or malformed binding is a
@@ -76,7 +77,13 @@ const WEBHOOK_TIMEOUT_MS = 15_000;
 const EVENT_RETENTION_DAYS = 90;
 
 /** The provider's URLs: plain http only with OAUTH_ALLOW_INSECURE_HTTP (the local server). */
-const PROVIDER_URLS = ["OAUTH_ISSUER", "OAUTH_AUTHORIZATION_URL", "OAUTH_TOKEN_URL", "OAUTH_REVOCATION_URL"] as const;
+const PROVIDER_URLS = [
+  "OAUTH_ISSUER",
+  "OAUTH_AUTHORIZATION_URL",
+  "OAUTH_TOKEN_URL",
+  "OAUTH_REVOCATION_URL",
+  "RISC_CONFIGURATION_URL",
+] as const;
 
 /**
  * The local database program listens on loopback; a production binding pointing elsewhere would
@@ -119,6 +126,11 @@ const EnvFields = z.object({
   /** Lets the provider be plain http: only for the local authorization server in dev and tests. */
   OAUTH_ALLOW_INSECURE_HTTP: flag,
   OAUTH_TIMEOUT_MS: z.coerce.number().int().positive().default(10_000),
+  /**
+   * Cross-Account Protection: the transmitter's configuration document (issuer, jwks_uri), which
+   * says whose Security Event Tokens POST /risc accepts. Default Google's.
+   */
+  RISC_CONFIGURATION_URL: httpUrl.default(DEFAULT_RISC_CONFIGURATION_URL),
 
   LOGIN_LINK_TTL_SECONDS: seconds(LOGIN_LINK_TTL_DEFAULT_SECONDS).refine(
     (value) => value <= LOGIN_LINK_TTL_MAX_SECONDS,

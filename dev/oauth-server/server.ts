@@ -7,6 +7,7 @@
 import { createHash, randomBytes, timingSafeEqual } from "node:crypto";
 import { createServer, type IncomingMessage, type ServerResponse } from "node:http";
 import type { AddressInfo } from "node:net";
+import { createRiscTransmitter, type RiscTransmitter } from "./risc.ts";
 
 export type Profile = "google" | "textbook";
 
@@ -22,6 +23,8 @@ export interface OAuthServerOptions {
    * (https://accounts.google.com) is another origin than its token endpoint (oauth2.googleapis.com).
    */
   issuer?: string;
+  /** Where the RISC transmitter pushes Security Event Tokens until a stream:update says otherwise. */
+  riscReceiverUrl?: string;
 }
 
 export interface OAuthServer {
@@ -221,6 +224,18 @@ export async function startOAuthServer(opts: OAuthServerOptions = {}): Promise<O
   let issuedSinceSweep = 0;
   let closed = false;
   const waiters = new Set<Waiter>();
+  let listeningUrl = "";
+  const risc: RiscTransmitter = await createRiscTransmitter(
+    {
+      issuer: () => issuer,
+      url: () => listeningUrl,
+      clientsOf: (account) => [...new Set(liveAccountGrants(account).map((g) => g.clientId))],
+      clientIds: () => [...clients.keys()],
+      revokeAccount: (clientId, account) => revokeAccount(clientId, account),
+      allowInsecureReceiver: true,
+    },
+    { receiverUrl: opts.riscReceiverUrl },
+  );
 
   // ---------- waiting (delay / hang) without leaking timers ----------
   function wait(res: ServerResponse, ms: number | null): Promise<boolean> {
@@ -385,6 +400,13 @@ export async function startOAuthServer(opts: OAuthServerOptions = {}): Promise<O
   /** Google: one authorization per account and client; revoking any of its tokens revokes all of them. */
   function revokeAccount(clientId: string, account: string) {
     for (const [id, g] of grants) if (g.clientId === clientId && g.account === account) revokeGrant(id);
+  }
+
+  /** Grants of the account that still hold a token (the account page's "apps with access"). */
+  function liveAccountGrants(account: string): Grant[] {
+    return [...grants.values()].filter(
+      (g) => g.account === account && (g.refreshTokens.size > 0 || g.accessTokens.size > 0),
+    );
   }
 
   function liveRefreshTokensOf(clientId: string, account: string): [string, RefreshToken][] {
@@ -963,6 +985,7 @@ export async function startOAuthServer(opts: OAuthServerOptions = {}): Promise<O
       refreshTokens = new Map();
       pending = new Map();
       totals = zeroCounters();
+      risc.reset();
       behaviorChanged();
       return send(res, 200, { reset: true });
     }
@@ -1085,6 +1108,7 @@ export async function startOAuthServer(opts: OAuthServerOptions = {}): Promise<O
         if (req.method !== "GET") methodNotAllowed("GET");
         return send(res, 200, metadata);
       }
+      if (await risc.handle(req, res, url)) return;
       if (path === "/admin" || path.startsWith("/admin/")) return await handleAdmin(req, res, path);
       throw new HttpError(404, { error: "not_found", error_description: `no such path ${path}` });
     } catch (e) {
@@ -1112,6 +1136,7 @@ export async function startOAuthServer(opts: OAuthServerOptions = {}): Promise<O
   const { port } = server.address() as AddressInfo;
   const url = `http://${host.includes(":") ? `[${host}]` : host}:${port}`;
   issuer ||= `http://localhost:${port}`;
+  listeningUrl = url;
   const metadata = {
     issuer,
     authorization_endpoint: `${url}/authorize`,
