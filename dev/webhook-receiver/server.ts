@@ -3,17 +3,18 @@
 //
 // Deliveries go to POST /hooks/<inbox> (any name: tests use one inbox each, so they do not see each
 // other's deliveries). Per inbox, the admin API sets how it answers and lists what it received:
-//   PUT    /admin/inboxes/<inbox>   {"mode": "ok"|"fail"|"hang"|"gone", "status"?: 500, "secrets"?: ["whsec_…"]}
+//   PUT    /admin/inboxes/<inbox>   {"mode": "ok"|"fail"|"hang"|"gone"|"flood", "status"?: 500, "secrets"?: ["whsec_…"]}
 //   GET    /admin/inboxes/<inbox>   {"deliveries": [...]} every request, in arrival order
 //   DELETE /admin/inboxes/<inbox>   forget the inbox
-// "hang" never answers (until the mode changes); "gone" answers 410. Secrets default to the ones
+// "hang" never answers (until the mode changes); "gone" answers 410; "flood" answers the fail status
+// with a body that never ends (until the sender stops reading or the mode changes). Secrets default to the ones
 // the receiver was started with.
 import { createServer, type IncomingMessage, type ServerResponse } from "node:http";
 import type { AddressInfo } from "node:net";
 import { Webhook } from "standardwebhooks";
 import { readBody } from "../read-body.ts";
 
-export type InboxMode = "ok" | "fail" | "hang" | "gone";
+export type InboxMode = "ok" | "fail" | "hang" | "gone" | "flood";
 
 export interface Delivery {
   /** `webhook-id`: the same on every retry of one event. */
@@ -50,6 +51,9 @@ export interface WebhookReceiver {
 }
 
 const MAX_BODY_BYTES = 1024 * 1024;
+/** What a "flood" answer repeats, in chunks of FLOOD_CHUNK_BYTES. */
+const FLOOD_TEXT = "flood ";
+const FLOOD_CHUNK_BYTES = 64 * 1024;
 
 export async function startWebhookReceiver(options: WebhookReceiverOptions = {}): Promise<WebhookReceiver> {
   const inboxes = new Map<string, Inbox>();
@@ -124,7 +128,7 @@ export async function startWebhookReceiver(options: WebhookReceiverOptions = {})
           ? 204
           : target.mode === "gone"
             ? 410
-            : target.mode === "fail"
+            : target.mode === "fail" || target.mode === "flood"
               ? target.failStatus
               : 0;
     const delivery: Delivery = {
@@ -137,12 +141,26 @@ export async function startWebhookReceiver(options: WebhookReceiverOptions = {})
     };
     target.deliveries.push(delivery);
     if (verifiedWith.length > 0) options.onVerified?.(name, delivery);
-    if (answered === 0) {
+    if (answered === 0 || (target.mode === "flood" && verifiedWith.length > 0)) {
       target.hanging.add(response);
       response.once("close", () => target.hanging.delete(response));
+      if (answered !== 0) flood(response, answered);
       return;
     }
     send(response, answered, answered === 204 ? undefined : { received: verifiedWith.length > 0 });
+  }
+
+  /** Writes FLOOD_TEXT for as long as the sender reads, at the pace it reads. */
+  function flood(response: ServerResponse, status: number): void {
+    response.writeHead(status, { "content-type": "text/plain" });
+    const chunk = FLOOD_TEXT.repeat(Math.ceil(FLOOD_CHUNK_BYTES / FLOOD_TEXT.length));
+    const write = () => {
+      while (!response.destroyed && response.write(chunk)) {
+        // until the socket's buffer is full; "drain" resumes
+      }
+    };
+    response.on("drain", write);
+    write();
   }
 
   function releaseHanging(target: Inbox): void {

@@ -31,10 +31,12 @@ export const MAX_ATTEMPTS = RETRY_LADDER_SECONDS.length + 1;
 export const DELIVERY_PAGE_SIZE = 100;
 export const DELIVERY_MAX_PER_RUN = 1_000;
 export const DELIVERY_CONCURRENCY = MAX_OUTBOUND_CONNECTIONS;
-/** Room beyond the attempt timeout before a claimed event may be claimed again (a crashed attempt). */
+/** Room beyond a page's longest run before its events may be claimed again (a crashed pass). */
 const CLAIM_MARGIN_MS = 30_000;
 /** Kept from a receiver's answer in `last_error`: enough to diagnose, never the whole body. */
 const ERROR_BODY_CHARS = 200;
+/** Read of a receiver's error answer: at most this much, the rest cancelled unread (it may never end). */
+const ERROR_BODY_MAX_BYTES = 4 * 1024;
 
 export interface WebhookTarget {
   url: string;
@@ -181,12 +183,34 @@ export async function sendWebhook(
       await response.body?.cancel();
       return { kind: "gone", status: 410 };
     }
-    const text = (await response.text().catch(() => "")).slice(0, ERROR_BODY_CHARS);
+    const text = (await readPrefix(response, ERROR_BODY_MAX_BYTES)).slice(0, ERROR_BODY_CHARS);
     return { kind: "failed", error: `HTTP ${response.status}${text ? `: ${text}` : ""}` };
   } catch (error) {
     const timedOut = error instanceof DOMException && error.name === "TimeoutError";
     return { kind: "failed", error: timedOut ? `no answer within ${target.timeoutMs} ms` : describeError(error) };
   }
+}
+
+/** The first `maxBytes` of a body as text (less if it ends first; "" if it fails), the rest cancelled. */
+async function readPrefix(response: Response, maxBytes: number): Promise<string> {
+  if (!response.body) return "";
+  const reader = response.body.getReader();
+  const bytes = new Uint8Array(maxBytes);
+  let size = 0;
+  try {
+    while (size < maxBytes) {
+      const { done, value } = await reader.read();
+      if (done) break;
+      const take = Math.min(value.byteLength, maxBytes - size);
+      bytes.set(value.subarray(0, take), size);
+      size += take;
+    }
+  } catch {
+    // A body cut off or timed out: what arrived is still worth keeping.
+  } finally {
+    await reader.cancel().catch(() => undefined);
+  }
+  return new TextDecoder().decode(bytes.subarray(0, size));
 }
 
 /** When the next attempt is due after `attempts` failed ones, or undefined when the ladder is spent. */
@@ -211,8 +235,18 @@ export interface DeliverySummary {
 }
 
 /**
- * Delivers what is due: claims pending events a page at a time (each claim holds the event for the
- * attempt's timeout, so a concurrent pass cannot send it too), posts them with bounded concurrency
+ * How long a claim holds a page of `pageSize` events: the longest the page can take (its events go
+ * out DELIVERY_CONCURRENCY at a time, each waiting up to the timeout) and a margin, so another pass
+ * never claims an event this one has yet to send or record. (One attempt's timeout was too short: a
+ * page of 100 at 15 s could run 4 minutes 15 s against a 45 s claim.)
+ */
+export function deliveryClaimMs(pageSize: number, timeoutMs: number): number {
+  return Math.ceil(pageSize / DELIVERY_CONCURRENCY) * timeoutMs + CLAIM_MARGIN_MS;
+}
+
+/**
+ * Delivers what is due: claims pending events a page at a time (each claim holds the page for as
+ * long as it can take, so a concurrent pass cannot send its events too), posts them with bounded concurrency
  * and records the outcomes in one batch per page. `onlyIds` limits the pass to the events a change
  * just wrote (the first attempt, from waitUntil).
  */
@@ -227,14 +261,9 @@ export async function deliverDueEvents(
   const max = options.max ?? DELIVERY_MAX_PER_RUN;
   let gone = false;
   while (summary.attempted < max && !gone) {
-    const claimUntil = new Date(at().getTime() + deps.target.timeoutMs + CLAIM_MARGIN_MS);
-    const page = await claimDueEvents(
-      deps.db,
-      at(),
-      claimUntil,
-      Math.min(DELIVERY_PAGE_SIZE, max - summary.attempted),
-      options.onlyIds,
-    );
+    const limit = Math.min(DELIVERY_PAGE_SIZE, max - summary.attempted);
+    const claimUntil = new Date(at().getTime() + deliveryClaimMs(limit, deps.target.timeoutMs));
+    const page = await claimDueEvents(deps.db, at(), claimUntil, limit, options.onlyIds);
     if (page.length === 0) break;
     summary.attempted += page.length;
     const existing = await loginLinkClients(deps.db, page);

@@ -23,6 +23,7 @@ export interface RawEvent {
   delivery_state: string;
   attempts: number;
   next_attempt_at: string | null;
+  last_attempt_at: string | null;
   last_error: string | null;
   delivered_at: string | null;
 }
@@ -65,7 +66,7 @@ export interface ReceivedDelivery {
 export interface Inbox {
   name: string;
   url: string;
-  set(mode: "ok" | "fail" | "hang" | "gone", extra?: { status?: number; secrets?: string[] }): Promise<void>;
+  set(mode: "ok" | "fail" | "hang" | "gone" | "flood", extra?: { status?: number; secrets?: string[] }): Promise<void>;
   deliveries(): Promise<ReceivedDelivery[]>;
 }
 

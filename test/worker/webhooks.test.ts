@@ -1,7 +1,7 @@
 import { createExecutionContext, waitOnExecutionContext } from "cloudflare:test";
 import { afterEach, describe, expect, it } from "vitest";
 import worker from "../../src/index";
-import { signWebhook } from "../../src/services/webhooks";
+import { DELIVERY_CONCURRENCY, DELIVERY_PAGE_SIZE, sendWebhook, signWebhook } from "../../src/services/webhooks";
 import { TEST_ADMIN_KEY } from "./bindings";
 import {
   eventById,
@@ -9,6 +9,7 @@ import {
   type Inbox,
   makeDue,
   newInbox,
+  type RawEvent,
   runEventCron,
   TEST_WEBHOOK_OLD_SECRET,
   TEST_WEBHOOK_SECRET,
@@ -163,6 +164,47 @@ describe("delivery", () => {
     expect(event).toMatchObject({ delivery_state: "pending", attempts: 1, last_error: "no answer within 1500 ms" });
     expect(await inbox.deliveries()).toHaveLength(1);
     await inbox.set("ok");
+  });
+
+  it("a receiver's error body is read only up to a bound: an endless 500 answer is recorded at once, its start kept", async () => {
+    const inbox = await newInbox();
+    await inbox.set("flood", { status: 500 });
+    const timeoutMs = 5_000;
+    const target = { url: inbox.url, secrets: [TEST_WEBHOOK_SECRET], timeoutMs };
+    const startedAt = Date.now();
+    const result = await sendWebhook(target, "evt_flood", '{"type":"test"}', new Date());
+    const tookMs = Date.now() - startedAt;
+    await inbox.set("ok"); // ends the flood for a reader that is still reading
+    // Not read to the timeout (an unbounded read of an endless body waits for it, or runs out of memory).
+    expect(tookMs).toBeLessThan(timeoutMs / 2);
+    expect(result).toEqual({ kind: "failed", error: `HTTP 500: ${"flood ".repeat(40).slice(0, 200)}` });
+    expect((await inbox.deliveries()).map((d) => d.answered)).toEqual([500]);
+  });
+
+  it("a claim outlasts the longest page a pass can take, so a second pass cannot send the same event", async () => {
+    const inbox = await newInbox();
+    const timeoutMs = 15_000; // the default
+    const bindings = webhookBindings(inbox.url, { WEBHOOK_TIMEOUT_MS: String(timeoutMs) });
+    await inbox.set("fail", { status: 500 });
+    const { eventId } = await deactivate(bindings);
+    await inbox.set("hang");
+    await makeDue([eventId]);
+    const pass = runEventCron(bindings);
+    let claimed: RawEvent | undefined;
+    for (let i = 0; i < 500 && claimed?.attempts !== 2; i++) {
+      await new Promise((resolve) => setTimeout(resolve, 20));
+      claimed = await eventById(eventId);
+    }
+    // A second pass now finds nothing due: the event is claimed by the first, which is still sending.
+    const second = await runEventCron(bindings);
+    await inbox.set("ok"); // the hanging attempt ends (connection closed)
+    await pass;
+    expect(claimed).toMatchObject({ attempts: 2, delivery_state: "pending" });
+    const claimMs = Date.parse(claimed!.next_attempt_at!) - Date.parse(claimed!.last_attempt_at!);
+    // A full page goes out DELIVERY_CONCURRENCY at a time, each attempt waiting up to the timeout.
+    expect(claimMs).toBeGreaterThanOrEqual(Math.ceil(DELIVERY_PAGE_SIZE / DELIVERY_CONCURRENCY) * timeoutMs);
+    expect(second.attempted).toBe(0);
+    expect((await inbox.deliveries()).filter((d) => d.id === `evt_${eventId}`)).toHaveLength(2);
   });
 
   it("410 Gone stops delivery of that event and of everything else pending; redeliver sends it again", async () => {
