@@ -32,7 +32,12 @@ export function connect(target: DatabaseTarget) {
   return neon(target.url);
 }
 
-export async function applyMigrations(databaseUrl: string, localFetchEndpoint?: string): Promise<void> {
+/** Applies drizzle/ (or another folder of drizzle migrations: the rollback-safety test uses copies). */
+export async function applyMigrations(
+  databaseUrl: string,
+  localFetchEndpoint?: string,
+  migrationsFolder = MIGRATIONS_FOLDER,
+): Promise<void> {
   const sql = connect({ url: databaseUrl, localFetchEndpoint });
   await sql.query(`create schema if not exists "drizzle"`);
   await sql.query(`create table if not exists ${APPLIED_AT_TABLE} (hash text primary key, applied_at timestamptz)`);
@@ -43,7 +48,7 @@ export async function applyMigrations(databaseUrl: string, localFetchEndpoint?: 
       `insert into ${APPLIED_AT_TABLE} (hash) select hash from ${DRIZZLE_MIGRATIONS_TABLE} on conflict do nothing`,
     );
   }
-  await migrate(drizzle({ client: sql }), { migrationsFolder: MIGRATIONS_FOLDER });
+  await migrate(drizzle({ client: sql }), { migrationsFolder });
   await sql.query(
     `insert into ${APPLIED_AT_TABLE} (hash, applied_at) select hash, now() from ${DRIZZLE_MIGRATIONS_TABLE} on conflict do nothing`,
   );
