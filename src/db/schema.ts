@@ -1,5 +1,16 @@
 import { sql } from "drizzle-orm";
-import { bigserial, boolean, index, integer, pgTable, serial, text, timestamp, uniqueIndex } from "drizzle-orm/pg-core";
+import {
+  bigserial,
+  boolean,
+  index,
+  integer,
+  pgTable,
+  primaryKey,
+  serial,
+  text,
+  timestamp,
+  uniqueIndex,
+} from "drizzle-orm/pg-core";
 
 export const TOKEN_STATUSES = ["active", "needs_reauth", "revoked"] as const;
 /** Why the last consent stored nothing (see src/services/authorization.ts). */
@@ -140,6 +151,38 @@ export const events = pgTable(
     index("events_type_id_idx").on(t.type, t.id),
     index("events_delivery_due_idx").on(t.nextAttemptAt).where(sql`${t.deliveryState} = 'pending'`),
     index("events_created_at_idx").on(t.createdAt),
+  ],
+);
+
+/**
+ * Security Event Tokens received from Google (Cross-Account Protection, src/services/risc.ts), one
+ * row per (issuer, jti): a token is acted on once, in the statement batch that records it, so a
+ * redelivery changes nothing. Pruned by the cron once a redelivery would be refused for its age
+ * anyway (iat older than 7 days: see pruneSecurityEvents).
+ */
+export const securityEvents = pgTable(
+  "security_events",
+  {
+    issuer: text("issuer").notNull(),
+    jti: text("jti").notNull(),
+    /** The app client id it was addressed to. */
+    audience: text("audience").notNull(),
+    /** The event type URIs it carried, space-separated. */
+    eventTypes: text("event_types").notNull(),
+    /** A verification event's `state` (`npm run risc:verify` waits for it). */
+    verificationState: text("verification_state"),
+    /** The token's `iat`. */
+    issuedAt: timestamp("issued_at", { withTimezone: true }).notNull(),
+    receivedAt: timestamp("received_at", { withTimezone: true }).notNull(),
+    /** Random per delivery: the batch's later statements act only if this delivery's row was the one inserted. */
+    receipt: text("receipt").notNull(),
+  },
+  (t) => [
+    primaryKey({ columns: [t.issuer, t.jti] }),
+    index("security_events_issued_at_idx").on(t.issuedAt),
+    index("security_events_verification_state_idx")
+      .on(t.verificationState)
+      .where(sql`${t.verificationState} is not null`),
   ],
 );
 

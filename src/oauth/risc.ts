@@ -98,6 +98,11 @@ const KIND_OF_TYPE = new Map<string, Exclude<RiscEventKind, "unknown">>([
   [RISC_EVENT_TYPES.verification, "verification"],
 ]);
 
+export const RISC_TYPE_OF_KIND = Object.fromEntries([...KIND_OF_TYPE].map(([type, kind]) => [kind, type])) as Record<
+  Exclude<RiscEventKind, "unknown">,
+  string
+>;
+
 const COMPACT_JWS = /^[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+$/;
 
 /**

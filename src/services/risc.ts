@@ -1,9 +1,12 @@
-import { inArray } from "drizzle-orm";
+import { inArray, sql } from "drizzle-orm";
 import type { Services } from "../context";
 import type { Db } from "../db/client";
-import { clients } from "../db/schema";
+import { clients, securityEvents } from "../db/schema";
 import { logInfo, logWarn } from "../lib/log";
 import {
+  IAT_FUTURE_SKEW_SECONDS,
+  MAX_SET_AGE_SECONDS,
+  RISC_TYPE_OF_KIND,
   type RiscEvent,
   readSetHeader,
   type SecurityEventToken,
@@ -24,17 +27,94 @@ export interface RiscDeps extends Pick<Services, "db" | "config"> {
   fetch?: typeof fetch;
 }
 
+/**
+ * A received jti is kept until a redelivery of its token would be refused for its age anyway (iat
+ * older than MAX_SET_AGE_SECONDS, with the future skew), plus a day: about 8 days.
+ */
+export const SECURITY_EVENT_RETENTION_SECONDS = MAX_SET_AGE_SECONDS + IAT_FUTURE_SKEW_SECONDS + 24 * 60 * 60;
+const PRUNE_BATCH_SIZE = 1_000;
+const PRUNE_MAX_BATCHES = 10;
+
 export interface Received {
   token: SecurityEventToken;
   /** The app client id the token was addressed to. */
   audience: string;
 }
 
-/** Validates a pushed token and acts on it. Throws SetRejected or RiscKeysUnavailable. */
-export async function receiveSecurityEvent(deps: RiscDeps, jwt: string, now: Date): Promise<Received> {
+export interface Receipt extends Received {
+  /** The jti was already recorded: nothing was done this time. */
+  duplicate: boolean;
+}
+
+/** Validates a pushed token and acts on it once. Throws SetRejected or RiscKeysUnavailable. */
+export async function receiveSecurityEvent(deps: RiscDeps, jwt: string, now: Date): Promise<Receipt> {
   const received = await validateSecurityEvent(deps, jwt, now);
-  for (const event of received.token.events) logEvent(received, event);
-  return received;
+  const duplicate = await record(deps.db, received, now);
+  if (duplicate) {
+    logInfo("risc_event_redelivered", { jti: received.token.jti, audience: received.audience });
+  } else {
+    for (const event of received.token.events) logEvent(received, event);
+  }
+  return { ...received, duplicate };
+}
+
+/**
+ * Records the jti; true when it was already there (a redelivery). The statements that act on the
+ * events go in the same batch, guarded by this delivery's receipt, so they run only for the
+ * delivery whose row was inserted, and not at all when the record fails.
+ */
+async function record(db: Db, received: Received, now: Date): Promise<boolean> {
+  const { token } = received;
+  const receipt = crypto.randomUUID();
+  const verification = token.events.find((event) => event.kind === "verification");
+  const inserted = await db
+    .insert(securityEvents)
+    .values({
+      issuer: token.iss,
+      jti: token.jti,
+      audience: received.audience,
+      eventTypes: token.events.map(eventTypeOf).join(" "),
+      verificationState: verification?.kind === "verification" ? verification.state : null,
+      issuedAt: token.issuedAt,
+      receivedAt: now,
+      receipt,
+    })
+    .onConflictDoNothing()
+    .returning({ jti: securityEvents.jti });
+  return inserted.length === 0;
+}
+
+/** When the verification event carrying `state` arrived, or null (what `npm run risc:verify` waits for). */
+export async function verificationReceivedAt(db: Db, state: string): Promise<Date | null> {
+  const rows = await db
+    .select({ receivedAt: securityEvents.receivedAt })
+    .from(securityEvents)
+    .where(sql`${securityEvents.verificationState} = ${state}`)
+    .limit(1);
+  return rows[0]?.receivedAt ?? null;
+}
+
+/** The cron's share: forgets jtis past SECURITY_EVENT_RETENTION_SECONDS (bounded per run). */
+export async function pruneSecurityEvents(db: Db, now: Date): Promise<number> {
+  const cutoff = new Date(now.getTime() - SECURITY_EVENT_RETENTION_SECONDS * 1000);
+  let pruned = 0;
+  for (let batch = 0; batch < PRUNE_MAX_BATCHES; batch++) {
+    const deleted = await db.execute<{ jti: string }>(sql`
+      delete from ${securityEvents}
+      where (${securityEvents.issuer}, ${securityEvents.jti}) in (
+        select ${securityEvents.issuer}, ${securityEvents.jti} from ${securityEvents}
+        where ${securityEvents.issuedAt} < ${cutoff}
+        limit ${PRUNE_BATCH_SIZE}
+      )
+      returning ${securityEvents.jti}`);
+    pruned += deleted.rows.length;
+    if (deleted.rows.length < PRUNE_BATCH_SIZE) break;
+  }
+  return pruned;
+}
+
+function eventTypeOf(event: RiscEvent): string {
+  return event.kind === "unknown" ? event.type : RISC_TYPE_OF_KIND[event.kind];
 }
 
 export async function validateSecurityEvent(deps: RiscDeps, jwt: string, now: Date): Promise<Received> {

@@ -15,6 +15,7 @@ import {
   stopPendingDeliveries,
 } from "./events";
 import { signLoginLink } from "./login-links";
+import { pruneSecurityEvents } from "./risc";
 
 /**
  * Webhooks by the Standard Webhooks specification (https://www.standardwebhooks.com): each delivery
@@ -350,6 +351,8 @@ export async function deliverPending(services: Services, now: Date, requestBaseU
 
 export interface EventCronSummary extends DeliverySummary {
   pruned: number;
+  /** Received Security Event Tokens forgotten (src/services/risc.ts). */
+  securityEventsPruned: number;
 }
 
 /** The cron's share: retry what is due (bounded), then prune what is past retention (bounded). */
@@ -360,5 +363,7 @@ export async function runScheduledEvents(services: Services, now: Date): Promise
     : { attempted: 0, delivered: 0, failed: 0, exhausted: 0, stopped: 0 };
   const pruned = await pruneEvents(services.db, now, services.config.EVENT_RETENTION_DAYS);
   if (pruned > 0) logInfo("events_pruned", { pruned });
-  return { ...delivered, pruned };
+  const securityEventsPruned = await pruneSecurityEvents(services.db, now);
+  if (securityEventsPruned > 0) logInfo("security_events_pruned", { pruned: securityEventsPruned });
+  return { ...delivered, pruned, securityEventsPruned };
 }

@@ -8,8 +8,10 @@ import {
   RiscKeyStore,
   RiscKeysUnavailable,
 } from "../../src/oauth/risc-keys";
+import { SECURITY_EVENT_RETENTION_SECONDS } from "../../src/services/risc";
+import { runEventCron } from "./event-helpers";
 import { expectProblem, testEnv, uniqueId } from "./helpers";
-import { registerBranch } from "./oauth-helpers";
+import { registerBranch, sql } from "./oauth-helpers";
 import {
   DAY_SECONDS,
   newSigner,
@@ -22,6 +24,7 @@ import {
   type TestSigner,
   tokensRevoked,
   transmitterIssuer,
+  verification,
 } from "./risc-helpers";
 
 /**
@@ -214,6 +217,65 @@ describe("a token is rejected with 400 problem+json", () => {
       },
     });
     await expectRejected(await postSet(streamed), "invalid_request");
+  });
+});
+
+describe("each jti is acted on once", () => {
+  const rowsOf = (jti: string) =>
+    sql(
+      "select audience, event_types, verification_state, received_at::text, receipt from security_events where jti = $1",
+      [jti],
+    );
+
+  it("a redelivery is a 202 that changes nothing", async () => {
+    const jti = uniqueId("jti");
+    const jwt = await signSet(signer, claims({ jti }));
+    expect((await postSet(jwt)).status).toBe(202);
+    const first = await rowsOf(jti);
+    expect(first).toHaveLength(1);
+    expect(first[0]![0]).toBe(audience);
+    expect(first[0]![1]).toBe(RISC_EVENT_TYPES.tokensRevoked);
+    for (let i = 0; i < 3; i++) expect((await postSet(jwt)).status).toBe(202);
+    // Concurrent redeliveries too.
+    const together = await Promise.all(Array.from({ length: 5 }, () => postSet(jwt)));
+    expect(together.map((r) => r.status)).toEqual([202, 202, 202, 202, 202]);
+    expect(await rowsOf(jti)).toEqual(first);
+  });
+
+  it("the same jti from the first delivery wins even when redelivered with other content", async () => {
+    const jti = uniqueId("jti");
+    expect((await postSet(await signSet(signer, claims({ jti })))).status).toBe(202);
+    const first = await rowsOf(jti);
+    expect((await postSet(await signSet(signer, claims({ jti, events: verification("other") })))).status).toBe(202);
+    expect(await rowsOf(jti)).toEqual(first);
+  });
+
+  it("a verification event is recorded with its state", async () => {
+    const jti = uniqueId("jti");
+    const state = uniqueId("state");
+    expect((await postSet(await signSet(signer, claims({ jti, events: verification(state) })))).status).toBe(202);
+    const [row] = await rowsOf(jti);
+    expect(row?.[1]).toBe(RISC_EVENT_TYPES.verification);
+    expect(row?.[2]).toBe(state);
+  });
+
+  it("the cron forgets a jti once its token would be refused for its age anyway", async () => {
+    const [oldJti, recentJti] = [uniqueId("old"), uniqueId("recent")];
+    expect(SECURITY_EVENT_RETENTION_SECONDS).toBeGreaterThan(MAX_SET_AGE_SECONDS + IAT_FUTURE_SKEW_SECONDS);
+    for (const [jti, ageSeconds] of [
+      [oldJti, SECURITY_EVENT_RETENTION_SECONDS + 60],
+      [recentJti, SECURITY_EVENT_RETENTION_SECONDS - 3600],
+    ] as const) {
+      await sql(
+        `insert into security_events (issuer, jti, audience, event_types, issued_at, received_at, receipt)
+         values ($1, $2, $3, 'x', now() - make_interval(secs => $4), now() - make_interval(secs => $4), 'r')`,
+        [issuer, jti, audience, ageSeconds],
+      );
+    }
+    const summary = await runEventCron();
+    expect(summary.securityEventsPruned).toBeGreaterThanOrEqual(1);
+    expect(await rowsOf(oldJti)).toHaveLength(0);
+    expect(await rowsOf(recentJti)).toHaveLength(1);
   });
 });
 
