@@ -26,6 +26,8 @@ export default defineConfig({
         // The optional growth-path queue (see wrangler.toml), consumed by this same Worker.
         queueProducers: { REFRESH_QUEUE: { queueName: "token-refresh" } },
         queueConsumers: { "token-refresh": { maxBatchSize: 10, maxBatchTimeout: 0.1 } },
+        // wrangler.toml's METRICS dataset: Miniflare's local stand-in, which keeps nothing (hermetic).
+        analyticsEngineDatasets: { METRICS: { dataset: "token_management_test" } },
         bindings: {
           ...worker.vars,
           ...TEST_BINDINGS,

@@ -53,6 +53,7 @@ export function createApp(): App {
     c.set("keyring", services.keyring);
     c.set("provider", services.provider);
     c.set("events", services.events);
+    c.set("metrics", services.metrics);
     const baseUrl = `${new URL(c.req.url).origin}${BASE_PATH}`;
     c.set("baseUrl", baseUrl);
     await next();

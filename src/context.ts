@@ -2,6 +2,7 @@ import type { Context } from "hono";
 import { createDb, type Db } from "./db/client";
 import { type Config, parseEnv } from "./env";
 import { type Keyring, loadKeyring } from "./lib/crypto";
+import { type Metrics, metricsOf } from "./lib/metrics";
 import { type Provider, providerFromConfig } from "./oauth/provider";
 import { type EventContext, eventContext } from "./services/events";
 import type { Operator } from "./services/operations";
@@ -14,6 +15,8 @@ export interface Services {
   provider: Provider;
   /** Whether state changes queue their events for delivery, and whether one ran (see events.ts). */
   events: EventContext;
+  /** Data points to the METRICS dataset; a no-op without the binding (src/lib/metrics.ts). */
+  metrics: Metrics;
 }
 
 /** Parses the environment (once per env object) and builds this invocation's services. */
@@ -30,6 +33,8 @@ export async function createServices(env: Env): Promise<Services> {
     }),
     provider: providerFromConfig(config),
     events: eventContext(config.WEBHOOK_URL !== undefined),
+    // Optional binding: absent in the tests and wherever wrangler.toml leaves it out.
+    metrics: metricsOf(env.METRICS as AnalyticsEngineDataset | undefined),
   };
 }
 
@@ -46,6 +51,15 @@ export type AppContext = Context<AppEnv>;
 
 /** The request's services as src/services/operations.ts takes them. */
 export function operatorOf(c: AppContext): Operator {
-  const { config, db, keyring, provider, events, baseUrl } = c.var;
-  return { config, db, keyring, provider, events, baseUrl, defer: (task) => c.executionCtx.waitUntil(task) };
+  const { config, db, keyring, provider, events, metrics, baseUrl } = c.var;
+  return {
+    config,
+    db,
+    keyring,
+    provider,
+    events,
+    metrics,
+    baseUrl,
+    defer: (task) => c.executionCtx.waitUntil(task),
+  };
 }

@@ -6,6 +6,7 @@ import { forEachBounded, MAX_OUTBOUND_CONNECTIONS } from "../lib/concurrency";
 import type { Keyring } from "../lib/crypto";
 import { fromBase64, utf8 } from "../lib/encoding";
 import { describeError, logInfo, logWarn } from "../lib/log";
+import type { MetricPoint, MetricSource, Metrics } from "../lib/metrics";
 import {
   claimDueEvents,
   type DeliveryOutcome,
@@ -150,7 +151,10 @@ export async function buildPayload(
 export type AttemptResult =
   | { kind: "delivered"; status: number }
   | { kind: "gone"; status: 410 }
-  | { kind: "failed"; error: string };
+  | { kind: "failed"; error: string; failureClass: WebhookFailureClass };
+
+/** Why an attempt failed, for metrics (src/lib/metrics.ts). */
+export type WebhookFailureClass = "http_4xx" | "http_5xx" | "timeout" | "network";
 
 /** One POST to the receiver, bounded by the timeout. Never throws. */
 export async function sendWebhook(
@@ -185,10 +189,16 @@ export async function sendWebhook(
       return { kind: "gone", status: 410 };
     }
     const text = (await readPrefix(response, ERROR_BODY_MAX_BYTES)).slice(0, ERROR_BODY_CHARS);
-    return { kind: "failed", error: `HTTP ${response.status}${text ? `: ${text}` : ""}` };
+    return {
+      kind: "failed",
+      error: `HTTP ${response.status}${text ? `: ${text}` : ""}`,
+      failureClass: response.status < 500 ? "http_4xx" : "http_5xx",
+    };
   } catch (error) {
     const timedOut = error instanceof DOMException && error.name === "TimeoutError";
-    return { kind: "failed", error: timedOut ? `no answer within ${target.timeoutMs} ms` : describeError(error) };
+    return timedOut
+      ? { kind: "failed", error: `no answer within ${target.timeoutMs} ms`, failureClass: "timeout" }
+      : { kind: "failed", error: describeError(error), failureClass: "network" };
   }
 }
 
@@ -224,6 +234,9 @@ export interface DeliveryDeps extends PayloadDeps {
   db: Db;
   target: WebhookTarget;
   fetcher?: typeof fetch;
+  /** One data point per attempt (src/lib/metrics.ts), and which invocation made it. */
+  metrics?: Metrics;
+  source?: MetricSource;
 }
 
 export interface DeliverySummary {
@@ -272,7 +285,9 @@ export async function deliverDueEvents(
     await forEachBounded(page, DELIVERY_CONCURRENCY, async (event) => {
       const attemptAt = at();
       const body = JSON.stringify(await buildPayload(deps, event, existing.has(event.clientId), attemptAt));
+      const sentAt = Date.now();
       const result = await sendWebhook(deps.target, webhookId(event.id), body, attemptAt, deps.fetcher);
+      deps.metrics?.record(attemptMetric(event, result, Date.now() - sentAt, deps.source));
       outcomes.push(outcomeOf(event, result, at()));
     });
     for (const outcome of outcomes) {
@@ -297,6 +312,24 @@ export async function deliverDueEvents(
   return summary;
 }
 
+/** The data point of one attempt (event.attempts counts the attempts before this one). */
+export function attemptMetric(
+  event: EventRow,
+  result: AttemptResult,
+  latencyMs: number,
+  source: MetricSource = "request",
+): MetricPoint {
+  return {
+    kind: "webhook",
+    outcome: result.kind,
+    failureClass: result.kind === "failed" ? result.failureClass : result.kind === "gone" ? "gone" : undefined,
+    source,
+    latencyMs,
+    // The claim counted this attempt already.
+    attempt: event.attempts,
+  };
+}
+
 function outcomeOf(event: EventRow, result: AttemptResult, now: Date): DeliveryOutcome {
   const attempts = event.attempts;
   if (result.kind === "delivered")
@@ -311,10 +344,16 @@ function outcomeOf(event: EventRow, result: AttemptResult, now: Date): DeliveryO
 }
 
 /** The delivery dependencies of an invocation, or undefined when no WEBHOOK_URL is configured. */
-export function deliveryDeps(services: Services, requestBaseUrl?: string): DeliveryDeps | undefined {
+export function deliveryDeps(
+  services: Services,
+  requestBaseUrl?: string,
+  source: MetricSource = "request",
+): DeliveryDeps | undefined {
   const target = webhookTarget(services.config);
   if (!target) return undefined;
   return {
+    metrics: services.metrics,
+    source,
     db: services.db,
     keyring: services.keyring,
     target,
@@ -340,7 +379,7 @@ export async function deliverAfterChange(services: Services, now: Date, requestB
 
 /** One bounded delivery pass over what is due. Never throws. */
 export async function deliverPending(services: Services, now: Date, requestBaseUrl?: string): Promise<void> {
-  const deps = deliveryDeps(services, requestBaseUrl);
+  const deps = deliveryDeps(services, requestBaseUrl, "queue");
   if (!deps) return;
   try {
     await deliverDueEvents(deps, now, { max: DELIVERY_PAGE_SIZE });
@@ -357,7 +396,7 @@ export interface EventCronSummary extends DeliverySummary {
 
 /** The cron's share: retry what is due (bounded), then prune what is past retention (bounded). */
 export async function runScheduledEvents(services: Services, now: Date): Promise<EventCronSummary> {
-  const deps = deliveryDeps(services);
+  const deps = deliveryDeps(services, undefined, "cron");
   const delivered = deps
     ? await deliverDueEvents(deps, now)
     : { attempted: 0, delivered: 0, failed: 0, exhausted: 0, stopped: 0 };

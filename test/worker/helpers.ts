@@ -66,3 +66,9 @@ export async function expectProblem(response: Response, status: number, code?: s
 export function uniqueId(prefix: string): string {
   return `${prefix}-${crypto.randomUUID().slice(0, 12)}`;
 }
+
+/** An Analytics Engine dataset that keeps what is written (Miniflare's local one keeps nothing). */
+export function recordingDataset(): { points: AnalyticsEngineDataPoint[]; dataset: AnalyticsEngineDataset } {
+  const points: AnalyticsEngineDataPoint[] = [];
+  return { points, dataset: { writeDataPoint: (point) => void points.push(point ?? {}) } };
+}

@@ -1,7 +1,15 @@
 import { createExecutionContext, waitOnExecutionContext } from "cloudflare:test";
 import { afterEach, describe, expect, it } from "vitest";
+import { createServices } from "../../src/context";
 import worker from "../../src/index";
-import { DELIVERY_CONCURRENCY, DELIVERY_PAGE_SIZE, sendWebhook, signWebhook } from "../../src/services/webhooks";
+import { metricsOf } from "../../src/lib/metrics";
+import {
+  DELIVERY_CONCURRENCY,
+  DELIVERY_PAGE_SIZE,
+  runScheduledEvents,
+  sendWebhook,
+  signWebhook,
+} from "../../src/services/webhooks";
 import { TEST_ADMIN_KEY } from "./bindings";
 import {
   eventById,
@@ -16,7 +24,7 @@ import {
   UNRELATED_WEBHOOK_SECRET,
   webhookBindings,
 } from "./event-helpers";
-import { BASE, type CallOptions, call, expectProblem, json, type TestEnv, testEnv } from "./helpers";
+import { BASE, type CallOptions, call, expectProblem, json, recordingDataset, type TestEnv, testEnv } from "./helpers";
 import { postJson, registerBranch, sql } from "./oauth-helpers";
 
 /**
@@ -177,7 +185,11 @@ describe("delivery", () => {
     await inbox.set("ok"); // ends the flood for a reader that is still reading
     // Not read to the timeout (an unbounded read of an endless body waits for it, or runs out of memory).
     expect(tookMs).toBeLessThan(timeoutMs / 2);
-    expect(result).toEqual({ kind: "failed", error: `HTTP 500: ${"flood ".repeat(40).slice(0, 200)}` });
+    expect(result).toEqual({
+      kind: "failed",
+      error: `HTTP 500: ${"flood ".repeat(40).slice(0, 200)}`,
+      failureClass: "http_5xx",
+    });
     expect((await inbox.deliveries()).map((d) => d.answered)).toEqual([500]);
   });
 
@@ -205,6 +217,32 @@ describe("delivery", () => {
     expect(claimMs).toBeGreaterThanOrEqual(Math.ceil(DELIVERY_PAGE_SIZE / DELIVERY_CONCURRENCY) * timeoutMs);
     expect(second.attempted).toBe(0);
     expect((await inbox.deliveries()).filter((d) => d.id === `evt_${eventId}`)).toHaveLength(2);
+  });
+
+  it("each attempt writes one data point: failure class, attempt number, latency, source", async () => {
+    const inbox = await newInbox();
+    await inbox.set("fail", { status: 503 });
+    const bindings = webhookBindings(inbox.url);
+    const { eventId } = await deactivate(bindings);
+    const { points, dataset } = recordingDataset();
+    const cron = async () => {
+      const services = await createServices({ ...testEnv, ...bindings } as TestEnv);
+      return runScheduledEvents({ ...services, metrics: metricsOf(dataset) }, new Date());
+    };
+    await makeDue([eventId]);
+    await cron();
+    await inbox.set("ok");
+    await makeDue([eventId]);
+    await cron();
+    expect(await eventById(eventId)).toMatchObject({ delivery_state: "delivered", attempts: 3 });
+    expect(points.map((p) => [p.blobs, p.doubles?.[1]])).toEqual([
+      [["webhook", "failed", "http_5xx", "", "cron"], 2],
+      [["webhook", "delivered", "", "", "cron"], 3],
+    ]);
+    for (const point of points) {
+      expect(point.doubles![0]).toBeGreaterThanOrEqual(0);
+      expect(point.doubles![0]).toBeLessThan(1_000);
+    }
   });
 
   it("410 Gone stops delivery of that event and of everything else pending; redeliver sends it again", async () => {
