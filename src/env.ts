@@ -154,8 +154,13 @@ const EnvFields = z.object({
   /**
    * The service's public root (e.g. https://tokens.example.com/token-management), for the login
    * link in a needs_reauth webhook. Unset: the request's origin when a request caused the delivery.
+   * https, or plain http on a loopback host (local development): a login link is a bearer capability.
    */
-  PUBLIC_BASE_URL: httpUrl.optional(),
+  PUBLIC_BASE_URL: httpUrl
+    .refine((value) => value.startsWith("https:") || isLoopback(new URL(value).hostname), {
+      message: "must be an https URL (plain http only on a loopback host, for local development)",
+    })
+    .optional(),
 
   /** How long a console sign-in with the admin key lasts (see src/services/console-session.ts). */
   CONSOLE_SESSION_TTL_SECONDS: seconds(CONSOLE_SESSION_TTL_DEFAULT_SECONDS).refine(
@@ -173,8 +178,8 @@ const EnvFields = z.object({
   CF_ACCESS_AUD: z.string().min(1).optional(),
   /**
    * Where the team's signing keys are fetched from (default: the team's certs URL). The console
-   * trusts any key found there, so it must be on the team's own origin unless
-   * OAUTH_ALLOW_INSECURE_HTTP is on (tests point it at a local stand-in).
+   * trusts any key found there, so it must be on the team's own origin, or on a loopback host (a
+   * local stand-in, as the tests use; unreachable from a deployed Worker). No flag relaxes this.
    */
   CF_ACCESS_CERTS_URL: httpUrl.optional(),
 });
@@ -206,14 +211,16 @@ const EnvSchema = EnvFields.superRefine((config, context) => {
       message: "is required when the other CF_ACCESS_* binding is set (Cloudflare Access needs both)",
     });
   }
-  if (config.CF_ACCESS_CERTS_URL !== undefined && !config.OAUTH_ALLOW_INSECURE_HTTP) {
+  if (config.CF_ACCESS_CERTS_URL !== undefined) {
     const team = config.CF_ACCESS_TEAM_DOMAIN;
-    if (team === undefined || new URL(config.CF_ACCESS_CERTS_URL).origin !== accessTeamOrigin(team)) {
+    const certs = new URL(config.CF_ACCESS_CERTS_URL);
+    const onTeamOrigin = team !== undefined && certs.origin === accessTeamOrigin(team);
+    if (!onTeamOrigin && !(team !== undefined && isLoopback(certs.hostname))) {
       context.addIssue({
         code: "custom",
         path: ["CF_ACCESS_CERTS_URL"],
         message:
-          "must be on the origin of CF_ACCESS_TEAM_DOMAIN (https://<team>.cloudflareaccess.com); leave it unset for the team's own certs URL (another origin only with OAUTH_ALLOW_INSECURE_HTTP=true, for a local stand-in)",
+          "must be on the origin of CF_ACCESS_TEAM_DOMAIN (https://<team>.cloudflareaccess.com); leave it unset for the team's own certs URL (another origin only on a loopback host, for a local stand-in)",
       });
     }
   }

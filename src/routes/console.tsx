@@ -340,11 +340,11 @@ async function securityHeaders(c: ConsoleContext, next: Next): Promise<void> {
 }
 
 /**
- * Plain http is refused on any host but loopback (unless OAUTH_ALLOW_INSECURE_HTTP), before the
- * sign-in form is shown or a key or cookie read: see consoleTransportAllowed.
+ * Plain http is refused on any host but loopback, before the sign-in form is shown or a key or
+ * cookie read: see consoleTransportAllowed.
  */
 async function requireHttps(c: ConsoleContext, next: Next): Promise<Response | undefined> {
-  if (!consoleTransportAllowed(c.req.url, c.var.config.OAUTH_ALLOW_INSECURE_HTTP)) {
+  if (!consoleTransportAllowed(c.req.url)) {
     const https = new URL(c.req.url);
     https.protocol = "https:";
     return page(

@@ -55,13 +55,13 @@ export function consoleCookies(origin: string): ConsoleCookies {
 
 /**
  * Whether the console may answer a request at this URL: always on https; on plain http only on a
- * loopback host (local development), or anywhere with OAUTH_ALLOW_INSECURE_HTTP (tests, `npm run
- * dev` on another name). Elsewhere the admin key would cross the network in clear and the session
- * cookie could not be Secure, so the console refuses before reading either.
+ * loopback host (local development and tests). Elsewhere the admin key would cross the network in
+ * clear and the session cookie could not be Secure, so the console refuses before reading either.
+ * No setting relaxes this: a development flag left on in production must not (issue 20).
  */
-export function consoleTransportAllowed(url: string, allowInsecureHttp: boolean): boolean {
+export function consoleTransportAllowed(url: string): boolean {
   const { protocol, hostname } = new URL(url);
-  return protocol === "https:" || allowInsecureHttp || isLoopback(hostname);
+  return protocol === "https:" || isLoopback(hostname);
 }
 
 export interface ConsoleSession {

@@ -1,6 +1,6 @@
 import { beforeAll, describe, expect, it } from "vitest";
 import { ConsoleBrowser, flashOf, tableRows, textOf } from "./console-helpers";
-import { call, uniqueId } from "./helpers";
+import { BASE, call, uniqueId } from "./helpers";
 import { connectBranch, currentTokens, postJson, registerBranch, setProviderBehavior, sql } from "./oauth-helpers";
 
 /**
@@ -321,6 +321,6 @@ describe("the event log and the register form", () => {
       expect(page.html).toMatch(new RegExp(`<label for="f-${name}">`));
       expect(page.html).toMatch(new RegExp(`<input id="f-${name}" name="${name}"`));
     }
-    expect(page.html).toContain('value="http://token-manager.test/token-management/auth/callback"');
+    expect(page.html).toContain(`value="${BASE}/auth/callback"`);
   });
 });

@@ -114,6 +114,8 @@ describe("plain http", () => {
     OAUTH_AUTHORIZATION_URL: "https://issuer.example/authorize",
     OAUTH_TOKEN_URL: "https://issuer.example/token",
     OAUTH_REVOCATION_URL: "",
+    // Its default (Google's, https): the tests' local stand-in is plain http.
+    RISC_CONFIGURATION_URL: "",
   };
 
   it("on a non-loopback host is refused with a page saying the console needs https, before any key is read", async () => {
@@ -143,7 +145,7 @@ describe("plain http", () => {
     expect(withCookie.status).toBe(403);
   });
 
-  it("is allowed on loopback hosts, and anywhere with OAUTH_ALLOW_INSECURE_HTTP (these tests' host)", async () => {
+  it("is allowed on loopback hosts only: OAUTH_ALLOW_INSECURE_HTTP does not open it elsewhere", async () => {
     for (const host of ["localhost:8787", "127.0.0.1:8787", "[::1]:8787"]) {
       const page = await new ConsoleBrowser(`http://${host}/token-management`).get("/sign-in", {
         envOverrides: production,
@@ -153,6 +155,11 @@ describe("plain http", () => {
     }
     expect(new URL(BASE).protocol).toBe("http:");
     expect((await new ConsoleBrowser().get("/sign-in")).status).toBe(200);
+    // The development flag (on in these tests' bindings) relaxes nothing on another host.
+    const remote = new ConsoleBrowser("http://tokens.example.com/token-management");
+    const page = await remote.get("/sign-in", { envOverrides: { OAUTH_ALLOW_INSECURE_HTTP: "true" } });
+    expect(page.status).toBe(403);
+    expect(page.html).not.toContain('id="api_key"');
   });
 
   it("https responses carry Strict-Transport-Security for a year; http ones do not", async () => {
@@ -524,13 +531,14 @@ describe("Cloudflare Access", () => {
     expect(ps256.headers.get("location")).toBe("/token-management/console/sign-in");
   });
 
-  it("CF_ACCESS_CERTS_URL must be on the team's origin unless OAUTH_ALLOW_INSECURE_HTTP is on", async () => {
+  it("CF_ACCESS_CERTS_URL must be on the team's origin or a loopback stand-in, whatever OAUTH_ALLOW_INSECURE_HTTP says", async () => {
     const productionBindings: Record<string, string> = {
       OAUTH_ALLOW_INSECURE_HTTP: "false",
       OAUTH_ISSUER: "https://issuer.example",
       OAUTH_AUTHORIZATION_URL: "https://issuer.example/authorize",
       OAUTH_TOKEN_URL: "https://issuer.example/token",
       OAUTH_REVOCATION_URL: "",
+      RISC_CONFIGURATION_URL: "",
       CF_ACCESS_TEAM_DOMAIN: teamDomain,
       CF_ACCESS_AUD: audience,
     };
@@ -543,11 +551,13 @@ describe("Cloudflare Access", () => {
       "https://keys.attacker.example/certs",
       `http://${teamDomain}/cdn-cgi/access/certs`,
       `https://other-team.cloudflareaccess.com/cdn-cgi/access/certs`,
-      envOverrides.CF_ACCESS_CERTS_URL!,
     ]) {
-      expect(() => parseEnv({ ...production, CF_ACCESS_CERTS_URL: certsUrl }), certsUrl).toThrow(
-        /CF_ACCESS_CERTS_URL: must be on the origin of CF_ACCESS_TEAM_DOMAIN/,
-      );
+      for (const flag of ["false", "true"]) {
+        expect(
+          () => parseEnv({ ...production, OAUTH_ALLOW_INSECURE_HTTP: flag, CF_ACCESS_CERTS_URL: certsUrl }),
+          `${certsUrl} with OAUTH_ALLOW_INSECURE_HTTP=${flag}`,
+        ).toThrow(/CF_ACCESS_CERTS_URL: must be on the origin of CF_ACCESS_TEAM_DOMAIN/);
+      }
     }
     // Without a team domain there is no origin it could be on.
     const { CF_ACCESS_TEAM_DOMAIN: _team, CF_ACCESS_AUD: _aud, ...noAccess } = production;
@@ -568,10 +578,9 @@ describe("Cloudflare Access", () => {
     expect(text).toContain("configuration_error");
     expect(text).toContain("CF_ACCESS_CERTS_URL: must be on the origin");
     expect(text).not.toContain("keys.attacker.example");
-    // These tests' local stand-in (plain http, another origin) is accepted with the flag.
-    expect(parseEnv({ ...production, OAUTH_ALLOW_INSECURE_HTTP: "true", ...envOverrides }).CF_ACCESS_CERTS_URL).toBe(
-      envOverrides.CF_ACCESS_CERTS_URL,
-    );
+    // These tests' local stand-in (plain http on loopback) is accepted, without the flag.
+    expect(new URL(envOverrides.CF_ACCESS_CERTS_URL!).hostname).toBe("127.0.0.1");
+    expect(parseEnv({ ...production, ...envOverrides }).CF_ACCESS_CERTS_URL).toBe(envOverrides.CF_ACCESS_CERTS_URL);
   });
 
   it("refuses everyone when the team's keys cannot be fetched", async () => {

@@ -3,7 +3,8 @@ import { env } from "cloudflare:workers";
 import worker from "../../src/index";
 import { TEST_ADMIN_KEY, TEST_SERVICE_KEY } from "./bindings";
 
-export const BASE = "http://token-manager.test/token-management";
+/** A loopback host: the only plain-http host the console answers on (as under `npm run dev`). */
+export const BASE = "http://localhost/token-management";
 
 export interface TestEnv extends Env {
   NEON_LOCAL_URL: string;

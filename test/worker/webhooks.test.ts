@@ -358,6 +358,18 @@ describe("configuration", () => {
     if (leaked) expect(text).not.toContain(leaked);
   };
 
+  it("refuses a non-https PUBLIC_BASE_URL outside loopback, whatever OAUTH_ALLOW_INSECURE_HTTP says", async () => {
+    for (const flag of ["true", "false"]) {
+      for (const url of ["http://tokens.example.com/token-management", "ftp://tokens.example.com/"]) {
+        await configError({ PUBLIC_BASE_URL: url, OAUTH_ALLOW_INSECURE_HTTP: flag }, "PUBLIC_BASE_URL", url);
+      }
+    }
+    for (const url of ["https://tokens.example.com/token-management", "http://127.0.0.1:8787/token-management"]) {
+      const response = await call("/events", { key: "admin", envOverrides: { PUBLIC_BASE_URL: url } });
+      expect(response.status, url).toBe(200);
+    }
+  });
+
   it("refuses a non-https WEBHOOK_URL outside local development, naming the binding", async () => {
     await configError({ ...webhookBindings("http://hooks.example.com/in") }, "WEBHOOK_URL");
     await configError(
