@@ -4,10 +4,11 @@ import { bodyLimit } from "hono/body-limit";
 import type { App } from "../app";
 import type { AppEnv } from "../context";
 import { AppError } from "../errors";
+import { requireKey } from "../lib/api-key";
 import { logWarn } from "../lib/log";
 import { MAX_SET_BYTES, type SetErrorCode } from "../oauth/risc";
-import { RiscKeysUnavailable, receiveSecurityEvent, SetRejected } from "../services/risc";
-import { problem } from "./schemas";
+import { RiscKeysUnavailable, receiveSecurityEvent, SetRejected, verificationReceivedAt } from "../services/risc";
+import { API_KEY_SECURITY, jsonContent, problem } from "./schemas";
 
 export const RISC_PATH = "/risc";
 const SET_CONTENT_TYPE = "application/secevent+jwt";
@@ -51,7 +52,46 @@ const receive = createRoute({
   },
 });
 
+const MAX_STATE_LENGTH = 1024;
+
+const verificationStatus = createRoute({
+  method: "get",
+  path: `${RISC_PATH}/verifications/{state}`,
+  tags: ["cross-account protection"],
+  summary: "Whether the verification event carrying this state arrived (npm run risc:verify polls it)",
+  security: API_KEY_SECURITY,
+  middleware: [requireKey("admin")] as const,
+  request: {
+    params: z.object({
+      state: z
+        .string()
+        .min(1)
+        .max(MAX_STATE_LENGTH)
+        .openapi({ param: { name: "state", in: "path" }, example: "verify-1a2b3c" }),
+    }),
+  },
+  responses: {
+    200: {
+      description: "It arrived, and when.",
+      content: jsonContent(z.object({ success: z.literal(true), message: z.string(), received_at: z.string() })),
+    },
+    401: problem("Missing or wrong API key"),
+    403: problem("Service key on an admin route"),
+    404: problem("No verification event with this state has arrived (yet)."),
+  },
+});
+
 export function registerRiscRoutes(app: App): void {
+  app.openapi(verificationStatus, async (c) => {
+    const { state } = c.req.valid("param");
+    const receivedAt = await verificationReceivedAt(c.var.db, state);
+    if (!receivedAt) throw new AppError("not_found", "No verification event with this state has arrived yet.");
+    return c.json(
+      { success: true as const, message: "The verification event arrived.", received_at: receivedAt.toISOString() },
+      200,
+    );
+  });
+
   app.openapi(receive, async (c) => {
     const type = (c.req.header("content-type") ?? "").split(";")[0]?.trim().toLowerCase();
     if (type !== SET_CONTENT_TYPE) {

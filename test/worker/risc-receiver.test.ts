@@ -10,7 +10,7 @@ import {
 } from "../../src/oauth/risc-keys";
 import { SECURITY_EVENT_RETENTION_SECONDS } from "../../src/services/risc";
 import { runEventCron } from "./event-helpers";
-import { expectProblem, testEnv, uniqueId } from "./helpers";
+import { call, expectProblem, json, testEnv, uniqueId } from "./helpers";
 import { registerBranch, sql } from "./oauth-helpers";
 import {
   DAY_SECONDS,
@@ -257,6 +257,14 @@ describe("each jti is acted on once", () => {
     const [row] = await rowsOf(jti);
     expect(row?.[1]).toBe(RISC_EVENT_TYPES.verification);
     expect(row?.[2]).toBe(state);
+    // What npm run risc:verify polls: admin key only.
+    const path = `/risc/verifications/${encodeURIComponent(state)}`;
+    const arrived = await call(path, { key: "admin" });
+    expect(arrived.status).toBe(200);
+    expect(await json(arrived)).toMatchObject({ success: true, received_at: expect.any(String) });
+    await expectProblem(await call("/risc/verifications/never-sent", { key: "admin" }), 404, "not_found");
+    await expectProblem(await call(path), 401, "unauthorized");
+    await expectProblem(await call(path, { key: "service" }), 403, "forbidden");
   });
 
   it("the cron forgets a jti once its token would be refused for its age anyway", async () => {
