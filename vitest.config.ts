@@ -10,6 +10,7 @@ import { TEST_BINDINGS } from "./test/worker/bindings.ts";
 // so a user's local settings would change what the tests see. The tests are hermetic: their bindings
 // are wrangler.toml's [vars] and what is set below, nothing else.
 const worker = unstable_readConfig({ config: "wrangler.toml" });
+type RateLimitBinding = { name: string; namespace_id: string; simple: { limit: number; period: 10 | 60 } };
 // The static assets the docs page loads, as `npm run dev` and `npm run deploy` ship them.
 copyDocsAssets();
 
@@ -26,6 +27,10 @@ export default defineConfig({
         // The optional growth-path queue (see wrangler.toml), consumed by this same Worker.
         queueProducers: { REFRESH_QUEUE: { queueName: "token-refresh" } },
         queueConsumers: { "token-refresh": { maxBatchSize: 10, maxBatchTimeout: 0.1 } },
+        // wrangler.toml's [[ratelimits]] (AUTH_FAILURES), run locally by Miniflare.
+        ratelimits: Object.fromEntries(
+          worker.ratelimits.map(({ name, namespace_id, simple }: RateLimitBinding) => [name, { namespace_id, simple }]),
+        ),
         // wrangler.toml's METRICS dataset: Miniflare's local stand-in, which keeps nothing (hermetic).
         analyticsEngineDatasets: { METRICS: { dataset: "token_management_test" } },
         bindings: {

@@ -2,6 +2,7 @@ import { createMiddleware } from "hono/factory";
 import type { AppEnv } from "../context";
 import { AppError } from "../errors";
 import { matchesEach } from "./crypto";
+import { AUTH_FAILURE_PERIOD_SECONDS, addressBlocked, clientAddress, recordFailure } from "./rate-limit";
 
 export type KeyRole = "admin" | "service";
 
@@ -9,7 +10,8 @@ const CHALLENGE = { "WWW-Authenticate": 'Bearer realm="token-management"' };
 
 /**
  * API keys come as `Authorization: Bearer <key>` (or `X-API-Key`). The admin key opens every
- * route; the service key opens only service routes (reading tokens).
+ * route; the service key opens only service routes (reading tokens). A key that is not valid counts
+ * against its client address's failure limit (src/lib/rate-limit.ts).
  */
 export function requireKey(role: KeyRole) {
   return createMiddleware<AppEnv>(async (c, next) => {
@@ -19,6 +21,8 @@ export function requireKey(role: KeyRole) {
         headers: CHALLENGE,
       });
     }
+    const address = clientAddress(c.req.raw);
+    if (addressBlocked(address, Date.now())) throw tooManyFailures();
     const { ADMIN_API_KEY, SERVICE_API_KEY } = c.get("config");
     const [admin, service] = await matchesEach(presented, ADMIN_API_KEY, SERVICE_API_KEY);
     if (admin) return next();
@@ -26,10 +30,21 @@ export function requireKey(role: KeyRole) {
       if (role === "service") return next();
       throw new AppError("forbidden", "This route needs the admin API key; the service key cannot use it.");
     }
+    if (await recordFailure(c.env.AUTH_FAILURES, address, Date.now())) throw tooManyFailures();
     throw new AppError("unauthorized", "The API key is not valid.", {
       headers: { "WWW-Authenticate": 'Bearer realm="token-management", error="invalid_token"' },
     });
   });
+}
+
+function tooManyFailures(): AppError {
+  return new AppError(
+    "rate_limited",
+    "Too many requests with a key that is not valid came from your address: wait and try again.",
+    {
+      retryAfterSeconds: AUTH_FAILURE_PERIOD_SECONDS,
+    },
+  );
 }
 
 /** The API key a request presents, if any. */

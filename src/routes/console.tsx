@@ -11,6 +11,7 @@ import { AppError, toAppError } from "../errors";
 import { type Keyring, open } from "../lib/crypto";
 import { toBase64Url } from "../lib/encoding";
 import { describeError, logError } from "../lib/log";
+import { AUTH_FAILURE_PERIOD_SECONDS, addressBlocked, clientAddress, recordFailure } from "../lib/rate-limit";
 import { BRANCH_STATUSES, type BranchListQuery, branchStatus, listBranches } from "../services/branch-list";
 import { getClient } from "../services/clients";
 import {
@@ -462,16 +463,27 @@ async function signIn(c: ConsoleContext): Promise<Response> {
   if (!formNonce || !(await checkCsrfToken(c.var.keyring, `sign-in:${formNonce}`, form.csrf))) {
     return signInForm(c, 403, "The sign-in form expired or was not sent from this console: try again.");
   }
+  const address = clientAddress(c.req.raw);
+  if (addressBlocked(address, Date.now())) return tooManySignIns(c);
   const key = (form.api_key ?? "").trim();
   const { ADMIN_API_KEY, SERVICE_API_KEY } = c.var.config;
   const role = key ? await keyRole(key, { admin: ADMIN_API_KEY, service: SERVICE_API_KEY }) : null;
   if (role === "service") return signInForm(c, 401, "The service key cannot sign in: use an admin API key.");
-  if (role !== "admin") return signInForm(c, 401, "That is not a valid admin API key.");
+  if (role !== "admin") {
+    if (await recordFailure(c.env.AUTH_FAILURES, address, Date.now())) return tooManySignIns(c);
+    return signInForm(c, 401, "That is not a valid admin API key.");
+  }
   const ttl = c.var.config.CONSOLE_SESSION_TTL_SECONDS;
   const { value } = await createKeySession(c.var.keyring, key, new Date(), ttl);
   setCookie(c, cookies.session, value, cookieOptions(cookies.secure, ttl));
   deleteCookie(c, cookies.signIn, { path: "/", secure: cookies.secure });
   return c.redirect(consolePath(), 303);
+}
+
+/** Failed sign-ins are limited per client address (src/lib/rate-limit.ts). */
+function tooManySignIns(c: ConsoleContext): Promise<Response> {
+  c.header("Retry-After", String(AUTH_FAILURE_PERIOD_SECONDS));
+  return signInForm(c, 429, "Too many failed sign-ins came from your address: wait a minute and try again.");
 }
 
 async function signOut(c: ConsoleContext): Promise<Response> {
