@@ -33,6 +33,7 @@ import {
   signInNonce,
 } from "../services/console-session";
 import { LIST_MAX_LIMIT, listEvents } from "../services/events";
+import { healthReport } from "../services/health-report";
 import {
   changeClient,
   newLoginLink,
@@ -47,6 +48,7 @@ import {
 import { webhookTarget } from "../services/webhooks";
 import { ClientBody, ClientPatch, clientChangesOf, newClientOf } from "./clients";
 import { type BranchDetails, BranchView } from "./console/branch";
+import { HealthView } from "./console/health";
 import { consolePath, expiryWords } from "./console/layout";
 import {
   BranchListView,
@@ -183,6 +185,21 @@ export function registerConsoleRoutes(app: App): void {
         now={new Date()}
         nextHref={next}
         canRedeliver={webhookTarget(c.var.config) !== undefined}
+      />,
+    );
+  });
+
+  ui.get("/health", async (c) => {
+    const now = new Date();
+    const report = await healthReport(c.var.db, now, c.var.config.CRON_REFRESH_WINDOW_SECONDS);
+    return page(
+      c,
+      200,
+      <HealthView
+        page={await pageContext(c)}
+        report={report}
+        now={now}
+        webhooks={webhookTarget(c.var.config) !== undefined}
       />,
     );
   });

@@ -289,6 +289,20 @@ describe("the operator console in a real browser", () => {
     await audit(page, "branches");
   });
 
+  it("shows the health page from the navigation: the period's refreshes, consents, webhooks and due tokens", async () => {
+    await page.goto(`${stack.base}/console`);
+    await page.getByRole("navigation", { name: "Console" }).getByRole("link", { name: "Health" }).click();
+    await page.waitForURL(`${stack.base}/console/health`);
+    expect(await page.locator("h1").textContent()).toBe("Health");
+    const headings = await page.locator("h2").allTextContents();
+    expect(headings).toEqual(["Refreshes", "Grants needing consent", "Webhook failures", "Oldest token still due"]);
+    // This stack's one branch was connected, refreshed and revoked: nothing needs consent, nothing is due.
+    expect(await page.locator("#health-lost").textContent()).toBe("0");
+    expect(await textOf(page.locator("#health-needs-consent"))).toContain("None");
+    expect(await textOf(page.locator("#health-oldest-due"))).toContain("Nothing is due");
+    await audit(page, "health");
+  });
+
   it("works without JavaScript: sign in, and a new login link to select by hand", async () => {
     const noScript = await browser.newContext({ javaScriptEnabled: false });
     try {

@@ -93,6 +93,9 @@ export function Layout(props: LayoutProps) {
                 <li>
                   <a href={consolePath("/events")}>Events</a>
                 </li>
+                <li>
+                  <a href={consolePath("/health")}>Health</a>
+                </li>
               </ul>
             </nav>
           )}
