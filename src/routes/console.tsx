@@ -104,6 +104,7 @@ const csp = (nonce: string) =>
 export function registerConsoleRoutes(app: App): void {
   const ui = new Hono<AppEnv>();
   ui.use(securityHeaders);
+  ui.use(navigationsOnly);
   ui.use(requireHttps);
   ui.use(refuseCrossOrigin);
   ui.use(authenticate);
@@ -345,6 +346,10 @@ async function securityHeaders(c: ConsoleContext, next: Next): Promise<void> {
     "X-Frame-Options": "DENY",
     "Referrer-Policy": "no-referrer",
     "X-Content-Type-Options": "nosniff",
+    // A console page opened by a script of another page of this origin (the docs renderer) is put
+    // in a browsing context group of its own: the opener gets no handle on its document.
+    "Cross-Origin-Opener-Policy": "same-origin",
+    "Cross-Origin-Resource-Policy": "same-origin",
   };
   // Browsers ignore HSTS over http; on https it keeps the next visit off plain http.
   if (new URL(c.req.url).protocol === "https:")
@@ -355,6 +360,23 @@ async function securityHeaders(c: ConsoleContext, next: Next): Promise<void> {
     c.res = new Response(c.res.body, c.res);
     for (const [name, value] of Object.entries(headers)) c.res.headers.set(name, value);
   }
+}
+
+/**
+ * The console answers a browser only when it navigates to a page or submits a form (Fetch Metadata:
+ * `Sec-Fetch-Mode: navigate`, `Sec-Fetch-Dest: document`), never a script's fetch: a script running
+ * on this origin (the docs page's third-party renderer) could otherwise read a page with the
+ * operator's session, and its CSRF token. Browsers send these headers and scripts cannot set them;
+ * a client without them (curl, an old browser) is not a script in someone's page and is let through.
+ */
+async function navigationsOnly(c: ConsoleContext, next: Next): Promise<Response | undefined> {
+  const mode = c.req.header("sec-fetch-mode");
+  const dest = c.req.header("sec-fetch-dest");
+  if (mode === undefined || (mode === "navigate" && (dest === undefined || dest === "document"))) {
+    await next();
+    return undefined;
+  }
+  return forbidden(c, "Console pages open only as pages of their own, not from a script or inside another page.");
 }
 
 /**

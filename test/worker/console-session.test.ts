@@ -411,6 +411,43 @@ describe("every console response", () => {
     expect(nonces.size).toBe(pages.length);
   });
 
+  it("is read only by a navigation, never by a script of this origin (the docs page's renderer), nor opened for it", async () => {
+    const operator = new ConsoleBrowser();
+    await operator.signIn();
+    const signedIn = await operator.get("");
+    expect(signedIn.csrf).toBeDefined();
+    // What a browser sends for fetch()/XHR from a page of this origin (credentials included), an
+    // <img>/<script> load, and a frame: refused, with nothing of the page in the answer.
+    const scripted: Record<string, string>[] = [
+      { "sec-fetch-mode": "cors", "sec-fetch-dest": "empty", "sec-fetch-site": "same-origin" },
+      { "sec-fetch-mode": "same-origin", "sec-fetch-dest": "empty", "sec-fetch-site": "same-origin" },
+      { "sec-fetch-mode": "no-cors", "sec-fetch-dest": "script", "sec-fetch-site": "same-origin" },
+      { "sec-fetch-mode": "navigate", "sec-fetch-dest": "iframe", "sec-fetch-site": "same-origin" },
+    ];
+    for (const headers of scripted) {
+      for (const path of ["", "/events", "/sign-in"]) {
+        const answer = await operator.get(path, { headers });
+        expect(answer.status, `${path} ${JSON.stringify(headers)}`).toBe(403);
+        expect(answer.html).not.toContain(signedIn.csrf!);
+        expect(answer.html).not.toContain('<table id="branches">');
+      }
+      const post = await operator.post("/sign-out", { csrf: signedIn.csrf! }, { headers });
+      expect(post.status).toBe(403);
+    }
+    // A navigation (typing the address, following a link, submitting a form) is answered.
+    const navigate = { "sec-fetch-mode": "navigate", "sec-fetch-dest": "document", "sec-fetch-site": "none" };
+    const page = await operator.get("", { headers: navigate });
+    expect(page.status).toBe(200);
+    // Opened by a script (window.open from the docs page), a console page gets a browsing context
+    // group of its own (COOP same-origin; the docs page has none): its opener cannot reach it.
+    expect(page.response.headers.get("cross-origin-opener-policy")).toBe("same-origin");
+    const docs = await call("/docs");
+    expect(docs.status).toBe(200);
+    expect(docs.headers.get("cross-origin-opener-policy")).not.toBe("same-origin");
+    // Still signed in: the refused POSTs signed nobody out.
+    expect((await operator.get("")).status).toBe(200);
+  });
+
   it("an unknown console page is an HTML 404 and a bad id a 422, never a 500", async () => {
     const operator = new ConsoleBrowser();
     await operator.signIn();
