@@ -480,15 +480,21 @@ describe.each(backends)("neon-local on $name", ({ backend, enabled }) => {
 
 describe("neon-local PGlite data directory", () => {
   let dir: string;
+  let first: NeonLocal;
+  // Creating a data directory runs PostgreSQL's initdb in WebAssembly: 3 s on a quiet machine, over
+  // 25 s on a loaded one, which the test's own 30 s budget did not always cover. It is set-up, like
+  // the in-memory server's start above, so it runs in the hook (60 s); the test itself only writes,
+  // closes and reopens (a reopen is some 3 s even under load).
   beforeAll(async () => {
     dir = await mkdtemp(join(tmpdir(), "neon-local-test-"));
+    first = await startNeonLocal({ backend: { kind: "pglite", dataDir: dir } });
   });
   afterAll(async () => {
+    await first?.close();
     await rm(dir, { recursive: true, force: true });
   });
 
   it("keeps its data across a close and a restart", async () => {
-    const first = await startNeonLocal({ backend: { kind: "pglite", dataDir: dir } });
     // One directory, one owner: a second open is refused while the first is up.
     await expect(startNeonLocal({ backend: { kind: "pglite", dataDir: dir } })).rejects.toThrow(/already open/);
     const firstSql = neon(first.connectionString);
