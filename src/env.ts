@@ -139,6 +139,17 @@ const EnvFields = z.object({
   REFRESH_AHEAD_SECONDS: seconds(5 * 60),
   CRON_REFRESH_WINDOW_SECONDS: seconds(15 * 60),
   CRON_MAX_REFRESHES: z.coerce.number().int().positive().default(500),
+  /**
+   * The `token_served` line of a token read: "off" (the default, or 0), "all", or the fraction of
+   * reads that write it (e.g. 0.01). A read that refreshed still logs `token_refreshed`, and every failure
+   * its own line, whatever this says; Workers Logs' head sampling would drop those too.
+   */
+  LOG_TOKEN_READS: z
+    .union([z.enum(["off", "all"]), z.coerce.number().min(0).max(1)], {
+      error: 'must be "off", "all" or a fraction of reads between 0 and 1 (e.g. 0.01)',
+    })
+    .default("off")
+    .transform((value) => (value === "off" ? 0 : value === "all" ? 1 : value)),
   /** Edge read cache: the longest a cached token is served without the database; 0 turns the cache off. */
   TOKEN_CACHE_MAX_AGE_SECONDS: z.coerce.number().int().min(0).max(3600).default(60),
   /** Entries of the per-isolate memory tier; 0 leaves only the location tier (Cache API). */

@@ -12,6 +12,14 @@ export function logWarn(event: string, fields: LogFields = {}): void {
   console.warn(JSON.stringify({ level: "warn", event, ...fields }));
 }
 
+/**
+ * Whether this occurrence of a line logged at `rate` (0 = never, 1 = always, else that fraction,
+ * at random) is written. For success lines of the hot path only: failures and changes always are.
+ */
+export function sampled(rate: number, random: () => number = Math.random): boolean {
+  return rate >= 1 || (rate > 0 && random() < rate);
+}
+
 export function logError(event: string, fields: LogFields = {}): void {
   console.error(JSON.stringify({ level: "error", event, ...fields }));
 }

@@ -2,7 +2,7 @@ import { createRoute, z } from "@hono/zod-openapi";
 import type { App } from "../app";
 import { operatorOf } from "../context";
 import { requireKey } from "../lib/api-key";
-import { logInfo } from "../lib/log";
+import { logInfo, sampled } from "../lib/log";
 import { readToken, refreshNow, revokeToken } from "../services/operations";
 import type { CachedToken } from "../services/token-cache";
 import { API_KEY_SECURITY, jsonContent as json, problem } from "./schemas";
@@ -114,13 +114,17 @@ export function registerTokenRoutes(app: App): void {
   app.openapi(get, async (c) => {
     const { branch_id: branchId } = c.req.valid("param");
     const read = await readToken(operatorOf(c), branchId, new Date());
-    logInfo("token_served", {
-      request_id: c.var.requestId,
-      client: read.token.clientId,
-      tier: read.tier,
-      refreshed: read.token.refreshed,
-      revalidating: read.revalidating,
-    });
+    // A success line per read is sampled (LOG_TOKEN_READS); refreshes and failures log their own.
+    if (sampled(c.var.config.LOG_TOKEN_READS)) {
+      logInfo("token_served", {
+        request_id: c.var.requestId,
+        client: read.token.clientId,
+        tier: read.tier,
+        refreshed: read.token.refreshed,
+        revalidating: read.revalidating,
+        sample_rate: c.var.config.LOG_TOKEN_READS,
+      });
+    }
     return c.json(tokenView(read.token, new Date()), 200, { "Cache-Status": read.cacheStatus });
   });
 

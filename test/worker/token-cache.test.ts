@@ -1,4 +1,4 @@
-import { afterEach, describe, expect, it, vi } from "vitest";
+import { afterEach, describe, expect, it, type MockInstance, vi } from "vitest";
 import { loadKeyring, tokenCacheKey } from "../../src/lib/crypto";
 import { needsRefresh } from "../../src/services/refresh-policy";
 import {
@@ -172,16 +172,71 @@ describe("memory tier bound", () => {
   });
 });
 
+describe("the token_served line (LOG_TOKEN_READS)", () => {
+  const servedLines = (log: MockInstance<typeof console.log>) =>
+    log.mock.calls.map((args) => String(args[0])).filter((line) => line.includes('"token_served"'));
+
+  it("is off by default (wrangler.toml and unset): reads write no success line, a refresh still logs its own", async () => {
+    const branch = await connectBranch();
+    const log = vi.spyOn(console, "log");
+    for (const value of [undefined, ""]) {
+      const overrides = value === undefined ? {} : { LOG_TOKEN_READS: value };
+      for (let i = 0; i < 3; i++)
+        await readFrom(branch.branchId, i === 0 && value === undefined ? "database" : "memory", overrides);
+    }
+    expect(servedLines(log)).toEqual([]);
+    const forced = await call("/tokens/refresh", {
+      key: "admin",
+      method: "POST",
+      headers: { "content-type": "application/json" },
+      body: JSON.stringify({ branch_id: branch.branchId }),
+    });
+    expect(forced.status).toBe(200);
+    const lines = log.mock.calls.map((args) => String(args[0]));
+    expect(lines.some((line) => line.includes('"token_refreshed"'))).toBe(true);
+    log.mockRestore();
+  });
+
+  it('is written for every read with "all", and for that fraction of reads with a rate', async () => {
+    const branch = await connectBranch();
+    await readFrom(branch.branchId, "database");
+    const log = vi.spyOn(console, "log");
+    for (let i = 0; i < 4; i++) await readFrom(branch.branchId, "memory", { LOG_TOKEN_READS: "all" });
+    expect(servedLines(log)).toHaveLength(4);
+    log.mockClear();
+    const random = vi.spyOn(Math, "random");
+    for (const draw of [0.05, 0.5, 0.09, 0.95]) {
+      random.mockReturnValueOnce(draw);
+      await readFrom(branch.branchId, "memory", { LOG_TOKEN_READS: "0.1" });
+    }
+    random.mockRestore();
+    const lines = servedLines(log);
+    expect(lines).toHaveLength(2);
+    expect(JSON.parse(lines[0]!)).toMatchObject({ tier: "memory", sample_rate: 0.1 });
+    log.mockRestore();
+  });
+
+  it("refuses anything else as a configuration error naming the variable", async () => {
+    for (const value of ["sometimes", "2", "-0.5"]) {
+      const response = await call("/health", { key: "admin", envOverrides: { LOG_TOKEN_READS: value } });
+      const text = await response.text();
+      expect(response.status, value).toBe(500);
+      expect(text).toContain("LOG_TOKEN_READS");
+    }
+  });
+});
+
 describe("tiers", () => {
   it("serves a repeated read from memory with no SQL, says so in Cache-Status and the log line", async () => {
     const branch = await connectBranch();
     const db = countedDatabase();
     const log = vi.spyOn(console, "log");
-    const first = await readFrom(branch.branchId, "database", db.envOverrides);
+    const envOverrides = { ...db.envOverrides, LOG_TOKEN_READS: "all" };
+    const first = await readFrom(branch.branchId, "database", envOverrides);
     expect(first.cacheStatus).toBe("token-management; fwd=miss; stored; detail=database");
     expect(await db.requests()).toBe(1);
     for (let i = 0; i < 5; i++) {
-      const again = await readFrom(branch.branchId, "memory", db.envOverrides);
+      const again = await readFrom(branch.branchId, "memory", envOverrides);
       expect(again.access_token).toBe(first.access_token);
       expect(again.expires_at).toBe(first.expires_at);
       expect(again.refreshed).toBe(false);
