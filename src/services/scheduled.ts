@@ -212,8 +212,21 @@ export async function refreshTokens(d: RefreshDeps, ids: number[], now: Date): P
     PROVIDER_CONCURRENCY,
     d.claimAheadMs,
   );
+  // A claim that fails (the database) stops every lane from starting another call, but the calls
+  // already started finish and their results are written before the failure is rethrown: the
+  // invocation must not end with a rotated refresh token awaited by nothing.
+  let claimFailed: { error: unknown } | undefined;
+  const nextClaimed = async (): Promise<Leased | undefined> => {
+    if (claimFailed) return undefined;
+    try {
+      return await claimer.next();
+    } catch (error) {
+      claimFailed ??= { error };
+      return undefined;
+    }
+  };
   await forEachLane(PROVIDER_CONCURRENCY, async () => {
-    for (let leased = await claimer.next(); leased; leased = await claimer.next()) {
+    for (let leased = await nextClaimed(); leased; leased = await nextClaimed()) {
       const { token, clientId, clientSecret } = leased;
       const hold = holdOf(leased, owner);
       const sentAt = at();
@@ -251,6 +264,7 @@ export async function refreshTokens(d: RefreshDeps, ids: number[], now: Date): P
     }
   });
   await writer.drain();
+  if (claimFailed) throw claimFailed.error;
   return counts;
 }
 
@@ -442,8 +456,11 @@ class BatchWriter {
   }
 }
 
+/** Runs `lanes` copies of `run` to the end, all of them, even when one fails; then rethrows the first failure. */
 async function forEachLane(lanes: number, run: () => Promise<void>): Promise<void> {
-  await Promise.all(Array.from({ length: lanes }, run));
+  const settled = await Promise.allSettled(Array.from({ length: lanes }, run));
+  const failed = settled.find((result) => result.status === "rejected");
+  if (failed) throw failed.reason;
 }
 
 function chunk<T>(items: T[], size: number): T[][] {

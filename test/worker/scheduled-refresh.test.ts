@@ -2,10 +2,13 @@ import { createExecutionContext, createMessageBatch, createScheduledController, 
 import { describe, expect, it, vi } from "vitest";
 import worker from "../../src/index";
 import { type CronSummary, runScheduledRefresh, type SchedulerEnv } from "../../src/services/scheduled";
+import { leaseTaken, neonFault } from "./event-helpers";
 import { testEnv } from "./helpers";
 import {
   type ConnectedBranch,
   connectBranch,
+  currentTokens,
+  introspect,
   providerStats,
   setProviderBehavior,
   sql,
@@ -221,5 +224,57 @@ describe("scheduled refresh", () => {
     // The rotated token works: a second refresh with it succeeds.
     await expireAt(branch, new Date(era.getTime() + minutes(70)));
     expect(await cron(new Date(era.getTime() + minutes(60)))).toMatchObject({ refreshed: 1, dead: 0 });
+  });
+});
+
+describe("a claim statement that fails while other lanes' provider calls are in flight", () => {
+  it("rejects only after every started call's result, rotated refresh token included, is written", async () => {
+    const era = nextEra();
+    // One lane finishes early and asks for more work; the claim fails (the database refuses it)
+    // while five other calls are still at the provider. Two more tokens wait for that claim.
+    const quick = await connectBranch({ providerBehavior: { rotateRefreshTokens: true } });
+    await setProviderBehavior(quick.oauthClientId, { tokenDelayMs: 400 });
+    const slow: ConnectedBranch[] = [];
+    for (let i = 0; i < 5; i++) {
+      const branch = await connectBranch({ providerBehavior: { rotateRefreshTokens: true } });
+      await setProviderBehavior(branch.oauthClientId, { tokenDelayMs: 2_500 });
+      slow.push(branch);
+    }
+    const waiting = [await connectBranch(), await connectBranch()];
+    const started = [quick, ...slow];
+    const before = new Map<number, string>();
+    for (const [i, branch] of [...started, ...waiting].entries()) {
+      before.set(branch.clientId, (await currentTokens(branch.clientId)).refreshToken!);
+      await expireAt(branch, new Date(era.getTime() + minutes(1 + i)));
+    }
+    try {
+      const run = cron(era, { OAUTH_TIMEOUT_MS: "10000" }).then(
+        () => undefined,
+        (error: unknown) => error,
+      );
+      // The first claim leased the six earliest for this run's owner; from now on its claims fail.
+      const owner = await leaseTaken(quick.clientId);
+      await neonFault({ mode: "down", match: [owner, "make_interval", 'from "clients"'] });
+      const error = await run;
+      expect(error).toBeInstanceOf(Error);
+
+      // Nothing started was left to chance: each call's result is stored, its lease released.
+      for (const branch of started) {
+        expect((await providerStats(branch.oauthClientId)).refreshGrants).toBe(1);
+        const stored = await currentTokens(branch.clientId);
+        expect(stored.refreshToken).not.toBe(before.get(branch.clientId));
+        expect((await introspect(stored.refreshToken!, branch)).active).toBe(true);
+        expect(stored.row).toMatchObject({ status: "active", lease_owner: null });
+        // The run's clock is the era's: the new expiry is a full lifetime after it.
+        expect(new Date(stored.row.expires_at).getTime()).toBeGreaterThan(era.getTime() + minutes(30));
+      }
+      // What the failed claim would have taken was never started.
+      for (const branch of waiting) {
+        expect((await providerStats(branch.oauthClientId)).refreshGrants).toBe(0);
+        expect((await currentTokens(branch.clientId)).refreshToken).toBe(before.get(branch.clientId));
+      }
+    } finally {
+      await neonFault({ mode: "ok" });
+    }
   });
 });
