@@ -69,3 +69,27 @@ export function metricsOf(dataset: AnalyticsEngineDataset | undefined): Metrics 
     },
   };
 }
+
+export type RefreshOutcome = "refreshed" | "failed" | "dead";
+
+/** What the refresh code calls once per provider refresh, with the grant it refreshed. */
+export type RefreshRecorder = (
+  grant: { id: number; appId?: number | null },
+  outcome: RefreshOutcome,
+  failureClass: string | undefined,
+  latencyMs: number,
+) => void;
+
+/** A RefreshRecorder writing refresh data points for one kind of invocation. */
+export function refreshRecorder(metrics: Metrics, source: MetricSource): RefreshRecorder {
+  return (grant, outcome, failureClass, latencyMs) =>
+    metrics.record({
+      kind: "refresh",
+      outcome,
+      failureClass,
+      grant: grant.id,
+      app: grant.appId ?? undefined,
+      source,
+      latencyMs,
+    });
+}

@@ -1,6 +1,7 @@
 import type { Services } from "../context";
 import type { ClientRow, EventRow } from "../db/schema";
 import { AppError } from "../errors";
+import { refreshRecorder } from "../lib/metrics";
 import { completeLogin } from "./authorization";
 import {
   type ClientChanges,
@@ -56,6 +57,7 @@ export function tokenDepsOf(op: Operator): TokenDeps {
     leaseMs: leaseMsFor(op.config.OAUTH_TIMEOUT_MS),
     background: { defer: (task) => op.defer(task), budgetMs: REQUEST_BACKGROUND_BUDGET_MS },
     events: op.events,
+    onRefreshOutcome: refreshRecorder(op.metrics, "request"),
   };
 }
 

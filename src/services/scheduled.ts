@@ -6,6 +6,7 @@ import { clients, tokens } from "../db/schema";
 import { MAX_OUTBOUND_CONNECTIONS } from "../lib/concurrency";
 import { open } from "../lib/crypto";
 import { describeError, logError, logInfo, logWarn } from "../lib/log";
+import { type MetricSource, type RefreshRecorder, refreshRecorder } from "../lib/metrics";
 import { ProviderError, refreshGrant } from "../oauth/provider";
 import { leaseMsFor } from "./refresh-policy";
 import {
@@ -67,6 +68,8 @@ export interface RefreshDeps extends Pick<Services, "db" | "keyring" | "provider
   windowSeconds: number;
   /** CLAIM_AHEAD_MS; tests inject other windows. */
   claimAheadMs: number;
+  /** One data point per provider refresh (src/lib/metrics.ts). */
+  onRefreshOutcome?: RefreshRecorder;
 }
 
 export interface RefreshCounts {
@@ -93,7 +96,7 @@ export interface CronSummary extends RefreshCounts {
  */
 export const INVOCATION_PERSIST_BUDGET_MS = 2 * 60_000;
 
-export function refreshDeps(d: Services): RefreshDeps {
+export function refreshDeps(d: Services, source: MetricSource = "cron"): RefreshDeps {
   return {
     db: d.db,
     keyring: d.keyring,
@@ -103,6 +106,7 @@ export function refreshDeps(d: Services): RefreshDeps {
     persistBudgetMs: INVOCATION_PERSIST_BUDGET_MS,
     windowSeconds: d.config.CRON_REFRESH_WINDOW_SECONDS,
     claimAheadMs: CLAIM_AHEAD_MS,
+    onRefreshOutcome: refreshRecorder(d.metrics, source),
   };
 }
 
@@ -138,7 +142,7 @@ export async function runScheduledRefresh(env: SchedulerEnv, now: Date): Promise
  */
 export async function consumeRefreshBatch(env: Env, batch: MessageBatch<RefreshMessage>, now: Date): Promise<void> {
   const started = Date.now();
-  const d = refreshDeps(await createServices(env));
+  const d = refreshDeps(await createServices(env), "queue");
   for (const message of batch.messages) {
     try {
       const counts = await refreshTokens(d, message.body.tokenIds, now);
@@ -244,6 +248,7 @@ export async function refreshTokens(d: RefreshDeps, ids: number[], now: Date): P
           await open(d.keyring, token.refreshToken!, { column: "tokens.refresh_token", clientId: token.clientId }),
         );
         claimer.observe(Date.now() - callStarted);
+        d.onRefreshOutcome?.(token, "refreshed", undefined, Date.now() - callStarted);
         const values = await refreshedValues(d.keyring, token.clientId, issued, sentAt);
         writer.push({
           write: [successStatement(d.db, d.events, hold, values)],
@@ -254,6 +259,12 @@ export async function refreshTokens(d: RefreshDeps, ids: number[], now: Date): P
       } catch (error) {
         claimer.observe(Date.now() - callStarted);
         const failure = error instanceof ProviderError ? error : new ProviderError("network", describeError(error));
+        d.onRefreshOutcome?.(
+          token,
+          recordsDeadGrant(failure, hold) ? "dead" : "failed",
+          failure.kind,
+          Date.now() - callStarted,
+        );
         writer.push({
           write: failureStatements(d.db, d.events, token, hold, failure, at()),
           outcome: recordsDeadGrant(failure, hold) ? "dead" : "failed",

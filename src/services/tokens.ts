@@ -39,6 +39,13 @@ export interface TokenDeps {
   sleep?: (ms: number) => Promise<void>;
   /** Where the result writes' events go (see events.ts): the invocation's context. */
   events: EventContext;
+  /** One data point per provider refresh (a RefreshRecorder of src/lib/metrics.ts). */
+  onRefreshOutcome?: (
+    grant: { id: number; appId?: number | null },
+    outcome: "refreshed" | "failed" | "dead",
+    failureClass: string | undefined,
+    latencyMs: number,
+  ) => void;
 }
 
 /** Work that continues after the answer, and for how long it may. */
@@ -457,6 +464,7 @@ async function refreshHeld(
     throw reauthorizationRequired(client);
   }
   const sentAt = at();
+  const callStarted = Date.now();
   let issued: IssuedTokens;
   try {
     issued = await refreshGrant(
@@ -475,8 +483,15 @@ async function refreshHeld(
       await releaseLease(deps.db, hold).catch(() => undefined);
       throw error;
     }
+    deps.onRefreshOutcome?.(
+      row,
+      recordsDeadGrant(error, hold) ? "dead" : "failed",
+      error.kind,
+      Date.now() - callStarted,
+    );
     return handleRefreshFailure(deps, client, row, hold, error, at());
   }
+  deps.onRefreshOutcome?.(row, "refreshed", undefined, Date.now() - callStarted);
   const values = await refreshedValues(deps.keyring, row.clientId, issued, sentAt);
   const rotated = values.refreshToken !== undefined;
   const write: ResultWrite = [successStatement(deps.db, deps.events, hold, values)];
