@@ -367,14 +367,6 @@ export async function stopPendingDeliveries(db: Db, reason: string): Promise<num
   return rows.length;
 }
 
-/** Which of the page's needs_reauth events still have a client to make a login link for. */
-export async function loginLinkClients(db: Db, page: EventRow[]): Promise<Set<number>> {
-  const ids = [...new Set(page.filter((e) => e.type === "connection.needs_reauth").map((e) => e.clientId))];
-  if (ids.length === 0) return new Set();
-  const rows = await db.select({ id: clients.id }).from(clients).where(inArray(clients.id, ids));
-  return new Set(rows.map((row) => row.id));
-}
-
 /**
  * Retention: deletes events older than `retentionDays`, PRUNE_BATCH_SIZE per statement and at most
  * PRUNE_MAX_BATCHES statements per call (the cron comes back for the rest). Events still pending

@@ -1,5 +1,6 @@
-import { eq, sql } from "drizzle-orm";
+import { and, eq, inArray, sql } from "drizzle-orm";
 import type { Db } from "../db/client";
+import { latestTokenOfClient } from "../db/queries";
 import { clients } from "../db/schema";
 import { type Keyring, sign, verify } from "../lib/crypto";
 import { clientNotFound } from "./clients";
@@ -103,4 +104,20 @@ export async function checkLoginLink(
 /** A link (or an admin-started consent) begun at `authorityAt` is still good for this client. */
 export function linkStillValid(client: { loginLinksValidAfter: Date | null }, authorityAt: Date): boolean {
   return client.loginLinksValidAfter === null || authorityAt.getTime() >= client.loginLinksValidAfter.getTime();
+}
+
+/**
+ * Which of these clients still need a consent now: their current token is needs_reauth (the grant
+ * died and nobody connected since). A login link is handed out unasked (in a webhook) only to these.
+ */
+export async function clientsAwaitingConsent(db: Db, clientIds: readonly number[]): Promise<Set<number>> {
+  const ids = [...new Set(clientIds)];
+  if (ids.length === 0) return new Set();
+  const latest = latestTokenOfClient(db);
+  const rows = await db
+    .select({ id: clients.id })
+    .from(clients)
+    .leftJoinLateral(latest, sql`true`)
+    .where(and(inArray(clients.id, ids), eq(latest.status, "needs_reauth")));
+  return new Set(rows.map((row) => row.id));
 }

@@ -7,15 +7,8 @@ import type { Keyring } from "../lib/crypto";
 import { fromBase64, utf8 } from "../lib/encoding";
 import { describeError, logInfo, logWarn } from "../lib/log";
 import type { MetricPoint, MetricSource, Metrics } from "../lib/metrics";
-import {
-  claimDueEvents,
-  type DeliveryOutcome,
-  loginLinkClients,
-  pruneEvents,
-  recordDeliveries,
-  stopPendingDeliveries,
-} from "./events";
-import { signLoginLink } from "./login-links";
+import { claimDueEvents, type DeliveryOutcome, pruneEvents, recordDeliveries, stopPendingDeliveries } from "./events";
+import { clientsAwaitingConsent, signLoginLink } from "./login-links";
 import { pruneSecurityEvents } from "./risc";
 
 /**
@@ -35,6 +28,14 @@ export const DELIVERY_MAX_PER_RUN = 1_000;
 export const DELIVERY_CONCURRENCY = MAX_OUTBOUND_CONNECTIONS;
 /** Room beyond a page's longest run before its events may be claimed again (a crashed pass). */
 const CLAIM_MARGIN_MS = 30_000;
+/**
+ * A login link in a needs_reauth webhook works at most this long after the event: long enough for
+ * the receiver to pass it to someone at the branch the same day, short enough that a payload kept
+ * in a receiver's logs is soon worthless. Later attempts and redeliveries carry `login_hint`
+ * instead (an operator asks for a fresh link), and none carries a link once the branch has
+ * reconnected. Never longer than LOGIN_LINK_TTL_SECONDS.
+ */
+export const WEBHOOK_LOGIN_LINK_TTL_SECONDS = 24 * 60 * 60;
 /** Kept from a receiver's answer in `last_error`: enough to diagnose, never the whole body. */
 const ERROR_BODY_CHARS = 200;
 /** Read of a receiver's error answer: at most this much, the rest cancelled unread (it may never end). */
@@ -105,10 +106,13 @@ export interface WebhookPayload {
     status_before: string;
     status_after: string;
     reason: string | null;
-    /** needs_reauth only: a fresh login link to send to someone at the branch. */
+    /**
+     * needs_reauth only, while the branch still needs a consent: a login link to send to someone
+     * at the branch, working until WEBHOOK_LOGIN_LINK_TTL_SECONDS after the event.
+     */
     login_url?: string;
     login_url_expires_at?: string;
-    /** needs_reauth when no public URL is known: where an operator gets a link. */
+    /** needs_reauth while consent is still needed but no link is sent (no public URL, or too late): where an operator gets one. */
     login_hint?: string;
   };
 }
@@ -120,10 +124,14 @@ export interface PayloadDeps {
   loginLinkTtlSeconds: number;
 }
 
+/**
+ * `awaitingConsent`: the branch still exists and still needs a consent now (a branch that has
+ * reconnected, or was deleted, gets neither a link nor a hint).
+ */
 export async function buildPayload(
   deps: PayloadDeps,
   event: EventRow,
-  clientStillExists: boolean,
+  awaitingConsent: boolean,
   now: Date,
 ): Promise<WebhookPayload> {
   const data: WebhookPayload["data"] = {
@@ -135,10 +143,13 @@ export async function buildPayload(
     status_after: event.statusAfter,
     reason: event.reason,
   };
-  if (event.type === "connection.needs_reauth" && clientStillExists) {
-    if (deps.baseUrl) {
+  if (event.type === "connection.needs_reauth" && awaitingConsent) {
+    // Counted from the event, not from this attempt: a late retry or a redelivery revives nothing.
+    const endsMs = event.createdAt.getTime() + WEBHOOK_LOGIN_LINK_TTL_SECONDS * 1000;
+    const ttlSeconds = Math.min(deps.loginLinkTtlSeconds, Math.floor((endsMs - now.getTime()) / 1000));
+    if (deps.baseUrl && ttlSeconds > 0) {
       // Issued now: single use and revocable like any link (see login-links.ts).
-      const link = await signLoginLink(deps.keyring, deps.baseUrl, event.clientId, now, deps.loginLinkTtlSeconds);
+      const link = await signLoginLink(deps.keyring, deps.baseUrl, event.clientId, now, ttlSeconds);
       data.login_url = link.url;
       data.login_url_expires_at = link.expiresAt.toISOString();
     } else {
@@ -280,11 +291,14 @@ export async function deliverDueEvents(
     const page = await claimDueEvents(deps.db, at(), claimUntil, limit, options.onlyIds);
     if (page.length === 0) break;
     summary.attempted += page.length;
-    const existing = await loginLinkClients(deps.db, page);
+    const awaiting = await clientsAwaitingConsent(
+      deps.db,
+      page.filter((event) => event.type === "connection.needs_reauth").map((event) => event.clientId),
+    );
     const outcomes: DeliveryOutcome[] = [];
     await forEachBounded(page, DELIVERY_CONCURRENCY, async (event) => {
       const attemptAt = at();
-      const body = JSON.stringify(await buildPayload(deps, event, existing.has(event.clientId), attemptAt));
+      const body = JSON.stringify(await buildPayload(deps, event, awaiting.has(event.clientId), attemptAt));
       const sentAt = Date.now();
       const result = await sendWebhook(deps.target, webhookId(event.id), body, attemptAt, deps.fetcher);
       deps.metrics?.record(attemptMetric(event, result, Date.now() - sentAt, deps.source));

@@ -4,7 +4,7 @@ import { createServices } from "../../src/context";
 import worker from "../../src/index";
 import { DEGRADED_AFTER_FAILURES } from "../../src/services/events";
 import { refreshDeps, refreshTokens, type SchedulerEnv } from "../../src/services/scheduled";
-import { deliverDueEvents, deliveryDeps } from "../../src/services/webhooks";
+import { deliverDueEvents, deliveryDeps, WEBHOOK_LOGIN_LINK_TTL_SECONDS } from "../../src/services/webhooks";
 import {
   eventsOf,
   expireIn,
@@ -484,6 +484,53 @@ describe("deliveries", () => {
     );
 
     expect(received.filter((d) => d.payload.data.login_url !== undefined)).toHaveLength(1);
+  });
+
+  it("a needs_reauth webhook's login link lasts a day from the event, and no redelivery hands out a working one", async () => {
+    const inbox = await newInbox();
+    const hooks = webhookBindings(inbox.url);
+    const branch = await registerBranch();
+    expect((await runBrowserFlow(branch.loginUrl, "json", { envOverrides: hooks })).callback.status).toBe(200);
+    await setProviderBehavior(branch.oauthClientId, { failNext: { status: 400, error: "invalid_grant", count: 1 } });
+    await expectProblem(await forceRefresh(branch, hooks), 409, "reauthorization_required");
+    const lost = (await eventsOf(branch.clientId)).find((e) => e.type === "connection.needs_reauth")!;
+    const payloads = async () =>
+      (await inbox.deliveries())
+        .filter((d) => d.id === `evt_${lost.id}`)
+        .map((d) => d.payload.data as { login_url?: string; login_url_expires_at?: string; login_hint?: string });
+    const redeliver = async () => {
+      const response = await call(`/events/${lost.id}/redeliver`, {
+        key: "admin",
+        method: "POST",
+        envOverrides: hooks,
+      });
+      expect(response.status).toBe(202);
+      return (await payloads()).at(-1)!;
+    };
+
+    // The first delivery: a link, ending a day after the event (not LOGIN_LINK_TTL_SECONDS, 72 h).
+    const [first] = await payloads();
+    expect(first?.login_url).toEqual(expect.stringContaining(`/oauth/login/${branch.clientId}?`));
+    const lifetimeMs = Date.parse(first!.login_url_expires_at!) - Date.parse(lost.created_at);
+    expect(lifetimeMs).toBeLessThanOrEqual(WEBHOOK_LOGIN_LINK_TTL_SECONDS * 1000 + 1000);
+    expect(lifetimeMs).toBeGreaterThan(WEBHOOK_LOGIN_LINK_TTL_SECONDS * 1000 - 60_000);
+
+    // Redelivered a day later, still disconnected: where to ask for a link, no link.
+    await sql("update events set created_at = created_at - interval '25 hours' where id = $1", [lost.id]);
+    const late = await redeliver();
+    expect(late.login_url).toBeUndefined();
+    expect(late.login_hint).toBe(`/token-management/clients/${branch.clientId}/login-url`);
+    await sql("update events set created_at = created_at + interval '25 hours' where id = $1", [lost.id]);
+
+    // Reconnected (with a link an operator asked for): a redelivery carries neither.
+    const link = await call(`/clients/${branch.clientId}/login-url`, { key: "admin", envOverrides: hooks });
+    const { login_url: asked } = await json<{ login_url: string }>(link);
+    expect((await runBrowserFlow(asked, "json", { envOverrides: hooks })).callback.status).toBe(200);
+    const healthy = await redeliver();
+    expect(healthy.login_url).toBeUndefined();
+    expect(healthy.login_hint).toBeUndefined();
+    // And the link the first delivery carried no longer opens the consent (the branch reconnected).
+    expect((await call(first!.login_url!, { headers: { accept: "application/json" } })).status).not.toBe(302);
   });
 
   it("the cron's transitions are written pending and delivered by the cron's delivery code", async () => {
