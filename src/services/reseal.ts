@@ -1,6 +1,7 @@
 import { and, asc, eq, gt, isNotNull, isNull, notLike, or, sql } from "drizzle-orm";
 import type { BatchItem } from "drizzle-orm/batch";
 import type { Db } from "../db/client";
+import { leaseIsFree } from "../db/queries";
 import { clients, tokens } from "../db/schema";
 import { CryptoError, currentEnvelopePrefix, type Keyring, open, type SealedColumn, seal } from "../lib/crypto";
 
@@ -15,12 +16,18 @@ import { CryptoError, currentEnvelopePrefix, type Keyring, open, type SealedColu
  *   so a second run, or a run after an interruption, takes up what is left and nothing else.
  * - Safe beside a running Worker: each write is conditional on the row still holding the value that
  *   was read, so a secret or token the Worker wrote meanwhile (already under the current key) is
- *   never overwritten with an older one.
+ *   never overwritten with an older one. A token row leased by a refresh in flight is not rewritten
+ *   at all (the refresh's write is conditional on the sealed refresh token it used, and a reseal
+ *   would make it miss and drop a rotated refresh token): the run comes back to such rows once
+ *   their lease is released, for up to LEASED_ROWS_WAIT_MS.
  * - A value that does not open (altered, copied from another row, or sealed with a key that is not
  *   configured) is left as it is and reported by its row, never by its content.
  */
 
 export const DEFAULT_RESEAL_BATCH_SIZE = 100;
+/** How long a run keeps coming back to token rows a refresh had leased, and how often. */
+export const LEASED_ROWS_WAIT_MS = 2 * 60_000;
+const LEASED_ROWS_RETRY_MS = 250;
 
 export interface ResealOptions {
   batchSize?: number;
@@ -43,6 +50,8 @@ export interface ResealProgress {
   clients: TableCounts;
   tokens: TableCounts;
   batches: number;
+  /** Token rows left alone because a refresh held them (rewritten in a later pass). */
+  leasedMeanwhile: number;
 }
 
 export interface ResealResult extends ResealProgress {
@@ -54,24 +63,33 @@ export interface ResealResult extends ResealProgress {
 
 export async function resealAll(db: Db, keyring: Keyring, options: ResealOptions = {}): Promise<ResealResult> {
   const batchSize = options.batchSize ?? DEFAULT_RESEAL_BATCH_SIZE;
-  const progress: ResealProgress = { clients: emptyCounts(), tokens: emptyCounts(), batches: 0 };
+  const progress: ResealProgress = { clients: emptyCounts(), tokens: emptyCounts(), batches: 0, leasedMeanwhile: 0 };
   const prefix = `${currentEnvelopePrefix(keyring)}%`;
   const budgetLeft = () => options.maxBatches === undefined || progress.batches < options.maxBatches;
 
   let complete = true;
+  const started = Date.now();
   for (const table of [resealClientBatch, resealTokenBatch]) {
-    let after = 0;
-    for (;;) {
-      if (!budgetLeft()) {
-        complete = false;
-        break;
+    // A pass over the table; again (only what is left) while the last one met rows a refresh held
+    // or changed between read and write (a row the Worker rewrote is under the current key already,
+    // so the next pass does not even read it).
+    for (let pass = 0; complete; pass++) {
+      if (pass > 0) await new Promise((resolve) => setTimeout(resolve, LEASED_ROWS_RETRY_MS));
+      const movedBefore = moved(progress);
+      let after = 0;
+      for (;;) {
+        if (!budgetLeft()) {
+          complete = false;
+          break;
+        }
+        const batch = await table(db, keyring, prefix, after, batchSize, progress);
+        if (batch.lastId === undefined) break;
+        progress.batches++;
+        options.onBatch?.(progress);
+        after = batch.lastId;
+        if (batch.rows < batchSize) break;
       }
-      const batch = await table(db, keyring, prefix, after, batchSize, progress);
-      if (batch.lastId === undefined) break;
-      progress.batches++;
-      options.onBatch?.(progress);
-      after = batch.lastId;
-      if (batch.rows < batchSize) break;
+      if (moved(progress) === movedBefore || Date.now() - started > LEASED_ROWS_WAIT_MS) break;
     }
     if (!complete) break;
   }
@@ -130,6 +148,7 @@ async function resealTokenBatch(
       clientId: tokens.clientId,
       accessToken: tokens.accessToken,
       refreshToken: tokens.refreshToken,
+      leaseFree: sql<boolean>`(${leaseIsFree()})`.mapWith((value: unknown) => value === true || value === "t"),
     })
     .from(tokens)
     .where(
@@ -145,6 +164,10 @@ async function resealTokenBatch(
     .limit(batchSize);
   const writes: BatchItem<"pg">[] = [];
   for (const row of rows) {
+    if (!row.leaseFree) {
+      progress.leasedMeanwhile++;
+      continue;
+    }
     const accessToken = await reseal(keyring, row.accessToken, "tokens.access_token", row.clientId);
     const refreshToken =
       row.refreshToken === null ? null : await reseal(keyring, row.refreshToken, "tokens.refresh_token", row.clientId);
@@ -162,6 +185,8 @@ async function resealTokenBatch(
             eq(tokens.id, row.id),
             eq(tokens.accessToken, row.accessToken),
             row.refreshToken === null ? isNull(tokens.refreshToken) : eq(tokens.refreshToken, row.refreshToken),
+            // A refresh that leased the row since the read: leave it to the refresh (next pass).
+            leaseIsFree(),
           ),
         )
         .returning({ id: tokens.id }),
@@ -207,6 +232,10 @@ async function countRemaining(db: Db, prefix: string): Promise<number> {
       + (select count(*) from ${tokens} where ${tokens.refreshToken} not like ${prefix})
       as remaining`);
   return Number(result.rows[0]?.remaining ?? 0);
+}
+
+function moved(progress: ResealProgress): number {
+  return progress.leasedMeanwhile + progress.clients.changedMeanwhile + progress.tokens.changedMeanwhile;
 }
 
 function emptyCounts(): TableCounts {
