@@ -103,7 +103,12 @@ describe("environment validation", () => {
     const envOverrides = { OAUTH_ALLOW_INSECURE_HTTP: "false" };
     // The tests' provider is the local server on http://127.0.0.1.
     const body = await expectProblem(await call("/health", { key: "admin", envOverrides }), 500, "configuration_error");
-    for (const name of ["OAUTH_AUTHORIZATION_URL", "OAUTH_TOKEN_URL", "OAUTH_REVOCATION_URL"]) {
+    for (const name of [
+      "OAUTH_AUTHORIZATION_URL",
+      "OAUTH_TOKEN_URL",
+      "OAUTH_REVOCATION_URL",
+      "RISC_CONFIGURATION_URL",
+    ]) {
       expect(body.detail).toContain(`${name}: must be https`);
     }
     expect(body.detail).not.toContain(testEnv.OAUTH_SERVER_URL);
@@ -115,6 +120,7 @@ describe("environment validation", () => {
       OAUTH_AUTHORIZATION_URL: "https://issuer.example/authorize",
       OAUTH_TOKEN_URL: "https://issuer.example/token",
       OAUTH_REVOCATION_URL: "",
+      RISC_CONFIGURATION_URL: "https://issuer.example/.well-known/risc-configuration",
     };
     expect(parseEnv(https).OAUTH_TOKEN_URL).toBe("https://issuer.example/token");
     expect(() => parseEnv({ ...https, OAUTH_ISSUER: "http://issuer.example" })).toThrow(/OAUTH_ISSUER: must be https/);
@@ -180,6 +186,8 @@ describe("OpenAPI", () => {
         "/token-management/events/{id}/redeliver",
         "/token-management/health",
         "/token-management/oauth/login/{client_id}",
+        "/token-management/risc",
+        "/token-management/risc/verifications/{state}",
         "/token-management/tokens/refresh",
         "/token-management/tokens/{branch_id}",
       ].sort(),
