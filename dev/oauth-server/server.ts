@@ -1,13 +1,21 @@
 // A real, strict OAuth 2.0 authorization server for local development, tests and benchmarks.
 // RFC 6749 (authorization code + refresh token grants), RFC 7636 (PKCE, S256 only),
 // RFC 7009 (revocation), RFC 7662 (introspection), RFC 8414 (metadata), RFC 9207 (`iss` in the
-// authorization response). Two profiles: `textbook` (the RFCs as written) and `google` (Google's
+// authorization response), OpenID Connect (ID tokens, discovery, JWKS: oidc.ts). Two profiles: `textbook` (the RFCs as written) and `google` (Google's
 // documented behaviours, see README.md). State lives in memory; everything tests need is also
 // reachable over HTTP under /admin.
 import { createHash, randomBytes, timingSafeEqual } from "node:crypto";
 import { createServer, type IncomingMessage, type ServerResponse } from "node:http";
 import type { AddressInfo } from "node:net";
-import { createRiscTransmitter, type RiscTransmitter } from "./risc.ts";
+import {
+  createOidcSigner,
+  googleScopeName,
+  type IdTokenIssuer,
+  type IdTokenSignature,
+  idTokenClaims,
+  idTokenIssuer,
+} from "./oidc.ts";
+import { accountSubject, createRiscTransmitter, type RiscTransmitter } from "./risc.ts";
 
 export type Profile = "google" | "textbook";
 
@@ -33,6 +41,8 @@ export interface OAuthServer {
   authorizationEndpoint: string;
   tokenEndpoint: string;
   revocationEndpoint: string;
+  /** The JWKS with the key ID tokens are signed with (`${url}/oauth2/v3/certs`). */
+  jwksUri: string;
   close(): Promise<void>;
 }
 
@@ -59,6 +69,12 @@ export interface Behavior {
   issParameter: string | null;
   /** Google: live refresh tokens per account and client; past it the oldest dies silently. 0 = no limit. */
   maxRefreshTokensPerAccount: number;
+  /** `iss` of ID tokens: "issuer" (default), "bare" (without the scheme, as Google may send), or that string. */
+  idTokenIssuer: IdTokenIssuer;
+  /** `aud` of ID tokens: null = the client id, or this string instead. */
+  idTokenAudience: string | null;
+  /** "valid" (default), "invalid" (signature bytes flipped) or "none" (alg none, no signature). */
+  idTokenSignature: IdTokenSignature;
 }
 
 export interface ClientStats {
@@ -82,6 +98,9 @@ const DEFAULT_BEHAVIOR: Omit<Behavior, "profile" | "issParameter"> = {
   account: "user@example.com",
   untickedScopes: [],
   maxRefreshTokensPerAccount: 0,
+  idTokenIssuer: "issuer",
+  idTokenAudience: null,
+  idTokenSignature: "valid",
 };
 
 /** What each profile changes (explicit behaviour fields still win). */
@@ -96,6 +115,16 @@ const GOOGLE_REFRESH_INVALID = "Token has been expired or revoked.";
 const GOOGLE_CODE_INVALID = "Bad Request";
 const GOOGLE_REVOKE_INVALID = "Token expired or revoked";
 
+/** Where Google serves its ID token keys (www.googleapis.com/oauth2/v3/certs). */
+const JWKS_PATH = "/oauth2/v3/certs";
+const SCOPES_SUPPORTED = [
+  "openid",
+  "email",
+  "profile",
+  "https://www.googleapis.com/auth/userinfo.email",
+  "https://www.googleapis.com/auth/userinfo.profile",
+  "https://www.googleapis.com/auth/business.manage",
+];
 const CODE_TTL_MS = 60_000;
 const USED_CODE_RETENTION_MS = 10 * 60_000;
 const MAX_BODY_BYTES = 1 << 20;
@@ -122,6 +151,8 @@ interface AuthorizationCode {
   redirectUri: string;
   codeChallenge: string;
   scope: string;
+  /** The OpenID Connect `nonce` of the authorization request, echoed in the ID token. */
+  nonce: string | null;
   expiresAt: number;
   used: boolean;
   grantId: string;
@@ -161,6 +192,7 @@ interface PendingConsent {
   state: string | null;
   codeChallenge: string;
   scope: string;
+  nonce: string | null;
   accessType: string | null;
   prompt: string | null;
 }
@@ -187,6 +219,8 @@ const zeroCounters = (): Counters => ({
 });
 
 const randomToken = (prefix: string) => `${prefix}${randomBytes(24).toString("base64url")}`;
+
+const scopeList = (scope: string) => scope.split(" ").filter(Boolean);
 
 const s256 = (verifier: string) => createHash("sha256").update(verifier).digest("base64url");
 
@@ -225,6 +259,7 @@ export async function startOAuthServer(opts: OAuthServerOptions = {}): Promise<O
   let closed = false;
   const waiters = new Set<Waiter>();
   let listeningUrl = "";
+  const oidc = await createOidcSigner();
   const risc: RiscTransmitter = await createRiscTransmitter(
     {
       issuer: () => issuer,
@@ -329,6 +364,18 @@ export async function startOAuthServer(opts: OAuthServerOptions = {}): Promise<O
           if (value !== null && (typeof value !== "string" || value === "")) throw bad("null or a non-empty string");
           out.authorizeError = value;
           break;
+        case "idTokenIssuer":
+          if (typeof value !== "string" || value === "") throw bad('"issuer", "bare" or another non-empty string');
+          out.idTokenIssuer = value;
+          break;
+        case "idTokenAudience":
+          if (value !== null && (typeof value !== "string" || value === "")) throw bad("null or a non-empty string");
+          out.idTokenAudience = value;
+          break;
+        case "idTokenSignature":
+          if (value !== "valid" && value !== "invalid" && value !== "none") throw bad('"valid", "invalid" or "none"');
+          out.idTokenSignature = value;
+          break;
         case "failNext": {
           if (value === null) {
             out.failNext = null;
@@ -424,7 +471,18 @@ export async function startOAuthServer(opts: OAuthServerOptions = {}): Promise<O
     for (const [token] of live.slice(0, Math.max(0, live.length - limit))) deleteRefreshToken(token);
   }
 
-  function issueTokens(client: Client, grantId: string, scope: string, withRefresh: boolean, b: Behavior) {
+  /**
+   * Mints the tokens of a token response. `openid` is null for a plain OAuth response, else it asks
+   * for an ID token (with the authorization request's nonce in the code flow, none on a refresh).
+   */
+  function issueTokens(
+    client: Client,
+    grantId: string,
+    scope: string,
+    withRefresh: boolean,
+    b: Behavior,
+    openid: { nonce: string | null } | null,
+  ) {
     const grant = grants.get(grantId);
     if (!grant) throw new Error("grant disappeared");
     const t = now();
@@ -455,7 +513,22 @@ export async function startOAuthServer(opts: OAuthServerOptions = {}): Promise<O
       body.refresh_token = refresh;
       enforceRefreshTokenLimit(client.id, grant.account, b.maxRefreshTokensPerAccount);
     }
-    body.scope = scope;
+    // Google names `email` and `profile` by the userinfo scopes they stand for; the textbook echoes them.
+    body.scope = b.profile === "google" ? scopeList(scope).map(googleScopeName).join(" ") : scope;
+    if (openid) {
+      // ID token times are on the wall clock (not the /admin/clock offset): clients check them against theirs.
+      const claims = idTokenClaims({
+        issuer: idTokenIssuer(issuer, b.idTokenIssuer),
+        clientId: client.id,
+        subject: accountSubject(grant.account),
+        account: grant.account,
+        scope: grant.scope,
+        nonce: openid.nonce,
+        issuedAt: Math.floor(Date.now() / 1000),
+        audience: b.idTokenAudience,
+      });
+      body.id_token = oidc.sign(claims, b.idTokenSignature);
+    }
     // After the new tokens are attached: a sweep before would drop a brand-new grant (no tokens yet).
     sweep();
     return body;
@@ -636,6 +709,7 @@ export async function startOAuthServer(opts: OAuthServerOptions = {}): Promise<O
       state,
       codeChallenge: challenge,
       scope: (params.get("scope") ?? "").split(" ").filter(Boolean).join(" "),
+      nonce: params.get("nonce") ?? null,
       accessType: params.get("access_type") ?? null,
       prompt: params.get("prompt") ?? null,
     };
@@ -654,11 +728,11 @@ export async function startOAuthServer(opts: OAuthServerOptions = {}): Promise<O
 
   function approve(res: ServerResponse, c: PendingConsent) {
     const b = effectiveBehavior(clients.get(c.clientId));
-    // Granular consent: what the user left ticked is what is granted.
-    const unticked = new Set(b.untickedScopes);
-    const scope = c.scope
-      .split(" ")
-      .filter((s) => s !== "" && !unticked.has(s))
+    // Granular consent: what the user left ticked is what is granted (Google: either name of a scope).
+    const named = (s: string) => (b.profile === "google" ? googleScopeName(s) : s);
+    const unticked = new Set(b.untickedScopes.map(named));
+    const scope = scopeList(c.scope)
+      .filter((s) => !unticked.has(named(s)))
       .join(" ");
     const grantId = randomToken("g_");
     grants.set(grantId, {
@@ -679,6 +753,7 @@ export async function startOAuthServer(opts: OAuthServerOptions = {}): Promise<O
       redirectUri: c.redirectUri,
       codeChallenge: c.codeChallenge,
       scope,
+      nonce: c.nonce,
       expiresAt: now() + CODE_TTL_MS,
       used: false,
       grantId,
@@ -785,7 +860,8 @@ export async function startOAuthServer(opts: OAuthServerOptions = {}): Promise<O
         (record.accessType === "offline" &&
           ((record.prompt ?? "").split(" ").includes("consent") ||
             liveRefreshTokensOf(client.id, record.account).length === 0)));
-    const body = issueTokens(client, record.grantId, record.scope, withRefresh, b);
+    const openid = scopeList(record.scope).includes("openid") ? { nonce: record.nonce } : null;
+    const body = issueTokens(client, record.grantId, record.scope, withRefresh, b, openid);
     count(client, "authorizationCodeGrants");
     return body;
   }
@@ -801,15 +877,18 @@ export async function startOAuthServer(opts: OAuthServerOptions = {}): Promise<O
     let scope = rt.scope;
     const requested = form.get("scope");
     if (requested !== undefined) {
-      const granted = new Set(rt.scope.split(" ").filter(Boolean));
-      const wanted = requested.split(" ").filter(Boolean);
-      if (wanted.some((s) => !granted.has(s))) {
+      const named = (s: string) => (b.profile === "google" ? googleScopeName(s) : s);
+      const granted = new Set(scopeList(rt.scope).map(named));
+      const wanted = scopeList(requested);
+      if (wanted.some((s) => !granted.has(named(s)))) {
         throw oauthError(400, "invalid_scope", "requested scope exceeds the scope originally granted");
       }
       scope = [...new Set(wanted)].join(" ");
     }
     if (b.rotateRefreshTokens) deleteRefreshToken(token);
-    const body = issueTokens(client, rt.grantId, scope, b.rotateRefreshTokens, b);
+    // Google sends a fresh ID token (without nonce) on refreshes of an `openid` grant.
+    const openid = scopeList(grants.get(rt.grantId)?.scope ?? "").includes("openid") ? { nonce: null } : null;
+    const body = issueTokens(client, rt.grantId, scope, b.rotateRefreshTokens, b, openid);
     count(client, "refreshGrants");
     return body;
   }
@@ -1108,6 +1187,14 @@ export async function startOAuthServer(opts: OAuthServerOptions = {}): Promise<O
         if (req.method !== "GET") methodNotAllowed("GET");
         return send(res, 200, metadata);
       }
+      if (path === "/.well-known/openid-configuration") {
+        if (req.method !== "GET") methodNotAllowed("GET");
+        return send(res, 200, openidConfiguration);
+      }
+      if (path === JWKS_PATH) {
+        if (req.method !== "GET") methodNotAllowed("GET");
+        return send(res, 200, oidc.jwks(), { "cache-control": "no-store" });
+      }
       if (await risc.handle(req, res, url)) return;
       if (path === "/admin" || path.startsWith("/admin/")) return await handleAdmin(req, res, path);
       throw new HttpError(404, { error: "not_found", error_description: `no such path ${path}` });
@@ -1150,6 +1237,26 @@ export async function startOAuthServer(opts: OAuthServerOptions = {}): Promise<O
     token_endpoint_auth_methods_supported: ["client_secret_basic", "client_secret_post"],
     revocation_endpoint_auth_methods_supported: ["client_secret_basic", "client_secret_post"],
     introspection_endpoint_auth_methods_supported: ["client_secret_basic", "client_secret_post"],
+    jwks_uri: `${url}${JWKS_PATH}`,
+    scopes_supported: SCOPES_SUPPORTED,
+  };
+  // OpenID Connect Discovery 1.0: the same server, as Google's accounts.google.com document describes.
+  const openidConfiguration = {
+    issuer,
+    authorization_endpoint: metadata.authorization_endpoint,
+    token_endpoint: metadata.token_endpoint,
+    jwks_uri: metadata.jwks_uri,
+    revocation_endpoint: metadata.revocation_endpoint,
+    introspection_endpoint: metadata.introspection_endpoint,
+    response_types_supported: ["code"],
+    grant_types_supported: ["authorization_code", "refresh_token"],
+    subject_types_supported: ["public"],
+    id_token_signing_alg_values_supported: ["RS256"],
+    scopes_supported: SCOPES_SUPPORTED,
+    claims_supported: ["aud", "azp", "email", "email_verified", "exp", "iat", "iss", "nonce", "sub"],
+    code_challenge_methods_supported: ["S256"],
+    token_endpoint_auth_methods_supported: metadata.token_endpoint_auth_methods_supported,
+    authorization_response_iss_parameter_supported: true,
   };
 
   let closing: Promise<void> | null = null;
@@ -1159,6 +1266,7 @@ export async function startOAuthServer(opts: OAuthServerOptions = {}): Promise<O
     authorizationEndpoint: metadata.authorization_endpoint,
     tokenEndpoint: metadata.token_endpoint,
     revocationEndpoint: metadata.revocation_endpoint,
+    jwksUri: metadata.jwks_uri,
     close() {
       closing ??= new Promise<void>((resolve) => {
         closed = true;

@@ -1,5 +1,7 @@
+import { createRemoteJWKSet, decodeJwt, decodeProtectedHeader, errors as joseErrors, jwtVerify } from "jose";
 import * as oauth from "oauth4webapi";
 import { afterAll, beforeAll, beforeEach, describe, expect, it } from "vitest";
+import { accountSubject } from "../../dev/oauth-server/risc.ts";
 import { type OAuthServer, startOAuthServer } from "../../dev/oauth-server/server.ts";
 
 const REDIRECT = "http://127.0.0.1:8787/callback";
@@ -882,5 +884,249 @@ describe("google profile", () => {
     expect(byAccess.status).toBe(200);
     expect((await introspect(otherAccount.refresh_token ?? "")).active).toBe(false);
     expect((await stats("app")).revocations).toBe(2);
+  });
+});
+
+describe("OpenID Connect", () => {
+  const EMAIL_SCOPE = "https://www.googleapis.com/auth/userinfo.email";
+  const PROFILE_SCOPE = "https://www.googleapis.com/auth/userinfo.profile";
+  const BUSINESS_SCOPE = "https://www.googleapis.com/auth/business.manage";
+  const jwks = () => createRemoteJWKSet(new URL(srv.jwksUri));
+
+  /** Consent and code exchange without oauth4webapi's checks: the raw token response body. */
+  async function tokenResponse(o: AuthorizeOptions = {}) {
+    const { params, verifier } = await authorize(o);
+    const clientId = o.clientId ?? "app";
+    const res = await postForm(
+      "/token",
+      {
+        grant_type: "authorization_code",
+        code: params.get("code") ?? "",
+        redirect_uri: REDIRECT,
+        code_verifier: verifier,
+      },
+      {
+        authorization: `Basic ${Buffer.from(`${clientId}:${clientId === "app" ? "s3cret" : "other-secret"}`).toString("base64")}`,
+      },
+    );
+    expect(res.status).toBe(200);
+    return (await res.json()) as Record<string, unknown> & { id_token?: string; refresh_token?: string; scope: string };
+  }
+
+  async function rawRefreshBody(refreshToken: string) {
+    const res = await rawRefresh(refreshToken);
+    expect(res.status).toBe(200);
+    return (await res.json()) as Record<string, unknown> & { id_token?: string; scope: string };
+  }
+
+  it("publishes a discovery document and a JWKS with its RS256 key; RFC 8414 metadata names the JWKS too", async () => {
+    const res = await fetch(`${srv.url}/.well-known/openid-configuration`);
+    expect(res.status).toBe(200);
+    const meta = await oauth.processDiscoveryResponse(new URL(srv.issuer), res);
+    expect(meta).toMatchObject({
+      issuer: srv.issuer,
+      authorization_endpoint: srv.authorizationEndpoint,
+      token_endpoint: srv.tokenEndpoint,
+      revocation_endpoint: srv.revocationEndpoint,
+      jwks_uri: `${srv.url}/oauth2/v3/certs`,
+      id_token_signing_alg_values_supported: ["RS256"],
+      subject_types_supported: ["public"],
+    });
+    expect(meta.scopes_supported).toEqual(expect.arrayContaining(["openid", "email"]));
+    expect(srv.jwksUri).toBe(meta.jwks_uri);
+
+    const rfc8414 = (await (await fetch(`${srv.url}/.well-known/oauth-authorization-server`)).json()) as {
+      jwks_uri?: string;
+    };
+    expect(rfc8414.jwks_uri).toBe(srv.jwksUri);
+
+    const set = (await (await fetch(srv.jwksUri)).json()) as { keys: Record<string, unknown>[] };
+    expect(set.keys).toHaveLength(1);
+    expect(set.keys[0]).toMatchObject({
+      kty: "RSA",
+      use: "sig",
+      alg: "RS256",
+      kid: expect.stringMatching(/^[0-9a-f]{40}$/),
+    });
+    // A public key only.
+    expect(Object.keys(set.keys[0] ?? {}).sort()).toEqual(["alg", "e", "kid", "kty", "n", "use"]);
+    expect((await fetch(srv.jwksUri, { method: "POST" })).status).toBe(405);
+  });
+
+  it("the code grant's ID token verifies against the JWKS and carries iss, aud, azp, sub, email and the nonce", async () => {
+    const nonce = oauth.generateRandomNonce();
+    const before = Math.floor(Date.now() / 1000);
+    const body = await tokenResponse({ scope: "openid email", extra: { nonce } });
+    const { payload, protectedHeader } = await jwtVerify(body.id_token ?? "", jwks(), {
+      issuer: srv.issuer,
+      audience: "app",
+      algorithms: ["RS256"],
+    });
+    const set = (await (await fetch(srv.jwksUri)).json()) as { keys: { kid: string }[] };
+    expect(protectedHeader).toMatchObject({ alg: "RS256", kid: set.keys[0]?.kid });
+    expect(payload).toMatchObject({
+      iss: srv.issuer,
+      aud: "app",
+      azp: "app",
+      sub: accountSubject("user@example.com"),
+      email: "user@example.com",
+      email_verified: true,
+      nonce,
+    });
+    expect(payload.iat).toBeGreaterThanOrEqual(before);
+    expect(payload.iat).toBeLessThanOrEqual(Math.ceil(Date.now() / 1000));
+    expect((payload.exp ?? 0) - (payload.iat ?? 0)).toBe(3600);
+
+    // oauth4webapi's OpenID Connect checks pass with the nonce, and fail with another one.
+    const again = await authorize({ scope: "openid email", extra: { nonce } });
+    const res = await oauth.authorizationCodeGrantRequest(
+      as,
+      clientOf("app"),
+      basic("s3cret"),
+      again.params,
+      REDIRECT,
+      again.verifier,
+      insecure,
+    );
+    const checked = await oauth.processAuthorizationCodeResponse(as, clientOf("app"), res, {
+      expectedNonce: nonce,
+      requireIdToken: true,
+    });
+    expect(oauth.getValidatedIdTokenClaims(checked)?.sub).toBe(accountSubject("user@example.com"));
+    const third = await authorize({ scope: "openid email", extra: { nonce } });
+    const wrong = await oauth.authorizationCodeGrantRequest(
+      as,
+      clientOf("app"),
+      basic("s3cret"),
+      third.params,
+      REDIRECT,
+      third.verifier,
+      insecure,
+    );
+    await expect(
+      oauth.processAuthorizationCodeResponse(as, clientOf("app"), wrong, { expectedNonce: "another-nonce" }),
+    ).rejects.toThrow(/nonce/);
+  });
+
+  it("sends an ID token only for openid, the email only with the email scope, a nonce only when one was sent", async () => {
+    expect((await tokenResponse({ scope: "read write" })).id_token).toBeUndefined();
+    const noEmail = decodeJwt((await tokenResponse({ scope: "openid" })).id_token ?? "");
+    expect(noEmail.sub).toBe(accountSubject("user@example.com"));
+    expect(noEmail).not.toHaveProperty("email");
+    expect(noEmail).not.toHaveProperty("email_verified");
+    expect(noEmail).not.toHaveProperty("nonce");
+    // Another account is another subject, the same one RISC events name.
+    await behave("app", { account: "second@example.com" });
+    const second = decodeJwt((await tokenResponse({ scope: "openid email" })).id_token ?? "");
+    expect(second).toMatchObject({ sub: accountSubject("second@example.com"), email: "second@example.com" });
+    expect(second.sub).not.toBe(noEmail.sub);
+    expect(accountSubject("second@example.com")).toBe(accountSubject("second@example.com"));
+  });
+
+  it.each(["textbook", "google"])(
+    "refreshes of an openid grant carry a fresh ID token without nonce (%s)",
+    async (profile) => {
+      await behave("app", { profile });
+      const first = await tokenResponse({ scope: "openid email", extra: { nonce: "n-0S6_WzA2Mj" } });
+      const refreshed = await rawRefreshBody(first.refresh_token ?? "");
+      const { payload } = await jwtVerify(refreshed.id_token ?? "", jwks(), { issuer: srv.issuer, audience: "app" });
+      expect(payload).toMatchObject({ sub: accountSubject("user@example.com"), email: "user@example.com", azp: "app" });
+      expect(payload).not.toHaveProperty("nonce");
+      // oauth4webapi accepts it as a refresh response's ID token.
+      const checked = await refresh(first.refresh_token ?? "");
+      expect(oauth.getValidatedIdTokenClaims(checked)?.sub).toBe(accountSubject("user@example.com"));
+      // A grant without openid gets none.
+      const plain = await tokenResponse({ scope: "read" });
+      expect((await rawRefreshBody(plain.refresh_token ?? "")).id_token).toBeUndefined();
+    },
+  );
+
+  it("idTokenIssuer: the issuer without its scheme (as Google may send), or a wrong one verbatim", async () => {
+    await behave("app", { idTokenIssuer: "bare" });
+    const bare = (await tokenResponse({ scope: "openid" })).id_token ?? "";
+    const bareIssuer = srv.issuer.replace(/^http:\/\//, "");
+    expect(bareIssuer).toMatch(/^localhost:\d+$/);
+    expect((await jwtVerify(bare, jwks(), { issuer: bareIssuer, audience: "app" })).payload.iss).toBe(bareIssuer);
+    await expect(jwtVerify(bare, jwks(), { issuer: srv.issuer })).rejects.toBeInstanceOf(
+      joseErrors.JWTClaimValidationFailed,
+    );
+
+    await behave("app", { idTokenIssuer: "https://attacker.example" });
+    const wrong = await tokenResponse({ scope: "openid" });
+    expect(decodeJwt(wrong.id_token ?? "").iss).toBe("https://attacker.example");
+    await expect(jwtVerify(wrong.id_token ?? "", jwks(), { issuer: srv.issuer })).rejects.toThrow(/iss/);
+    // The refresh's ID token follows the same setting.
+    expect(decodeJwt((await rawRefreshBody(wrong.refresh_token ?? "")).id_token ?? "").iss).toBe(
+      "https://attacker.example",
+    );
+
+    await behave("app", { idTokenIssuer: "issuer" });
+    expect(decodeJwt((await tokenResponse({ scope: "openid" })).id_token ?? "").iss).toBe(srv.issuer);
+  });
+
+  it("idTokenAudience sends another aud (azp stays the client id)", async () => {
+    await behave("app", { idTokenAudience: "someone-else.apps.example" });
+    const token = (await tokenResponse({ scope: "openid" })).id_token ?? "";
+    expect(decodeJwt(token)).toMatchObject({ aud: "someone-else.apps.example", azp: "app" });
+    await expect(jwtVerify(token, jwks(), { issuer: srv.issuer, audience: "app" })).rejects.toThrow(/aud/);
+    await behave("app", { idTokenAudience: null });
+    expect(decodeJwt((await tokenResponse({ scope: "openid" })).id_token ?? "").aud).toBe("app");
+  });
+
+  it("idTokenSignature: flipped signature bytes fail verification; alg none carries no signature", async () => {
+    await behave("app", { idTokenSignature: "invalid" });
+    const broken = (await tokenResponse({ scope: "openid" })).id_token ?? "";
+    expect(decodeProtectedHeader(broken).alg).toBe("RS256");
+    await expect(jwtVerify(broken, jwks(), { issuer: srv.issuer, audience: "app" })).rejects.toBeInstanceOf(
+      joseErrors.JWSSignatureVerificationFailed,
+    );
+    await behave("app", { idTokenSignature: "none" });
+    const unsigned = (await tokenResponse({ scope: "openid" })).id_token ?? "";
+    expect(decodeProtectedHeader(unsigned).alg).toBe("none");
+    expect(unsigned.endsWith(".")).toBe(true);
+    expect(decodeJwt(unsigned).sub).toBe(accountSubject("user@example.com"));
+    await expect(jwtVerify(unsigned, jwks(), { issuer: srv.issuer, audience: "app" })).rejects.toThrow();
+    await behave("app", { idTokenSignature: "valid" });
+    const good = (await tokenResponse({ scope: "openid" })).id_token ?? "";
+    expect((await jwtVerify(good, jwks(), { issuer: srv.issuer, audience: "app" })).payload.aud).toBe("app");
+  });
+
+  it("google profile reports email and profile by their userinfo scope names; textbook echoes scopes as sent", async () => {
+    const scope = `openid email profile ${BUSINESS_SCOPE}`;
+    expect((await tokenResponse({ scope })).scope).toBe(scope);
+    await behave("app", { profile: "google" });
+    const google = await tokenResponse({ scope });
+    expect(google.scope).toBe(`openid ${EMAIL_SCOPE} ${PROFILE_SCOPE} ${BUSINESS_SCOPE}`);
+    expect((await rawRefreshBody(google.refresh_token ?? "")).scope).toBe(google.scope);
+    // Asked by its long name, the email scope still brings the email claim.
+    const longName = await tokenResponse({ scope: `openid ${EMAIL_SCOPE}`, extra: { prompt: "consent" } });
+    expect(longName.scope).toBe(`openid ${EMAIL_SCOPE}`);
+    expect(decodeJwt(longName.id_token ?? "").email).toBe("user@example.com");
+    // Either name unticks it; narrowing a refresh by either name works.
+    await behave("app", { untickedScopes: [EMAIL_SCOPE] });
+    const unticked = await tokenResponse({ scope: "openid email", extra: { prompt: "consent" } });
+    expect(unticked.scope).toBe("openid");
+    expect(decodeJwt(unticked.id_token ?? "")).not.toHaveProperty("email");
+    const narrowed = await postForm(
+      "/token",
+      { grant_type: "refresh_token", refresh_token: google.refresh_token ?? "", scope: `openid ${EMAIL_SCOPE}` },
+      { authorization: `Basic ${Buffer.from("app:s3cret").toString("base64")}` },
+    );
+    expect(narrowed.status).toBe(200);
+    expect(((await narrowed.json()) as { scope: string }).scope).toBe(`openid ${EMAIL_SCOPE}`);
+  });
+
+  it("validates the ID token behaviour fields", async () => {
+    expect((await behave("app", { idTokenIssuer: "" })).status).toBe(400);
+    expect((await behave("app", { idTokenIssuer: 1 })).status).toBe(400);
+    expect((await behave("app", { idTokenAudience: "" })).status).toBe(400);
+    expect((await behave("app", { idTokenSignature: "forged" })).status).toBe(400);
+    const ok = await behave("app", { idTokenIssuer: "bare", idTokenAudience: "x", idTokenSignature: "none" });
+    expect(ok.json).toMatchObject({ idTokenIssuer: "bare", idTokenAudience: "x", idTokenSignature: "none" });
+    expect((await admin("GET", "/admin/behavior")).json).toMatchObject({
+      idTokenIssuer: "issuer",
+      idTokenAudience: null,
+      idTokenSignature: "valid",
+    });
   });
 });
