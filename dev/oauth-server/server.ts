@@ -9,6 +9,8 @@ import { createServer, type IncomingMessage, type ServerResponse } from "node:ht
 import type { AddressInfo } from "node:net";
 import {
   createOidcSigner,
+  GOOGLE_EMAIL_SCOPE,
+  GOOGLE_PROFILE_SCOPE,
   googleScopeName,
   type IdTokenIssuer,
   type IdTokenSignature,
@@ -75,6 +77,10 @@ export interface Behavior {
   idTokenAudience: string | null;
   /** "valid" (default), "invalid" (signature bytes flipped) or "none" (alg none, no signature). */
   idTokenSignature: IdTokenSignature;
+  /** Time-based access: refresh tokens issued from now on die this many seconds after issue (null = never). */
+  refreshTokenLifetimeSeconds: number | null;
+  /** The app is in "Testing" publishing status: refresh tokens die 7 days after issue, unannounced. */
+  testingPublishingStatus: boolean;
 }
 
 export interface ClientStats {
@@ -101,6 +107,8 @@ const DEFAULT_BEHAVIOR: Omit<Behavior, "profile" | "issParameter"> = {
   idTokenIssuer: "issuer",
   idTokenAudience: null,
   idTokenSignature: "valid",
+  refreshTokenLifetimeSeconds: null,
+  testingPublishingStatus: false,
 };
 
 /** What each profile changes (explicit behaviour fields still win). */
@@ -125,6 +133,10 @@ const SCOPES_SUPPORTED = [
   "https://www.googleapis.com/auth/userinfo.profile",
   "https://www.googleapis.com/auth/business.manage",
 ];
+/** Google: refresh tokens of apps in "Testing" publishing status expire after 7 days. */
+const TESTING_REFRESH_TOKEN_TTL_SECONDS = 7 * 24 * 60 * 60;
+/** ... unless the grant asks for nothing but the user's identity. */
+const IDENTITY_SCOPES = new Set(["openid", GOOGLE_EMAIL_SCOPE, GOOGLE_PROFILE_SCOPE]);
 const CODE_TTL_MS = 60_000;
 const USED_CODE_RETENTION_MS = 10 * 60_000;
 const MAX_BODY_BYTES = 1 << 20;
@@ -183,6 +195,10 @@ interface RefreshToken {
   issuedAt: number;
   /** Issue order, to find the oldest when two share a millisecond. */
   serial: number;
+  /** When it dies on its own (time-based access, Testing status); null = only by revocation or the cap. */
+  expiresAt: number | null;
+  /** Whether token responses announce that end (`refresh_token_expires_in`): time-based access does, Testing not. */
+  announcesExpiry: boolean;
 }
 
 interface PendingConsent {
@@ -256,6 +272,8 @@ export async function startOAuthServer(opts: OAuthServerOptions = {}): Promise<O
   let pending = new Map<string, PendingConsent>();
   let totals = zeroCounters();
   let issuedSinceSweep = 0;
+  /** How far POST /admin/clock moved the server's time ahead of the wall clock. */
+  let clockOffsetMs = 0;
   let closed = false;
   const waiters = new Set<Waiter>();
   let listeningUrl = "";
@@ -354,8 +372,15 @@ export async function startOAuthServer(opts: OAuthServerOptions = {}): Promise<O
           if (value !== null && (typeof value !== "string" || value === "")) throw bad("null or a non-empty string");
           out.issParameter = value;
           break;
+        case "refreshTokenLifetimeSeconds":
+          if (value !== null && (typeof value !== "number" || !Number.isInteger(value) || value <= 0)) {
+            throw bad("null or a positive integer");
+          }
+          out.refreshTokenLifetimeSeconds = value;
+          break;
         case "rotateRefreshTokens":
         case "issueRefreshToken":
+        case "testingPublishingStatus":
         case "hang":
           if (typeof value !== "boolean") throw bad("a boolean");
           out[key] = value;
@@ -403,9 +428,32 @@ export async function startOAuthServer(opts: OAuthServerOptions = {}): Promise<O
     return out;
   }
 
+  function clockView() {
+    return { now: new Date(now()).toISOString(), offsetSeconds: clockOffsetMs / 1000 };
+  }
+
   // ---------- tokens ----------
+  /** The server's time: the wall clock moved forward by POST /admin/clock (expiry of codes and tokens). */
   function now() {
-    return Date.now();
+    return Date.now() + clockOffsetMs;
+  }
+
+  function refreshTokenAlive(rt: RefreshToken): boolean {
+    return rt.expiresAt === null || rt.expiresAt > now();
+  }
+
+  /** The end a refresh token issued now for this grant gets under the behaviour (null = none). */
+  function refreshTokenExpiry(b: Behavior, grantScope: string): Pick<RefreshToken, "expiresAt" | "announcesExpiry"> {
+    const lifetimes: number[] = [];
+    if (b.refreshTokenLifetimeSeconds !== null) lifetimes.push(b.refreshTokenLifetimeSeconds);
+    const identityOnly = scopeList(grantScope).every((s) => IDENTITY_SCOPES.has(googleScopeName(s)));
+    if (b.testingPublishingStatus && !identityOnly) lifetimes.push(TESTING_REFRESH_TOKEN_TTL_SECONDS);
+    if (lifetimes.length === 0) return { expiresAt: null, announcesExpiry: false };
+    return {
+      expiresAt: now() + Math.min(...lifetimes) * 1000,
+      // Google announces time-based access, and sends nothing for Testing apps.
+      announcesExpiry: b.refreshTokenLifetimeSeconds !== null && !b.testingPublishingStatus,
+    };
   }
 
   function sweep() {
@@ -413,6 +461,7 @@ export async function startOAuthServer(opts: OAuthServerOptions = {}): Promise<O
     issuedSinceSweep = 0;
     const t = now();
     for (const [token, at] of accessTokens) if (at.expiresAt <= t) deleteAccessToken(token);
+    for (const [token, rt] of refreshTokens) if (!refreshTokenAlive(rt)) deleteRefreshToken(token);
     for (const [code, c] of codes) if (c.expiresAt + USED_CODE_RETENTION_MS <= t) codes.delete(code);
     // A grant holds no tokens yet between /authorize and its code exchange: that one is kept, or the
     // exchange of a code issued just before a sweep found its grant gone and answered 500.
@@ -449,17 +498,23 @@ export async function startOAuthServer(opts: OAuthServerOptions = {}): Promise<O
     for (const [id, g] of grants) if (g.clientId === clientId && g.account === account) revokeGrant(id);
   }
 
-  /** Grants of the account that still hold a token (the account page's "apps with access"). */
+  /** Grants of the account that still hold a live token (the account page's "apps with access"). */
   function liveAccountGrants(account: string): Grant[] {
-    return [...grants.values()].filter(
-      (g) => g.account === account && (g.refreshTokens.size > 0 || g.accessTokens.size > 0),
-    );
+    const t = now();
+    const live = (g: Grant) =>
+      [...g.refreshTokens].some((token) => {
+        const rt = refreshTokens.get(token);
+        return rt !== undefined && refreshTokenAlive(rt);
+      }) || [...g.accessTokens].some((token) => (accessTokens.get(token)?.expiresAt ?? 0) > t);
+    return [...grants.values()].filter((g) => g.account === account && live(g));
   }
 
   function liveRefreshTokensOf(clientId: string, account: string): [string, RefreshToken][] {
     const out: [string, RefreshToken][] = [];
     for (const [token, rt] of refreshTokens) {
-      if (rt.clientId === clientId && grants.get(rt.grantId)?.account === account) out.push([token, rt]);
+      if (rt.clientId === clientId && refreshTokenAlive(rt) && grants.get(rt.grantId)?.account === account) {
+        out.push([token, rt]);
+      }
     }
     return out;
   }
@@ -474,15 +529,16 @@ export async function startOAuthServer(opts: OAuthServerOptions = {}): Promise<O
   /**
    * Mints the tokens of a token response. `openid` is null for a plain OAuth response, else it asks
    * for an ID token (with the authorization request's nonce in the code flow, none on a refresh).
+   * `presented` is the refresh token of a refresh grant: a rotated one keeps its end.
    */
   function issueTokens(
     client: Client,
     grantId: string,
     scope: string,
-    withRefresh: boolean,
     b: Behavior,
-    openid: { nonce: string | null } | null,
+    o: { withRefresh: boolean; openid: { nonce: string | null } | null; presented?: RefreshToken },
   ) {
+    const { withRefresh, openid, presented } = o;
     const grant = grants.get(grantId);
     if (!grant) throw new Error("grant disappeared");
     const t = now();
@@ -500,18 +556,30 @@ export async function startOAuthServer(opts: OAuthServerOptions = {}): Promise<O
       token_type: "Bearer",
       expires_in: b.accessTokenTtlSeconds,
     };
+    // The refresh token whose end the response announces: the new one, the one presented, or (a
+    // consent that brought none) the account's newest live one.
+    let ending = presented;
     if (withRefresh) {
       const refresh = randomToken("rt_");
-      refreshTokens.set(refresh, {
+      const minted: RefreshToken = {
         clientId: client.id,
         grantId,
         scope: grant.scope,
         issuedAt: t,
         serial: ++refreshSerial,
-      });
+        ...(presented
+          ? { expiresAt: presented.expiresAt, announcesExpiry: presented.announcesExpiry }
+          : refreshTokenExpiry(b, grant.scope)),
+      };
+      refreshTokens.set(refresh, minted);
       grant.refreshTokens.add(refresh);
       body.refresh_token = refresh;
       enforceRefreshTokenLimit(client.id, grant.account, b.maxRefreshTokensPerAccount);
+      ending = minted;
+    }
+    ending ??= liveRefreshTokensOf(client.id, grant.account).sort((x, y) => y[1].serial - x[1].serial)[0]?.[1];
+    if (ending?.announcesExpiry && ending.expiresAt !== null) {
+      body.refresh_token_expires_in = Math.max(0, Math.ceil((ending.expiresAt - t) / 1000));
     }
     // Google names `email` and `profile` by the userinfo scopes they stand for; the textbook echoes them.
     body.scope = b.profile === "google" ? scopeList(scope).map(googleScopeName).join(" ") : scope;
@@ -541,7 +609,9 @@ export async function startOAuthServer(opts: OAuthServerOptions = {}): Promise<O
     for (const at of accessTokens.values()) {
       if ((clientId === null || at.clientId === clientId) && at.expiresAt > t) activeAccessTokens++;
     }
-    for (const rt of refreshTokens.values()) if (clientId === null || rt.clientId === clientId) activeRefreshTokens++;
+    for (const rt of refreshTokens.values()) {
+      if ((clientId === null || rt.clientId === clientId) && refreshTokenAlive(rt)) activeRefreshTokens++;
+    }
     return { ...counters, activeAccessTokens, activeRefreshTokens };
   }
 
@@ -861,7 +931,7 @@ export async function startOAuthServer(opts: OAuthServerOptions = {}): Promise<O
           ((record.prompt ?? "").split(" ").includes("consent") ||
             liveRefreshTokensOf(client.id, record.account).length === 0)));
     const openid = scopeList(record.scope).includes("openid") ? { nonce: record.nonce } : null;
-    const body = issueTokens(client, record.grantId, record.scope, withRefresh, b, openid);
+    const body = issueTokens(client, record.grantId, record.scope, b, { withRefresh, openid });
     count(client, "authorizationCodeGrants");
     return body;
   }
@@ -870,8 +940,9 @@ export async function startOAuthServer(opts: OAuthServerOptions = {}): Promise<O
     const token = form.get("refresh_token");
     if (token === undefined) throw oauthError(400, "invalid_request", "refresh_token is required");
     const rt = refreshTokens.get(token);
-    if (!rt || rt.clientId !== client.id) {
-      const why = b.profile === "google" ? GOOGLE_REFRESH_INVALID : "refresh token is invalid or revoked";
+    if (!rt || rt.clientId !== client.id || !refreshTokenAlive(rt)) {
+      if (rt && !refreshTokenAlive(rt)) deleteRefreshToken(token);
+      const why = b.profile === "google" ? GOOGLE_REFRESH_INVALID : "refresh token is invalid, expired or revoked";
       throw oauthError(400, "invalid_grant", why);
     }
     let scope = rt.scope;
@@ -888,7 +959,11 @@ export async function startOAuthServer(opts: OAuthServerOptions = {}): Promise<O
     if (b.rotateRefreshTokens) deleteRefreshToken(token);
     // Google sends a fresh ID token (without nonce) on refreshes of an `openid` grant.
     const openid = scopeList(grants.get(rt.grantId)?.scope ?? "").includes("openid") ? { nonce: null } : null;
-    const body = issueTokens(client, rt.grantId, scope, b.rotateRefreshTokens, b, openid);
+    const body = issueTokens(client, rt.grantId, scope, b, {
+      withRefresh: b.rotateRefreshTokens,
+      openid,
+      presented: rt,
+    });
     count(client, "refreshGrants");
     return body;
   }
@@ -936,7 +1011,7 @@ export async function startOAuthServer(opts: OAuthServerOptions = {}): Promise<O
     const rt = token === undefined ? undefined : refreshTokens.get(token);
     const at = token === undefined ? undefined : accessTokens.get(token);
     const grant = grants.get(rt?.grantId ?? at?.grantId ?? "");
-    if (!grant || (at && !rt && at.expiresAt <= now())) {
+    if (!grant || (at && !rt && at.expiresAt <= now()) || (rt && !refreshTokenAlive(rt))) {
       if (client) count(client, "failedRequests");
       return send(res, 400, { error: "invalid_token", error_description: GOOGLE_REVOKE_INVALID }, noStore);
     }
@@ -969,7 +1044,7 @@ export async function startOAuthServer(opts: OAuthServerOptions = {}): Promise<O
       );
     }
     const rt = refreshTokens.get(token);
-    if (rt) {
+    if (rt && refreshTokenAlive(rt)) {
       return send(
         res,
         200,
@@ -1064,9 +1139,21 @@ export async function startOAuthServer(opts: OAuthServerOptions = {}): Promise<O
       refreshTokens = new Map();
       pending = new Map();
       totals = zeroCounters();
+      clockOffsetMs = 0;
       risc.reset();
       behaviorChanged();
       return send(res, 200, { reset: true });
+    }
+    if (route === "clock") {
+      if (method === "POST") {
+        const body = (await readJson(req)) as Record<string, unknown> | null;
+        const advance = body?.advanceSeconds;
+        if (typeof advance !== "number" || !Number.isFinite(advance) || advance < 0) {
+          throw oauthError(400, "invalid_request", "advanceSeconds must be a non-negative number of seconds");
+        }
+        clockOffsetMs += advance * 1000;
+      } else if (method !== "GET") methodNotAllowed("GET, POST");
+      return send(res, 200, clockView());
     }
     if (route === "import") {
       if (method !== "POST") methodNotAllowed("POST");
@@ -1152,6 +1239,7 @@ export async function startOAuthServer(opts: OAuthServerOptions = {}): Promise<O
         scope: e.scope,
         issuedAt: now(),
         serial: ++refreshSerial,
+        ...refreshTokenExpiry(effectiveBehavior(client), e.scope),
       });
       touched.set(client.id, (touched.get(client.id) ?? new Set()).add(account));
     }

@@ -1130,3 +1130,158 @@ describe("OpenID Connect", () => {
     });
   });
 });
+
+describe("server clock and time-limited refresh tokens", () => {
+  const BUSINESS = "https://www.googleapis.com/auth/business.manage";
+  const DAY = 24 * 60 * 60;
+  const advance = (advanceSeconds: number) => admin("POST", "/admin/clock", { advanceSeconds });
+
+  beforeEach(async () => {
+    await admin("PUT", "/admin/behavior", { profile: "google" });
+  });
+
+  /** A Google consent (offline, no forced screen unless asked) and its raw token response. */
+  async function consent(scope = `openid email ${BUSINESS}`, extra: Record<string, string> = {}) {
+    const { params, verifier } = await authorize({ scope, extra: { access_type: "offline", prompt: "", ...extra } });
+    const res = await postForm(
+      "/token",
+      {
+        grant_type: "authorization_code",
+        code: params.get("code") ?? "",
+        redirect_uri: REDIRECT,
+        code_verifier: verifier,
+      },
+      { authorization: `Basic ${Buffer.from("app:s3cret").toString("base64")}` },
+    );
+    expect(res.status).toBe(200);
+    return (await res.json()) as { access_token: string; refresh_token?: string; refresh_token_expires_in?: number };
+  }
+
+  async function refreshBody(token: string) {
+    const res = await rawRefresh(token);
+    return { status: res.status, body: (await res.json()) as Record<string, unknown> };
+  }
+
+  it("GET/POST /admin/clock move the server's time; codes and access tokens expire by it; reset puts it back", async () => {
+    const start = (await admin("GET", "/admin/clock")).json as { now: string; offsetSeconds: number };
+    expect(start.offsetSeconds).toBe(0);
+    expect(Math.abs(Date.parse(start.now) - Date.now())).toBeLessThan(5_000);
+
+    const tokens = await codeFlow();
+    expect((await introspect(tokens.access_token)).active).toBe(true);
+    const { params, verifier } = await authorize();
+    const moved = (await advance(3600)).json as { now: string; offsetSeconds: number };
+    expect(moved.offsetSeconds).toBe(3600);
+    expect(Date.parse(moved.now) - Date.now()).toBeGreaterThan(3_595_000);
+    // The access token (3599 s) and the code (60 s) are dead at the server's time; the refresh token lives.
+    expect((await introspect(tokens.access_token)).active).toBe(false);
+    const late = await oauth.authorizationCodeGrantRequest(
+      as,
+      clientOf("app"),
+      basic("s3cret"),
+      params,
+      REDIRECT,
+      verifier,
+      insecure,
+    );
+    expect(late.status).toBe(400);
+    expect(await late.json()).toEqual({ error: "invalid_grant", error_description: "Bad Request" });
+    expect((await refreshBody(tokens.refresh_token ?? "")).status).toBe(200);
+    expect(((await advance(0.5)).json as { offsetSeconds: number }).offsetSeconds).toBe(3600.5);
+
+    for (const bad of [
+      { advanceSeconds: -1 },
+      { advanceSeconds: "60" },
+      {},
+      { advanceSeconds: Number.MAX_VALUE * 10 },
+    ]) {
+      expect((await admin("POST", "/admin/clock", bad)).status).toBe(400);
+    }
+    expect((await admin("PUT", "/admin/clock", {})).status).toBe(405);
+    await admin("POST", "/admin/reset");
+    expect(((await admin("GET", "/admin/clock")).json as { offsetSeconds: number }).offsetSeconds).toBe(0);
+  });
+
+  it("refreshTokenLifetimeSeconds: refresh_token_expires_in counts down on every response, then the token dies", async () => {
+    const before = await consent(); // issued before time-based access: no end, nothing announced
+    expect(before.refresh_token_expires_in).toBeUndefined();
+    await admin("POST", "/admin/refresh-tokens/app/revoke-all");
+
+    await behave("app", { refreshTokenLifetimeSeconds: DAY });
+    const first = await consent();
+    expect(first.refresh_token).toMatch(/^rt_/);
+    expect(first.refresh_token_expires_in).toBe(DAY);
+    await advance(3600);
+    const refreshed = await refreshBody(first.refresh_token ?? "");
+    expect(refreshed.status).toBe(200);
+    expect(refreshed.body.refresh_token).toBeUndefined();
+    expect(refreshed.body.refresh_token_expires_in).toBe(DAY - 3600);
+    // A consent that brings no refresh token reports the grant's one.
+    const again = await consent();
+    expect(again.refresh_token).toBeUndefined();
+    expect(again.refresh_token_expires_in).toBe(DAY - 3600);
+
+    await advance(DAY - 3600);
+    const dead = await refreshBody(first.refresh_token ?? "");
+    expect(dead).toEqual({
+      status: 400,
+      body: { error: "invalid_grant", error_description: "Token has been expired or revoked." },
+    });
+    expect((await introspect(first.refresh_token ?? "")).active).toBe(false);
+    expect((await stats("app")).activeRefreshTokens).toBe(0);
+    // The account holds no live refresh token: its next consent is a first one again.
+    const renewed = await consent();
+    expect(renewed.refresh_token).toMatch(/^rt_/);
+    expect(renewed.refresh_token_expires_in).toBe(DAY);
+  });
+
+  it("a rotated refresh token keeps the grant's end (textbook profile with rotation)", async () => {
+    await behave("app", { profile: "textbook", rotateRefreshTokens: true, refreshTokenLifetimeSeconds: 1000 });
+    const tokens = await consent();
+    expect(tokens.refresh_token_expires_in).toBe(1000);
+    await advance(400);
+    const rotated = await refreshBody(tokens.refresh_token ?? "");
+    expect(rotated.body.refresh_token).toMatch(/^rt_/);
+    expect(rotated.body.refresh_token_expires_in).toBe(600);
+    await advance(600);
+    expect((await refreshBody(String(rotated.body.refresh_token))).status).toBe(400);
+  });
+
+  it("testingPublishingStatus: refresh tokens die 7 days after issue, unannounced, unless only identity scopes", async () => {
+    await behave("app", { testingPublishingStatus: true });
+    const business = await consent();
+    expect(business.refresh_token).toMatch(/^rt_/);
+    expect(business).not.toHaveProperty("refresh_token_expires_in");
+    await behave("app", { account: "identity-only@example.com" });
+    const identity = await consent("openid email profile");
+    // Publishing the app later does not lengthen tokens minted in Testing.
+    await behave("app", { testingPublishingStatus: false });
+
+    await advance(7 * DAY - 60);
+    const alive = await refreshBody(business.refresh_token ?? "");
+    expect(alive.status).toBe(200);
+    expect(alive.body).not.toHaveProperty("refresh_token_expires_in");
+    await advance(60);
+    expect((await refreshBody(business.refresh_token ?? "")).body).toEqual({
+      error: "invalid_grant",
+      error_description: "Token has been expired or revoked.",
+    });
+    // Google's exemption: a grant of openid, email and profile only keeps its refresh token.
+    await advance(DAY);
+    expect((await refreshBody(identity.refresh_token ?? "")).status).toBe(200);
+    // A dead token is unknown to the revocation endpoint, as at Google.
+    const revoke = await fetch(`${srv.revocationEndpoint}?token=${business.refresh_token}`, { method: "POST" });
+    expect(revoke.status).toBe(400);
+  });
+
+  it("validates the time behaviour fields", async () => {
+    expect((await behave("app", { refreshTokenLifetimeSeconds: 0 })).status).toBe(400);
+    expect((await behave("app", { refreshTokenLifetimeSeconds: 1.5 })).status).toBe(400);
+    expect((await behave("app", { testingPublishingStatus: "yes" })).status).toBe(400);
+    const ok = await behave("app", { refreshTokenLifetimeSeconds: 60, testingPublishingStatus: true });
+    expect(ok.json).toMatchObject({ refreshTokenLifetimeSeconds: 60, testingPublishingStatus: true });
+    expect((await behave("app", { refreshTokenLifetimeSeconds: null })).json).toMatchObject({
+      refreshTokenLifetimeSeconds: null,
+    });
+  });
+});
