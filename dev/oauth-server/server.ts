@@ -1,12 +1,14 @@
 // A real, strict OAuth 2.0 authorization server for local development, tests and benchmarks.
 // RFC 6749 (authorization code + refresh token grants), RFC 7636 (PKCE, S256 only),
 // RFC 7009 (revocation), RFC 7662 (introspection), RFC 8414 (metadata), RFC 9207 (`iss` in the
-// authorization response), OpenID Connect (ID tokens, discovery, JWKS: oidc.ts). Two profiles: `textbook` (the RFCs as written) and `google` (Google's
+// authorization response), OpenID Connect (ID tokens, discovery, JWKS: oidc.ts), and a small
+// Business Profile API checking the bearer tokens it issued (business-profile.ts). Two profiles: `textbook` (the RFCs as written) and `google` (Google's
 // documented behaviours, see README.md). State lives in memory; everything tests need is also
 // reachable over HTTP under /admin.
 import { createHash, randomBytes, timingSafeEqual } from "node:crypto";
 import { createServer, type IncomingMessage, type ServerResponse } from "node:http";
 import type { AddressInfo } from "node:net";
+import { type BusinessProfileApi, createBusinessProfileApi } from "./business-profile.ts";
 import {
   createOidcSigner,
   GOOGLE_EMAIL_SCOPE,
@@ -278,6 +280,14 @@ export async function startOAuthServer(opts: OAuthServerOptions = {}): Promise<O
   const waiters = new Set<Waiter>();
   let listeningUrl = "";
   const oidc = await createOidcSigner();
+  const businessProfile: BusinessProfileApi = createBusinessProfileApi({
+    accessToken(token) {
+      const at = accessTokens.get(token);
+      const grant = at && at.expiresAt > now() ? grants.get(at.grantId) : undefined;
+      return at && grant ? { account: grant.account, scope: at.scope } : null;
+    },
+    now: () => now(),
+  });
   const risc: RiscTransmitter = await createRiscTransmitter(
     {
       issuer: () => issuer,
@@ -1141,6 +1151,7 @@ export async function startOAuthServer(opts: OAuthServerOptions = {}): Promise<O
       totals = zeroCounters();
       clockOffsetMs = 0;
       risc.reset();
+      businessProfile.reset();
       behaviorChanged();
       return send(res, 200, { reset: true });
     }
@@ -1284,6 +1295,7 @@ export async function startOAuthServer(opts: OAuthServerOptions = {}): Promise<O
         return send(res, 200, oidc.jwks(), { "cache-control": "no-store" });
       }
       if (await risc.handle(req, res, url)) return;
+      if (await businessProfile.handle(req, res, url)) return;
       if (path === "/admin" || path.startsWith("/admin/")) return await handleAdmin(req, res, path);
       throw new HttpError(404, { error: "not_found", error_description: `no such path ${path}` });
     } catch (e) {
