@@ -2,9 +2,9 @@
 // RFC 6749 (authorization code + refresh token grants), RFC 7636 (PKCE, S256 only),
 // RFC 7009 (revocation), RFC 7662 (introspection), RFC 8414 (metadata), RFC 9207 (`iss` in the
 // authorization response), OpenID Connect (ID tokens, discovery, JWKS: oidc.ts), and a small
-// Business Profile API checking the bearer tokens it issued (business-profile.ts). Two profiles: `textbook` (the RFCs as written) and `google` (Google's
-// documented behaviours, see README.md). State lives in memory; everything tests need is also
-// reachable over HTTP under /admin.
+// Business Profile API checking the bearer tokens it issued (business-profile.ts). Two profiles:
+// `textbook` (the RFCs as written) and `google` (Google's documented behaviours, see README.md).
+// State lives in memory; everything tests need is also reachable over HTTP under /admin.
 import { createHash, randomBytes, timingSafeEqual } from "node:crypto";
 import { createServer, type IncomingMessage, type ServerResponse } from "node:http";
 import type { AddressInfo } from "node:net";
