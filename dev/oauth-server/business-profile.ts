@@ -13,6 +13,7 @@
 //   GET  /admin/api-stats, DELETE /admin/api-stats      what reached the API (never a token)
 import { createHash } from "node:crypto";
 import type { IncomingMessage, ServerResponse } from "node:http";
+import { z } from "zod";
 
 export const BUSINESS_MANAGE_SCOPE = "https://www.googleapis.com/auth/business.manage";
 /** Request bodies the API reads (the echo included): Google's APIs take up to 10 MiB or so per call. */
@@ -51,7 +52,7 @@ const LOCATION_FIELDS = new Set([
   "moreHours",
   "serviceItems",
 ]);
-const ACCOUNT_TYPES = new Set(["PERSONAL", "LOCATION_GROUP", "USER_GROUP", "ORGANIZATION"]);
+const ACCOUNT_TYPES = ["PERSONAL", "LOCATION_GROUP", "USER_GROUP", "ORGANIZATION"] as const;
 const STAR_RATINGS = ["ONE", "TWO", "THREE", "FOUR", "FIVE"] as const;
 /** google.rpc.Code names of the HTTP statuses the API answers with. */
 const STATUS_NAMES: Record<number, string> = {
@@ -69,6 +70,50 @@ const STATUS_NAMES: Record<number, string> = {
   503: "UNAVAILABLE",
   504: "DEADLINE_EXCEEDED",
 };
+const ResourceId = /^[A-Za-z0-9_-]+$/;
+const BusinessDataInput = z.strictObject({
+  account: z.string().min(1),
+  accounts: z
+    .array(
+      z.looseObject({
+        name: z.string().regex(/^accounts\/[A-Za-z0-9_-]+$/, 'must be "accounts/<id>"'),
+        accountName: z.string(),
+        type: z.enum(ACCOUNT_TYPES),
+      }),
+    )
+    .optional(),
+  /** Account id (or `accounts/<id>`) → its locations. */
+  locations: z
+    .record(
+      z.string(),
+      z.array(
+        z.looseObject({
+          name: z.string().regex(/^locations\/[A-Za-z0-9_-]+$/, 'must be "locations/<id>"'),
+          title: z.string(),
+        }),
+      ),
+    )
+    .optional(),
+  /** Location id (or `locations/<id>`) → its reviews. */
+  reviews: z
+    .record(
+      z.string(),
+      z.array(z.looseObject({ reviewId: z.string().regex(ResourceId), starRating: z.enum(STAR_RATINGS) })),
+    )
+    .optional(),
+});
+const ApiBehaviorInput = z.strictObject({
+  failNext: z
+    .strictObject({
+      status: z.int().min(400).max(599),
+      /** Seconds, sent as Retry-After. */
+      retryAfter: z.int().min(0).optional(),
+      /** How many calls fail; without it, every call until cleared. */
+      count: z.int().min(1).optional(),
+    })
+    .nullable()
+    .optional(),
+});
 const UNAUTHENTICATED_MESSAGE =
   "Request had invalid authentication credentials. Expected OAuth 2 access token, login cookie or other valid authentication credential. See https://developers.google.com/identity/sign-in/web/devconsole-project.";
 
@@ -463,83 +508,37 @@ export function createBusinessProfileApi(host: BusinessProfileHost): BusinessPro
   }
 
   // ---------- admin ----------
-  function parseData(input: Json): { account: string; data: AccountData } {
-    const account = input.account;
-    if (typeof account !== "string" || account === "") throw new AdminError(400, "account must be a non-empty string");
-    const current = dataOf(account);
-    let accounts = current.accounts;
-    if (input.accounts !== undefined) {
-      if (!Array.isArray(input.accounts)) throw new AdminError(400, "accounts must be an array");
-      accounts = input.accounts.map((a: unknown, i) => {
-        const bad = (what: string) => new AdminError(400, `accounts[${i}]: ${what}`);
-        if (typeof a !== "object" || a === null || Array.isArray(a)) throw bad("must be an object");
-        const o = a as Json;
-        if (typeof o.name !== "string" || !/^accounts\/[A-Za-z0-9_-]+$/.test(o.name)) {
-          throw bad('name must be "accounts/<id>"');
-        }
-        if (typeof o.accountName !== "string") throw bad("accountName must be a string");
-        if (typeof o.type !== "string" || !ACCOUNT_TYPES.has(o.type))
-          throw bad(`type must be one of ${[...ACCOUNT_TYPES].join(", ")}`);
-        return { ...o };
-      });
-      const names = accounts.map((a) => a.name);
-      if (new Set(names).size !== names.length) throw new AdminError(400, "accounts: duplicate names");
-    }
-    const accountIds = new Set(accounts.map((a) => String(a.name).slice("accounts/".length)));
+  /** POST /admin/business-profile's body, checked whole before anything is stored. */
+  function parseData(input: unknown): { account: string; data: AccountData } {
+    const parsed = BusinessDataInput.safeParse(input);
+    if (!parsed.success) throw new AdminError(400, z.prettifyError(parsed.error));
+    const { account } = parsed.data;
+    const accounts = parsed.data.accounts ?? dataOf(account).accounts;
+    const accountIds = accounts.map((a) => String(a.name).slice("accounts/".length));
+    if (new Set(accountIds).size !== accountIds.length) throw new AdminError(400, "accounts: a name is given twice");
     const locations = new Map<string, Json[]>();
-    const locationIds = new Set<string>();
-    if (input.locations !== undefined) {
-      if (typeof input.locations !== "object" || input.locations === null || Array.isArray(input.locations)) {
-        throw new AdminError(400, "locations must be an object: account id → array of locations");
+    /** Location id → its account id. */
+    const locationAccount = new Map<string, string>();
+    for (const [key, list] of Object.entries(parsed.data.locations ?? {})) {
+      const accountId = key.replace(/^accounts\//, "");
+      if (!accountIds.includes(accountId)) throw new AdminError(400, `locations: ${key} is not one of the accounts`);
+      for (const l of list) {
+        const id = l.name.slice("locations/".length);
+        if (locationAccount.has(id)) throw new AdminError(400, `locations: ${l.name} is given twice`);
+        locationAccount.set(id, accountId);
       }
-      for (const [key, list] of Object.entries(input.locations as Json)) {
-        const accountId = key.replace(/^accounts\//, "");
-        if (!accountIds.has(accountId)) throw new AdminError(400, `locations: ${key} is not one of the accounts`);
-        if (!Array.isArray(list)) throw new AdminError(400, `locations.${key} must be an array`);
-        locations.set(
-          accountId,
-          list.map((l: unknown, i) => {
-            const bad = (what: string) => new AdminError(400, `locations.${key}[${i}]: ${what}`);
-            if (typeof l !== "object" || l === null || Array.isArray(l)) throw bad("must be an object");
-            const o = l as Json;
-            if (typeof o.name !== "string" || !/^locations\/[A-Za-z0-9_-]+$/.test(o.name)) {
-              throw bad('name must be "locations/<id>"');
-            }
-            if (typeof o.title !== "string") throw bad("title must be a string");
-            const id = o.name.slice("locations/".length);
-            if (locationIds.has(id)) throw bad(`${o.name} is given twice`);
-            locationIds.add(id);
-            return { ...o };
-          }),
-        );
-      }
+      locations.set(accountId, list);
     }
     const reviews = new Map<string, Json[]>();
-    if (input.reviews !== undefined) {
-      if (typeof input.reviews !== "object" || input.reviews === null || Array.isArray(input.reviews)) {
-        throw new AdminError(400, "reviews must be an object: location id → array of reviews");
-      }
-      for (const [key, list] of Object.entries(input.reviews as Json)) {
-        const locationId = key.replace(/^locations\//, "");
-        if (!locationIds.has(locationId)) throw new AdminError(400, `reviews: ${key} is not one of the locations`);
-        if (!Array.isArray(list)) throw new AdminError(400, `reviews.${key} must be an array`);
-        const accountId = [...locations].find(([, ls]) => ls.some((l) => l.name === `locations/${locationId}`))?.[0];
-        reviews.set(
-          locationId,
-          list.map((r: unknown, i) => {
-            const bad = (what: string) => new AdminError(400, `reviews.${key}[${i}]: ${what}`);
-            if (typeof r !== "object" || r === null || Array.isArray(r)) throw bad("must be an object");
-            const o = r as Json;
-            if (typeof o.reviewId !== "string" || !/^[A-Za-z0-9_-]+$/.test(o.reviewId)) {
-              throw bad("reviewId must be a string of letters, digits, - and _");
-            }
-            if (!STAR_RATINGS.includes(o.starRating as (typeof STAR_RATINGS)[number])) {
-              throw bad(`starRating must be one of ${STAR_RATINGS.join(", ")}`);
-            }
-            return { name: `accounts/${accountId}/locations/${locationId}/reviews/${o.reviewId}`, ...o };
-          }),
-        );
-      }
+    for (const [key, list] of Object.entries(parsed.data.reviews ?? {})) {
+      const locationId = key.replace(/^locations\//, "");
+      const accountId = locationAccount.get(locationId);
+      if (accountId === undefined) throw new AdminError(400, `reviews: ${key} is not one of the locations`);
+      const parent = `accounts/${accountId}/locations/${locationId}/reviews`;
+      reviews.set(
+        locationId,
+        list.map((r) => ({ name: `${parent}/${r.reviewId}`, ...r })),
+      );
     }
     return { account, data: { accounts, locations, reviews } };
   }
@@ -561,9 +560,9 @@ export function createBusinessProfileApi(host: BusinessProfileHost): BusinessPro
     if (path === "/admin/api-behavior") {
       only("GET", "PUT");
       if (method === "PUT") {
-        const body = await adminJson();
-        for (const key of Object.keys(body)) if (key !== "failNext") throw new AdminError(400, `unknown field: ${key}`);
-        if ("failNext" in body) failNext = parseFailNext(body.failNext);
+        const parsed = ApiBehaviorInput.safeParse(await adminJson());
+        if (!parsed.success) throw new AdminError(400, z.prettifyError(parsed.error));
+        if (parsed.data.failNext !== undefined) failNext = parsed.data.failNext;
       }
       return sendJson(res, 200, { failNext });
     }
@@ -650,31 +649,6 @@ export function createBusinessProfileApi(host: BusinessProfileHost): BusinessPro
       stats = zeroStats();
     },
   };
-}
-
-function parseFailNext(value: unknown): ApiFailNext | null {
-  if (value === null) return null;
-  const bad = () => new AdminError(400, "failNext must be null or {status, retryAfter?, count?}");
-  if (typeof value !== "object" || Array.isArray(value)) throw bad();
-  const v = value as Json;
-  for (const key of Object.keys(v)) if (!["status", "retryAfter", "count"].includes(key)) throw bad();
-  if (typeof v.status !== "number" || !Number.isInteger(v.status) || v.status < 400 || v.status > 599) {
-    throw new AdminError(400, "failNext.status must be an HTTP error status (400-599)");
-  }
-  const out: ApiFailNext = { status: v.status };
-  if (v.retryAfter !== undefined) {
-    if (typeof v.retryAfter !== "number" || !Number.isInteger(v.retryAfter) || v.retryAfter < 0) {
-      throw new AdminError(400, "failNext.retryAfter must be a non-negative integer (seconds)");
-    }
-    out.retryAfter = v.retryAfter;
-  }
-  if (v.count !== undefined) {
-    if (typeof v.count !== "number" || !Number.isInteger(v.count) || v.count < 1) {
-      throw new AdminError(400, "failNext.count must be a positive integer");
-    }
-    out.count = v.count;
-  }
-  return out;
 }
 
 /** Masks a resource to the readMask's paths (nested paths such as `storefrontAddress.locality` too), plus `name`. */

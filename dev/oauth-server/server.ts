@@ -452,15 +452,19 @@ export async function startOAuthServer(opts: OAuthServerOptions = {}): Promise<O
     return rt.expiresAt === null || rt.expiresAt > now();
   }
 
-  /** The end a refresh token issued now for this grant gets under the behaviour (null = none). */
-  function refreshTokenExpiry(b: Behavior, grantScope: string): Pick<RefreshToken, "expiresAt" | "announcesExpiry"> {
+  /** The end a refresh token issued at `issuedAt` for this grant gets under the behaviour (null = none). */
+  function refreshTokenExpiry(
+    b: Behavior,
+    grantScope: string,
+    issuedAt: number,
+  ): Pick<RefreshToken, "expiresAt" | "announcesExpiry"> {
     const lifetimes: number[] = [];
     if (b.refreshTokenLifetimeSeconds !== null) lifetimes.push(b.refreshTokenLifetimeSeconds);
     const identityOnly = scopeList(grantScope).every((s) => IDENTITY_SCOPES.has(googleScopeName(s)));
     if (b.testingPublishingStatus && !identityOnly) lifetimes.push(TESTING_REFRESH_TOKEN_TTL_SECONDS);
     if (lifetimes.length === 0) return { expiresAt: null, announcesExpiry: false };
     return {
-      expiresAt: now() + Math.min(...lifetimes) * 1000,
+      expiresAt: issuedAt + Math.min(...lifetimes) * 1000,
       // Google announces time-based access, and sends nothing for Testing apps.
       announcesExpiry: b.refreshTokenLifetimeSeconds !== null && !b.testingPublishingStatus,
     };
@@ -579,7 +583,7 @@ export async function startOAuthServer(opts: OAuthServerOptions = {}): Promise<O
         serial: ++refreshSerial,
         ...(presented
           ? { expiresAt: presented.expiresAt, announcesExpiry: presented.announcesExpiry }
-          : refreshTokenExpiry(b, grant.scope)),
+          : refreshTokenExpiry(b, grant.scope, t)),
       };
       refreshTokens.set(refresh, minted);
       grant.refreshTokens.add(refresh);
@@ -1244,13 +1248,14 @@ export async function startOAuthServer(opts: OAuthServerOptions = {}): Promise<O
         accessTokens: new Set(),
         refreshTokens: new Set([e.refreshToken]),
       });
+      const issuedAt = now();
       refreshTokens.set(e.refreshToken, {
         clientId: client.id,
         grantId,
         scope: e.scope,
-        issuedAt: now(),
+        issuedAt,
         serial: ++refreshSerial,
-        ...refreshTokenExpiry(effectiveBehavior(client), e.scope),
+        ...refreshTokenExpiry(effectiveBehavior(client), e.scope, issuedAt),
       });
       touched.set(client.id, (touched.get(client.id) ?? new Set()).add(account));
     }

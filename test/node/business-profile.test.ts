@@ -435,6 +435,11 @@ describe("test data", () => {
     ]) {
       expect((await admin("POST", "/admin/business-profile", bad)).status, JSON.stringify(bad)).toBe(400);
     }
+    const named = await admin("POST", "/admin/business-profile", {
+      account: ACCOUNT,
+      accounts: [{ name: "accounts/1", accountName: "x", type: "SHOP" }],
+    });
+    expect(named.json.error_description).toContain("accounts[0].type");
     const notJson = await fetch(`${srv.url}/admin/business-profile`, { method: "POST", body: "nope" });
     expect(notJson.status).toBe(400);
     // A failed replacement stored nothing.

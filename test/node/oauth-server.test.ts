@@ -887,31 +887,34 @@ describe("google profile", () => {
   });
 });
 
+/** Consent and code exchange by "app" without oauth4webapi's checks: the raw token response body. */
+async function tokenResponse(o: AuthorizeOptions = {}) {
+  const { params, verifier } = await authorize(o);
+  const res = await postForm(
+    "/token",
+    {
+      grant_type: "authorization_code",
+      code: params.get("code") ?? "",
+      redirect_uri: REDIRECT,
+      code_verifier: verifier,
+    },
+    { authorization: `Basic ${Buffer.from("app:s3cret").toString("base64")}` },
+  );
+  expect(res.status).toBe(200);
+  return (await res.json()) as Record<string, unknown> & {
+    access_token: string;
+    id_token?: string;
+    refresh_token?: string;
+    refresh_token_expires_in?: number;
+    scope: string;
+  };
+}
+
 describe("OpenID Connect", () => {
   const EMAIL_SCOPE = "https://www.googleapis.com/auth/userinfo.email";
   const PROFILE_SCOPE = "https://www.googleapis.com/auth/userinfo.profile";
   const BUSINESS_SCOPE = "https://www.googleapis.com/auth/business.manage";
   const jwks = () => createRemoteJWKSet(new URL(srv.jwksUri));
-
-  /** Consent and code exchange without oauth4webapi's checks: the raw token response body. */
-  async function tokenResponse(o: AuthorizeOptions = {}) {
-    const { params, verifier } = await authorize(o);
-    const clientId = o.clientId ?? "app";
-    const res = await postForm(
-      "/token",
-      {
-        grant_type: "authorization_code",
-        code: params.get("code") ?? "",
-        redirect_uri: REDIRECT,
-        code_verifier: verifier,
-      },
-      {
-        authorization: `Basic ${Buffer.from(`${clientId}:${clientId === "app" ? "s3cret" : "other-secret"}`).toString("base64")}`,
-      },
-    );
-    expect(res.status).toBe(200);
-    return (await res.json()) as Record<string, unknown> & { id_token?: string; refresh_token?: string; scope: string };
-  }
 
   async function rawRefreshBody(refreshToken: string) {
     const res = await rawRefresh(refreshToken);
@@ -1141,21 +1144,8 @@ describe("server clock and time-limited refresh tokens", () => {
   });
 
   /** A Google consent (offline, no forced screen unless asked) and its raw token response. */
-  async function consent(scope = `openid email ${BUSINESS}`, extra: Record<string, string> = {}) {
-    const { params, verifier } = await authorize({ scope, extra: { access_type: "offline", prompt: "", ...extra } });
-    const res = await postForm(
-      "/token",
-      {
-        grant_type: "authorization_code",
-        code: params.get("code") ?? "",
-        redirect_uri: REDIRECT,
-        code_verifier: verifier,
-      },
-      { authorization: `Basic ${Buffer.from("app:s3cret").toString("base64")}` },
-    );
-    expect(res.status).toBe(200);
-    return (await res.json()) as { access_token: string; refresh_token?: string; refresh_token_expires_in?: number };
-  }
+  const consent = (scope = `openid email ${BUSINESS}`, extra: Record<string, string> = {}) =>
+    tokenResponse({ scope, extra: { access_type: "offline", prompt: "", ...extra } });
 
   async function refreshBody(token: string) {
     const res = await rawRefresh(token);
