@@ -71,7 +71,9 @@ export async function runReseal(
     batchSize: flags.batchSize,
     maxBatches: flags.maxBatches,
     onBatch: (p) =>
-      print(`batch ${p.batches}: clients ${p.clients.resealed} resealed, tokens ${p.tokens.resealed} resealed`),
+      print(
+        `batch ${p.batches}: apps ${p.apps.resealed} resealed, clients ${p.clients.resealed} resealed, tokens ${p.tokens.resealed} resealed`,
+      ),
   });
   report(result, print);
   return result.remaining === 0 ? 0 : 1;
@@ -79,6 +81,7 @@ export async function runReseal(
 
 function report(result: ResealResult, print: (line: string) => void): void {
   for (const [table, counts] of [
+    ["apps", result.apps],
     ["clients", result.clients],
     ["tokens", result.tokens],
   ] as const) {

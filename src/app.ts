@@ -8,10 +8,12 @@ import { AppError, problemResponse, toAppError, validationFailed } from "./error
 import { presentedKey } from "./lib/api-key";
 import { matchesAny } from "./lib/crypto";
 import { describeError, logError } from "./lib/log";
+import { registerAppRoutes } from "./routes/apps";
 import { registerClientRoutes } from "./routes/clients";
 import { registerConsoleRoutes } from "./routes/console";
 import { registerDocsRoutes } from "./routes/docs";
 import { registerEventRoutes } from "./routes/events";
+import { registerGrantRoutes } from "./routes/grants";
 import { registerHealthRoutes } from "./routes/health";
 import { registerOAuthRoutes } from "./routes/oauth";
 import { RISC_PATH, registerRiscRoutes } from "./routes/risc";
@@ -51,7 +53,7 @@ export function createApp(): App {
     c.set("config", services.config);
     c.set("db", services.db);
     c.set("keyring", services.keyring);
-    c.set("provider", services.provider);
+    c.set("providers", services.providers);
     c.set("events", services.events);
     c.set("metrics", services.metrics);
     const baseUrl = `${new URL(c.req.url).origin}${BASE_PATH}`;
@@ -71,7 +73,9 @@ export function createApp(): App {
   app.use((c, next) => (c.req.path === `${BASE_PATH}${RISC_PATH}` ? next() : limitBody(c, next)));
 
   registerHealthRoutes(app);
+  registerAppRoutes(app);
   registerClientRoutes(app);
+  registerGrantRoutes(app);
   registerOAuthRoutes(app);
   registerTokenRoutes(app);
   registerEventRoutes(app);

@@ -3,7 +3,7 @@ import { createDb, type Db } from "./db/client";
 import { type Config, parseEnv } from "./env";
 import { type Keyring, loadKeyring } from "./lib/crypto";
 import { type Metrics, metricsOf } from "./lib/metrics";
-import { type Provider, providerFromConfig } from "./oauth/provider";
+import { type Providers, providersOf } from "./oauth/profiles";
 import { type EventContext, eventContext } from "./services/events";
 import type { Operator } from "./services/operations";
 
@@ -12,7 +12,8 @@ export interface Services {
   config: Config;
   db: Db;
   keyring: Keyring;
-  provider: Provider;
+  /** The provider of each app (src/oauth/profiles.ts). */
+  providers: Providers;
   /** Whether state changes queue their events for delivery, and whether one ran (see events.ts). */
   events: EventContext;
   /** Data points to the METRICS dataset; a no-op without the binding (src/lib/metrics.ts). */
@@ -31,7 +32,7 @@ export async function createServices(env: Env): Promise<Services> {
     keyring: await loadKeyring(config.TOKEN_ENCRYPTION_KEY, config.TOKEN_ENCRYPTION_PREVIOUS_KEYS, {
       acceptV1: config.TOKEN_ENCRYPTION_ACCEPT_V1,
     }),
-    provider: providerFromConfig(config),
+    providers: providersOf(config),
     events: eventContext(config.WEBHOOK_URL !== undefined),
     // Optional binding: absent in the tests and wherever wrangler.toml leaves it out.
     metrics: metricsOf(env.METRICS as AnalyticsEngineDataset | undefined),
@@ -51,12 +52,12 @@ export type AppContext = Context<AppEnv>;
 
 /** The request's services as src/services/operations.ts takes them. */
 export function operatorOf(c: AppContext): Operator {
-  const { config, db, keyring, provider, events, metrics, baseUrl } = c.var;
+  const { config, db, keyring, providers, events, metrics, baseUrl } = c.var;
   return {
     config,
     db,
     keyring,
-    provider,
+    providers,
     events,
     metrics,
     baseUrl,

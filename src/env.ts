@@ -127,6 +127,14 @@ const EnvFields = z.object({
   OAUTH_ALLOW_INSECURE_HTTP: flag,
   OAUTH_TIMEOUT_MS: z.coerce.number().int().positive().default(10_000),
   /**
+   * The `google` profile asks for `openid email` beside OAUTH_SCOPES and keeps one grant per Google
+   * account and app (the ID token's `sub`). Off: one grant per consent, as before apps.
+   */
+  OAUTH_OPENID: z
+    .enum(["true", "false", "1", "0"])
+    .default("true")
+    .transform((value) => value === "true" || value === "1"),
+  /**
    * Cross-Account Protection: the transmitter's configuration document (issuer, jwks_uri), which
    * says whose Security Event Tokens POST /risc accepts. Default Google's.
    */

@@ -167,13 +167,18 @@ export function toAppError(error: unknown): AppError {
  */
 function sealedValueUnreadable(error: SealedValueError): AppError {
   const { column, clientId } = error.binding;
-  const fix =
-    column === "clients.client_secret"
-      ? `set the client secret again (PATCH /clients/${clientId})`
-      : `connect the branch again with a new login link (GET /clients/${clientId}/login-url)`;
+  // A client secret is an app's (bound to the app's id); tokens are bound to the branch whose
+  // consent created their grant.
+  if (column === "clients.client_secret") {
+    return new AppError(
+      "sealed_value_unreadable",
+      `The stored client secret of app ${clientId} cannot be opened: it was altered, copied from another row, or sealed with a key that is no longer configured. To recover, set the app's client secret again (PATCH /apps/${clientId}).`,
+      { fields: { app_id: clientId }, cause: error },
+    );
+  }
   return new AppError(
     "sealed_value_unreadable",
-    `The stored ${column === "clients.client_secret" ? "client secret" : "token"} of client ${clientId} cannot be opened: it was altered, copied from another row, or sealed with a key that is no longer configured. To recover, ${fix}.`,
+    `The stored token of client ${clientId} cannot be opened: it was altered, copied from another row, or sealed with a key that is no longer configured. To recover, connect the branch again with a new login link (GET /clients/${clientId}/login-url).`,
     { fields: { client_id: clientId }, cause: error },
   );
 }

@@ -1,20 +1,19 @@
-import { desc, eq, getTableColumns, isNull, lte, or, sql } from "drizzle-orm";
+import { eq, getTableColumns, isNull, lte, or, sql } from "drizzle-orm";
 import type { Db } from "./client";
 import { clients, tokens } from "./schema";
 
 /** Query pieces shared by several services. */
 
 /**
- * The most recent token row of the client in the outer query, as a LATERAL subquery to
- * `leftJoinLateral(latest, sql\`true\`)` onto `clients`: it reads through the (client_id, id)
- * index, and PostgreSQL computes only the columns the outer query selects.
+ * The grant the branch in the outer query is served from (`clients.grant_id`), as a LATERAL
+ * subquery to `leftJoinLateral(latest, sql\`true\`)` onto `clients`: PostgreSQL computes only the
+ * columns the outer query selects.
  */
 export function latestTokenOfClient(db: Db) {
   return db
     .select(getTableColumns(tokens))
     .from(tokens)
-    .where(eq(tokens.clientId, clients.id))
-    .orderBy(desc(tokens.id))
+    .where(eq(tokens.id, clients.grantId))
     .limit(1)
     .as("latest_token");
 }

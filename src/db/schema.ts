@@ -1,9 +1,11 @@
 import { sql } from "drizzle-orm";
 import {
+  type AnyPgColumn,
   bigserial,
   boolean,
   index,
   integer,
+  jsonb,
   pgTable,
   primaryKey,
   serial,
@@ -16,53 +18,109 @@ export const TOKEN_STATUSES = ["active", "needs_reauth", "revoked"] as const;
 /** Why the last consent stored nothing (see src/services/authorization.ts). */
 export const CONSENT_PROBLEMS = ["scopes_not_granted", "no_refresh_token"] as const;
 
-/** One OAuth client per branch: the credentials this service uses at the provider. */
-export const clients = pgTable("clients", {
+export const APP_PROFILES = ["google", "oauth2"] as const;
+export type AppProfile = (typeof APP_PROFILES)[number];
+
+/**
+ * An OAuth client at a provider (src/services/apps.ts): its client id, its sealed secret and its
+ * provider profile (src/oauth/profiles.ts). Many branches share one app.
+ */
+export const apps = pgTable("apps", {
   id: serial("id").primaryKey(),
+  name: text("name").notNull(),
+  /** `google`: the provider the OAUTH_* variables describe; `oauth2`: the provider in `settings`. */
+  profile: text("profile", { enum: APP_PROFILES }).notNull().default("google"),
   clientId: text("client_id").notNull().unique(),
-  /** Sealed with the token encryption key (see src/lib/crypto.ts); never stored in plain text. */
+  /** Sealed with the token encryption key, bound to this row's id (label `clients.client_secret`). */
   clientSecret: text("client_secret").notNull(),
-  redirectUri: text("redirect_uri").notNull(),
-  branchId: text("branch_id").notNull().unique(),
-  workspaceEmail: text("workspace_email").notNull(),
-  workspaceName: text("workspace_name").notNull(),
-  /** Space-separated scopes for this client; null means OAUTH_SCOPES. */
-  scopes: text("scopes"),
-  isActive: boolean("is_active").notNull().default(true),
-  /**
-   * Nonce of the last authorization state presented at the callback. Claiming it with one
-   * conditional UPDATE lets only one of two concurrent callbacks for the same state exchange the code.
-   */
-  lastStateNonce: text("last_state_nonce"),
-  /** Set when the provider answered `invalid_client`: the stored credentials need fixing. */
+  /** The `oauth2` profile's provider (issuer, endpoints, scopes…); null for `google`. */
+  settings: jsonb("settings"),
+  /** Set when the provider answered `invalid_client`: the app's credentials need fixing. */
   credentialsRejectedAt: timestamp("credentials_rejected_at", { withTimezone: true }),
-  /**
-   * Sequence number of the branch's latest event (see `events.seq`). Bumped in the statement that
-   * writes the event, so the row lock orders concurrent events of one branch.
-   */
-  eventSeq: integer("event_seq").notNull().default(0),
-  /**
-   * Login links issued (and admin-started consents begun) before this instant no longer work.
-   * Revoking links moves it to now; a consent that stores tokens moves it past its link's issue
-   * time in the same transaction, so a link is single use and of two racing callbacks one stores.
-   */
-  loginLinksValidAfter: timestamp("login_links_valid_after", { withTimezone: true }),
-  /** The last consent stored nothing because of this (cleared when one stores tokens). */
-  consentProblem: text("consent_problem", { enum: CONSENT_PROBLEMS }),
-  consentProblemDetail: text("consent_problem_detail"),
-  consentProblemAt: timestamp("consent_problem_at", { withTimezone: true }),
+  /** A grant of this google app died about 7 days after its consent: probably in Testing publishing status. */
+  testingSuspectedAt: timestamp("testing_suspected_at", { withTimezone: true }),
   createdAt: timestamp("created_at", { withTimezone: true }).notNull().defaultNow(),
   updatedAt: timestamp("updated_at", { withTimezone: true }).notNull().defaultNow(),
 });
 
-/** Tokens obtained for a client. At most one row per client is current (`is_valid`). */
+/**
+ * Branches (business locations; the API calls them clients). A branch uses an app and points at the
+ * grant it is served from (`grant_id`); many branches may share one grant.
+ */
+export const clients = pgTable(
+  "clients",
+  {
+    id: serial("id").primaryKey(),
+    /** Before apps (migration 0006): the branch's own OAuth client. Null for branches registered since. */
+    clientId: text("client_id").unique(),
+    /** Before apps: the branch's own sealed secret. Null for branches registered since. */
+    clientSecret: text("client_secret"),
+    appId: integer("app_id").references(() => apps.id),
+    /** The grant this branch is served from; null while it was never connected. */
+    grantId: integer("grant_id").references((): AnyPgColumn => tokens.id, { onDelete: "set null" }),
+    /** What the branch stands for at the provider (Google Business Profile: `accounts/…/locations/…`). */
+    providerResource: text("provider_resource"),
+    redirectUri: text("redirect_uri").notNull(),
+    branchId: text("branch_id").notNull().unique(),
+    workspaceEmail: text("workspace_email").notNull(),
+    workspaceName: text("workspace_name").notNull(),
+    /** Space-separated scopes for this client; null means OAUTH_SCOPES. */
+    scopes: text("scopes"),
+    isActive: boolean("is_active").notNull().default(true),
+    /**
+     * Nonce of the last authorization state presented at the callback. Claiming it with one
+     * conditional UPDATE lets only one of two concurrent callbacks for the same state exchange the code.
+     */
+    lastStateNonce: text("last_state_nonce"),
+    /** Set when the provider answered `invalid_client`: the stored credentials need fixing. */
+    credentialsRejectedAt: timestamp("credentials_rejected_at", { withTimezone: true }),
+    /**
+     * Sequence number of the branch's latest event (see `events.seq`). Bumped in the statement that
+     * writes the event, so the row lock orders concurrent events of one branch.
+     */
+    eventSeq: integer("event_seq").notNull().default(0),
+    /**
+     * Login links issued (and admin-started consents begun) before this instant no longer work.
+     * Revoking links moves it to now; a consent that stores tokens moves it past its link's issue
+     * time in the same transaction, so a link is single use and of two racing callbacks one stores.
+     */
+    loginLinksValidAfter: timestamp("login_links_valid_after", { withTimezone: true }),
+    /** The last consent stored nothing because of this (cleared when one stores tokens). */
+    consentProblem: text("consent_problem", { enum: CONSENT_PROBLEMS }),
+    consentProblemDetail: text("consent_problem_detail"),
+    consentProblemAt: timestamp("consent_problem_at", { withTimezone: true }),
+    createdAt: timestamp("created_at", { withTimezone: true }).notNull().defaultNow(),
+    updatedAt: timestamp("updated_at", { withTimezone: true }).notNull().defaultNow(),
+  },
+  (t) => [index("clients_grant_id_idx").on(t.grantId), index("clients_app_id_idx").on(t.appId)],
+);
+
+/**
+ * Grants (src/services/grants.ts): a provider account's authorization on an app, with its tokens,
+ * status, refresh lease and failure record. Branches point at it (`clients.grant_id`).
+ */
 export const tokens = pgTable(
   "tokens",
   {
     id: serial("id").primaryKey(),
-    clientId: integer("client_id")
-      .notNull()
-      .references(() => clients.id, { onDelete: "cascade" }),
+    /**
+     * The branch whose consent created the grant. The sealed tokens are bound to this id (see
+     * src/lib/crypto.ts), so it never changes, even when that branch is deleted.
+     */
+    clientId: integer("client_id").notNull(),
+    appId: integer("app_id").references(() => apps.id),
+    /** The account at the provider: the ID token's `sub`; null without OpenID Connect (one grant per consent). */
+    subject: text("subject"),
+    /** The account's email from the ID token, for display. */
+    email: text("email"),
+    /** The last consent that stored tokens on this grant. */
+    consentedAt: timestamp("consented_at", { withTimezone: true }),
+    /** Time-limited access (`refresh_token_expires_in`): when the refresh token stops working. */
+    refreshTokenExpiresAt: timestamp("refresh_token_expires_at", { withTimezone: true }),
+    /** When connection.expiring was written for the current end of access. */
+    expiryWarnedAt: timestamp("expiry_warned_at", { withTimezone: true }),
+    /** Refresh tokens the provider minted for this (app, account) through this service. */
+    refreshTokensMinted: integer("refresh_tokens_minted").notNull().default(0),
     /** Sealed; see clients.clientSecret. */
     accessToken: text("access_token").notNull(),
     /** Sealed; null when the provider never issued one. */
@@ -90,7 +148,7 @@ export const tokens = pgTable(
   (t) => [
     index("tokens_client_id_id_idx").on(t.clientId, t.id),
     index("tokens_refresh_due_idx").on(t.expiresAt).where(sql`${t.isValid} and ${t.status} = 'active'`),
-    uniqueIndex("tokens_one_valid_per_client_idx").on(t.clientId).where(sql`${t.isValid}`),
+    uniqueIndex("tokens_app_subject_idx").on(t.appId, t.subject).where(sql`${t.subject} is not null`),
   ],
 );
 
@@ -103,6 +161,8 @@ export const EVENT_TYPES = [
   "connection.recovered",
   "connection.revoked",
   "connection.deleted",
+  "connection.expiring",
+  "grant.token_limit_near",
   "client.deactivated",
   "client.reactivated",
 ] as const;
@@ -130,6 +190,8 @@ export const events = pgTable(
     clientId: integer("client_id").notNull(),
     /** The branch as callers name it in /tokens/{branch_id}; copied so it survives the client. */
     branchId: text("branch_id").notNull(),
+    /** The grant the change happened to, when it was one. */
+    grantId: integer("grant_id"),
     /** Per-branch order (1, 2, …), visible even when deliveries overtake each other. */
     seq: integer("seq").notNull(),
     statusBefore: text("status_before").notNull(),
@@ -189,3 +251,4 @@ export const securityEvents = pgTable(
 export type EventRow = typeof events.$inferSelect;
 export type ClientRow = typeof clients.$inferSelect;
 export type TokenRow = typeof tokens.$inferSelect;
+export type AppRow = typeof apps.$inferSelect;

@@ -8,6 +8,8 @@ import type { Config } from "../env";
  */
 
 export interface Provider {
+  /** Which built-in profile it comes from (src/oauth/profiles.ts). */
+  profile: "google" | "oauth2";
   as: oauth.AuthorizationServer;
   authorizationUrl: string;
   defaultScopes: string;
@@ -16,6 +18,13 @@ export interface Provider {
   timeoutMs: number;
   allowInsecureHttp: boolean;
   fetch: typeof fetch;
+  /**
+   * OpenID Connect: the flow also asks for `identityScopes`, the code exchange must return an ID
+   * token (validated as OpenID Connect Core 3.1.3.7 says for the code flow) and the account's `sub`
+   * names the grant. Off: one grant per consent.
+   */
+  openid: boolean;
+  identityScopes: string;
 }
 
 export interface ClientCredentials {
@@ -30,6 +39,10 @@ export interface IssuedTokens {
   scope: string | undefined;
   /** Seconds; undefined when the provider did not say. */
   expiresIn: number | undefined;
+  /** Time-limited access (Google's `refresh_token_expires_in`): seconds the refresh token has left. */
+  refreshTokenExpiresIn?: number | undefined;
+  /** The account that consented, from the validated ID token (OpenID Connect only). */
+  account?: { subject: string; email: string | null } | undefined;
 }
 
 export type ProviderFailureKind =
@@ -59,16 +72,23 @@ export class ProviderError extends Error {
   }
 }
 
+/** The `google` profile: the provider the OAUTH_* variables describe (Google's by default). */
 export function providerFromConfig(config: Config, fetchImpl: typeof fetch = fetch): Provider {
   return {
-    as: {
-      // Not the token URL's origin: Google's issuer (accounts.google.com) is another origin than
-      // its token endpoint (oauth2.googleapis.com), and it sends `iss` in the authorization response.
-      issuer: config.OAUTH_ISSUER,
-      authorization_endpoint: config.OAUTH_AUTHORIZATION_URL,
-      token_endpoint: config.OAUTH_TOKEN_URL,
-      ...(config.OAUTH_REVOCATION_URL ? { revocation_endpoint: config.OAUTH_REVOCATION_URL } : {}),
-    },
+    profile: "google",
+    as: withIssuerAliases(
+      {
+        // Not the token URL's origin: Google's issuer (accounts.google.com) is another origin than
+        // its token endpoint (oauth2.googleapis.com), and it sends `iss` in the authorization response.
+        issuer: config.OAUTH_ISSUER,
+        authorization_endpoint: config.OAUTH_AUTHORIZATION_URL,
+        token_endpoint: config.OAUTH_TOKEN_URL,
+        ...(config.OAUTH_REVOCATION_URL ? { revocation_endpoint: config.OAUTH_REVOCATION_URL } : {}),
+      },
+      // Google's ID tokens carry `iss` with or without the scheme (accounts.google.com), as its
+      // OpenID Connect documentation warns: both name the configured issuer.
+      [config.OAUTH_ISSUER.replace(/^https?:\/\//, "")],
+    ),
     authorizationUrl: config.OAUTH_AUTHORIZATION_URL,
     defaultScopes: config.OAUTH_SCOPES,
     extraAuthorizationParams: new URLSearchParams(config.OAUTH_EXTRA_AUTHORIZATION_PARAMS),
@@ -76,7 +96,33 @@ export function providerFromConfig(config: Config, fetchImpl: typeof fetch = fet
     timeoutMs: config.OAUTH_TIMEOUT_MS,
     allowInsecureHttp: config.OAUTH_ALLOW_INSECURE_HTTP,
     fetch: fetchImpl,
+    openid: config.OAUTH_OPENID,
+    identityScopes: config.OAUTH_OPENID ? "openid email" : "",
   };
+}
+
+/**
+ * oauth4webapi's hook for an ID token `iss` other than the issuer (exported for openid-client, which
+ * uses it for this very Google quirk; not in its type declarations).
+ */
+const EXPECTED_ISSUER = (oauth as unknown as { _expectedIssuer: symbol })._expectedIssuer;
+
+/** An authorization server whose ID tokens may name it by `aliases` too. */
+export function withIssuerAliases(as: oauth.AuthorizationServer, aliases: string[]): oauth.AuthorizationServer {
+  const accepted = new Set([as.issuer, ...aliases]);
+  return Object.assign(as, {
+    [EXPECTED_ISSUER]: (result: { claims: { iss?: unknown } }) =>
+      typeof result.claims.iss === "string" && accepted.has(result.claims.iss) ? result.claims.iss : as.issuer,
+  });
+}
+
+/** The scopes a consent asks for: the branch's own or the provider's, plus the identity scopes. */
+export function scopesToRequest(provider: Provider, scopes: string | null): string {
+  const asked = (scopes ?? provider.defaultScopes).split(" ").filter(Boolean);
+  for (const scope of provider.identityScopes.split(" ").filter(Boolean)) {
+    if (!asked.includes(scope)) asked.push(scope);
+  }
+  return asked.join(" ");
 }
 
 export interface AuthorizationRequest {
@@ -85,6 +131,8 @@ export interface AuthorizationRequest {
   scopes: string;
   state: string;
   codeChallenge: string;
+  /** OpenID Connect: the nonce the ID token must carry. */
+  nonce?: string | undefined;
   /** Ask the provider to show its consent screen again (`prompt=consent`). */
   forceConsent?: boolean;
 }
@@ -99,6 +147,7 @@ export function buildAuthorizationUrl(provider: Provider, request: Authorization
   url.searchParams.set("state", request.state);
   url.searchParams.set("code_challenge", request.codeChallenge);
   url.searchParams.set("code_challenge_method", "S256");
+  if (request.nonce !== undefined) url.searchParams.set("nonce", request.nonce);
   if (request.forceConsent) {
     const prompts = new Set((url.searchParams.get("prompt") ?? "").split(" ").filter(Boolean));
     prompts.add("consent");
@@ -129,6 +178,7 @@ export async function exchangeCode(
   expectedState: string,
   redirectUri: string,
   codeVerifier: string,
+  nonce?: string,
 ): Promise<IssuedTokens> {
   const client: oauth.Client = { client_id: credentials.clientId };
   let params: URLSearchParams;
@@ -147,9 +197,23 @@ export async function exchangeCode(
       codeVerifier,
       options,
     );
-    return oauth.processAuthorizationCodeResponse(provider.as, client, response);
+    if (!provider.openid) return oauth.processAuthorizationCodeResponse(provider.as, client, response);
+    // OpenID Connect Core 3.1.3.7 for the code flow: iss, aud (azp), exp, iat and the nonce are
+    // checked; the signature may be left unchecked because the token came straight from the token
+    // endpoint over TLS (http only for a local server, OAUTH_ALLOW_INSECURE_HTTP).
+    const result = await oauth.processAuthorizationCodeResponse(provider.as, client, response, {
+      expectedNonce: nonce ?? oauth.expectNoNonce,
+      requireIdToken: true,
+    });
+    const claims = oauth.getValidatedIdTokenClaims(result)!;
+    return Object.assign(result, {
+      [ACCOUNT]: { subject: claims.sub, email: typeof claims.email === "string" ? claims.email : null },
+    });
   });
 }
+
+/** Where callTokenEndpoint finds the account a code exchange validated. */
+const ACCOUNT = Symbol("account");
 
 export async function refreshGrant(
   provider: Provider,
@@ -223,7 +287,14 @@ async function callTokenEndpoint(
     tokenType: result.token_type.toLowerCase() === "bearer" ? "Bearer" : result.token_type,
     scope: result.scope,
     expiresIn: result.expires_in,
+    refreshTokenExpiresIn: positiveNumber(result.refresh_token_expires_in),
+    account: (result as { [ACCOUNT]?: IssuedTokens["account"] })[ACCOUNT],
   };
+}
+
+function positiveNumber(value: unknown): number | undefined {
+  const n = typeof value === "string" ? Number(value) : value;
+  return typeof n === "number" && Number.isFinite(n) && n > 0 ? n : undefined;
 }
 
 export function classify(error: unknown, timeoutMs: number): ProviderError {

@@ -1,9 +1,10 @@
 import { createRoute, z } from "@hono/zod-openapi";
 import type { App } from "../app";
 import { operatorOf } from "../context";
-import type { ClientRow, TokenRow } from "../db/schema";
+import type { TokenRow } from "../db/schema";
 import { requireKey } from "../lib/api-key";
 import {
+  type BranchRow,
   type ClientChanges,
   type ClientWithToken,
   connectionStatus,
@@ -14,7 +15,16 @@ import {
 import { changeClient, newLoginLink, registerBranch, removeClient, revokeLoginLinks } from "../services/operations";
 import { API_KEY_SECURITY, jsonContent as json, problem } from "./schemas";
 
-const LIMITS = { id: 255, secret: 1024, url: 2048, branch: 128, email: 320, name: 255, scopes: 2048 } as const;
+const LIMITS = {
+  id: 255,
+  secret: 1024,
+  url: 2048,
+  branch: 128,
+  email: 320,
+  name: 255,
+  scopes: 2048,
+  resource: 512,
+} as const;
 
 const text = (max: number) =>
   z.string().trim().min(1, "must not be empty").max(max, `must be at most ${max} characters`);
@@ -34,6 +44,9 @@ export const ClientBody = z
     workspace_email: z.email("must be an email address").max(LIMITS.email),
     workspace_name: text(LIMITS.name),
     scopes: text(LIMITS.scopes).optional(),
+    provider_resource: text(LIMITS.resource)
+      .optional()
+      .describe("What the branch stands for at the provider (Google Business Profile: accounts/…/locations/…)."),
   })
   .strict()
   .openapi("NewClient");
@@ -46,6 +59,7 @@ export const ClientPatch = z
     workspace_name: text(LIMITS.name),
     scopes: text(LIMITS.scopes).nullable(),
     is_active: z.boolean(),
+    provider_resource: text(LIMITS.resource).nullable(),
   })
   .partial()
   .strict()
@@ -73,7 +87,10 @@ const Connection = z.object({
 const ClientView = z
   .object({
     client_id: z.number().int().describe("Internal id (the old service's client_id)."),
-    client_oauth_id: z.string(),
+    client_oauth_id: z.string().describe("The OAuth client id of the branch's app."),
+    app_id: z.number().int().nullable().describe("The app the branch uses (GET /apps/{id})."),
+    grant_id: z.number().int().nullable().describe("The grant the branch is served from; null until connected."),
+    provider_resource: z.string().nullable(),
     branch_id: z.string(),
     branch_identifier: z.string(),
     email: z.string(),
@@ -391,6 +408,7 @@ export function newClientOf(body: z.infer<typeof ClientBody>): NewClient {
     workspaceEmail: body.workspace_email,
     workspaceName: body.workspace_name,
     scopes: body.scopes,
+    providerResource: body.provider_resource,
   };
 }
 
@@ -403,13 +421,17 @@ export function clientChangesOf(body: z.infer<typeof ClientPatch>): ClientChange
     workspaceName: body.workspace_name,
     scopes: body.scopes,
     isActive: body.is_active,
+    providerResource: body.provider_resource,
   };
 }
 
-export function clientView({ client, token }: { client: ClientRow; token: TokenRow | null }) {
+export function clientView({ client, token }: { client: BranchRow; token: TokenRow | null }) {
   return {
     client_id: client.id,
     client_oauth_id: client.clientId,
+    app_id: client.appId,
+    grant_id: client.grantId,
+    provider_resource: client.providerResource,
     branch_id: client.branchId,
     branch_identifier: client.branchId,
     email: client.workspaceEmail,

@@ -83,7 +83,7 @@ export function registerOAuthRoutes(app: App): void {
         const start = await startLogin(
           c.var.db,
           c.var.keyring,
-          c.var.provider,
+          c.var.providers,
           clientId,
           getCookie(c, cookie.name),
           now,

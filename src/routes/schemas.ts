@@ -24,3 +24,113 @@ export const jsonContent = <T extends z.ZodType>(schema: T) => ({ "application/j
 
 /** Every route but the browser ones takes an API key (registered as `apiKey` in src/app.ts). */
 export const API_KEY_SECURITY = [{ apiKey: [] }];
+
+/** A positive int4 id in a path (`/apps/{id}`, `/grants/{id}`, `/clients/{id}`). */
+export const IdParam = z.object({
+  id: z.coerce
+    .number()
+    .int()
+    .positive()
+    .max(2_147_483_647)
+    .openapi({ param: { name: "id", in: "path" }, example: 1 }),
+});
+
+const appText = (max: number) =>
+  z.string().trim().min(1, "must not be empty").max(max, `must be at most ${max} characters`);
+
+const httpsUrl = z.url({ protocol: /^https?$/ }).max(2048);
+
+/** The `oauth2` profile's provider: explicit URLs, or a discovery document to read them from. */
+export const OAuth2SettingsBody = z
+  .object({
+    issuer: httpsUrl.optional(),
+    authorization_url: httpsUrl.optional(),
+    token_url: httpsUrl.optional(),
+    revocation_url: httpsUrl.optional(),
+    discovery_url: httpsUrl
+      .optional()
+      .describe("An OpenID Connect discovery document (or RFC 8414 metadata): the URLs are read from it."),
+    scopes: appText(2000),
+    extra_authorization_params: z.string().max(2000).optional(),
+    client_auth_method: z.enum(["client_secret_basic", "client_secret_post"]).optional(),
+    openid: z.boolean().optional(),
+    issuer_aliases: z.array(appText(300)).max(5).optional(),
+  })
+  .strict()
+  .refine(
+    (body) => body.discovery_url !== undefined || (body.issuer && body.authorization_url && body.token_url),
+    "give discovery_url, or issuer, authorization_url and token_url",
+  )
+  .openapi("OAuth2Settings");
+
+/** POST /apps' body. */
+export const AppBody = z
+  .object({
+    name: appText(255),
+    profile: z.enum(["google", "oauth2"]).default("google"),
+    client_id: appText(255),
+    client_secret: appText(1024),
+    settings: OAuth2SettingsBody.optional().describe("Required for the oauth2 profile; not allowed for google."),
+  })
+  .strict()
+  .refine((body) => (body.profile === "oauth2") === (body.settings !== undefined), {
+    message: "settings are required for the oauth2 profile and not allowed for google",
+    path: ["settings"],
+  })
+  .openapi("NewApp");
+
+/** PATCH /apps/{id}'s body. */
+export const AppPatch = z
+  .object({
+    name: appText(255),
+    client_secret: appText(1024),
+    settings: OAuth2SettingsBody,
+  })
+  .partial()
+  .strict()
+  .refine((body) => Object.keys(body).length > 0, "give at least one field to change")
+  .openapi("AppChanges");
+
+export const AppView = z
+  .object({
+    app_id: z.number().int(),
+    name: z.string(),
+    profile: z.enum(["google", "oauth2"]),
+    client_id: z.string().describe("The OAuth client id at the provider (the secret is never returned)."),
+    settings: z.record(z.string(), z.unknown()).nullable(),
+    credentials_rejected: z.boolean(),
+    testing_suspected_at: z
+      .string()
+      .nullable()
+      .describe(
+        "Set when a grant died about 7 days after its consent: the app is probably in Testing publishing status.",
+      ),
+    branches: z.number().int(),
+    grants: z.number().int().describe("Connected grants."),
+    created_at: z.string(),
+    updated_at: z.string(),
+  })
+  .openapi("App");
+
+export const GrantView = z
+  .object({
+    grant_id: z.number().int(),
+    app_id: z.number().int(),
+    app_name: z.string(),
+    account: z
+      .object({ subject: z.string().nullable(), email: z.string().nullable() })
+      .describe("The provider account (OpenID Connect `sub`); null without OpenID Connect."),
+    status: z.string(),
+    expires_at: z.string(),
+    last_refreshed_at: z.string().nullable(),
+    last_error: z.string().nullable(),
+    consented_at: z.string().nullable(),
+    access_ends_at: z.string().nullable().describe("Time-limited access: when the refresh token stops working."),
+    refresh_tokens_minted: z.number().int(),
+    token_limit_near: z.boolean().describe("At or past the warning mark of Google's 100 tokens per account and app."),
+    branches: z.array(z.object({ client_id: z.number().int(), branch_id: z.string() })),
+  })
+  .openapi("Grant");
+
+/** PUT /clients/{id}/grant's body. */
+export const AttachBody = z.object({ grant_id: z.number().int().positive().max(2_147_483_647) }).strict();

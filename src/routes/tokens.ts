@@ -27,6 +27,10 @@ const TokenView = z
     token_type: z.string(),
     scope: z.string().nullable(),
     refreshed: z.boolean(),
+    provider_resource: z
+      .string()
+      .nullable()
+      .describe("What the branch stands for at the provider (Google Business Profile: accounts/…/locations/…)."),
   })
   .openapi("AccessToken");
 
@@ -173,5 +177,6 @@ function tokenView(token: CachedToken, now: Date) {
     token_type: token.tokenType,
     scope: token.scope,
     refreshed: token.refreshed,
+    provider_resource: token.providerResource,
   };
 }

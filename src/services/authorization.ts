@@ -1,10 +1,11 @@
-import { and, desc, eq, isNull, lte, ne, notExists, or, type SQL, sql } from "drizzle-orm";
+import { and, eq, isNull, lte, ne, notExists, or, type SQL, sql } from "drizzle-orm";
 import type { Db } from "../db/client";
-import { type ClientRow, clients, type TokenRow, tokens } from "../db/schema";
+import { type AppRow, apps, type ClientRow, clients, type TokenRow, tokens } from "../db/schema";
 import { AppError, sqlState } from "../errors";
 import { CryptoError, type Keyring, open, seal } from "../lib/crypto";
 import { toBase64Url, utf8 } from "../lib/encoding";
 import { describeError, logInfo, logWarn } from "../lib/log";
+import type { Providers } from "../oauth/profiles";
 import {
   buildAuthorizationUrl,
   type ClientCredentials,
@@ -14,10 +15,20 @@ import {
   type Provider,
   ProviderError,
   revokeToken,
+  scopesToRequest,
   unexpectedIssuer,
 } from "../oauth/provider";
-import { clientCredentials, clientNotFound, revokeGrant } from "./clients";
-import { clientEvent, currentStatusSql, type EventContext, noteEvents, withEvents } from "./events";
+import { appCredentials } from "./apps";
+import { clientNotFound, revokeGrant } from "./clients";
+import {
+  clientEvent,
+  currentStatusSql,
+  type EventContext,
+  noteEvents,
+  tokenChangeReturning,
+  tokenChangeWithEvents,
+} from "./events";
+import { tokenLimitEvent } from "./grants";
 import { linkStillValid } from "./login-links";
 import { expiryOf, lifetimeOf } from "./refresh-policy";
 
@@ -66,6 +77,8 @@ interface StatePayload {
   a: number;
   /** The consent screen was forced (prompt=consent): a new refresh token then proves nothing. */
   p: boolean;
+  /** OpenID Connect: the nonce the ID token must carry. */
+  o?: string;
 }
 
 export interface LoginStart {
@@ -80,14 +93,20 @@ export interface LoginStart {
 export async function startLogin(
   db: Db,
   keyring: Keyring,
-  provider: Provider,
+  providers: Providers,
   clientId: number,
   existingBinding: string | undefined,
   now: Date,
   linkIssuedAt: Date | null,
 ): Promise<LoginStart> {
-  const [client] = await db.select().from(clients).where(eq(clients.id, clientId));
-  if (!client?.isActive) throw clientNotFound(clientId);
+  const [found] = await db
+    .select({ client: clients, app: apps })
+    .from(clients)
+    .innerJoin(apps, eq(apps.id, clients.appId))
+    .where(eq(clients.id, clientId));
+  if (!found?.client.isActive) throw clientNotFound(clientId);
+  const { client, app } = found;
+  const provider = providers.of(app);
   const authority = linkIssuedAt ?? now;
   if (!linkStillValid(client, authority)) {
     throw new AppError(
@@ -98,8 +117,10 @@ export async function startLogin(
   // Reusing the browser's binding lets one operator connect several branches in parallel tabs.
   const binding = existingBinding && /^[A-Za-z0-9_-]{32,64}$/.test(existingBinding) ? existingBinding : randomToken();
   const pkce = await createPkcePair();
-  // After a consent that brought no refresh token, the next one asks for the consent screen.
+  // After a consent that brought no refresh token, the next one asks for the consent screen. Never
+  // otherwise: an account connecting its tenth location must not mint a tenth refresh token.
   const forceConsent = client.consentProblem === "no_refresh_token";
+  const nonce = provider.openid ? randomToken() : undefined;
   const payload: StatePayload = {
     c: client.id,
     v: pkce.verifier,
@@ -108,14 +129,16 @@ export async function startLogin(
     e: now.getTime() + STATE_TTL_SECONDS * 1000,
     a: authority.getTime(),
     p: forceConsent || forcesConsent(provider.extraAuthorizationParams),
+    ...(nonce === undefined ? {} : { o: nonce }),
   };
   const state = await seal(keyring, JSON.stringify(payload), "oauth.state");
   const url = buildAuthorizationUrl(provider, {
-    clientId: client.clientId,
+    clientId: app.clientId,
     redirectUri: client.redirectUri,
-    scopes: requestedScopes(client, provider),
+    scopes: scopesToRequest(provider, client.scopes),
     state,
     codeChallenge: pkce.challenge,
+    nonce,
     forceConsent,
   });
   return { redirectTo: url.toString(), bindingCookie: binding };
@@ -123,6 +146,8 @@ export async function startLogin(
 
 export interface CallbackResult {
   client: ClientRow;
+  /** Every branch served from the grant the consent stored (their cached tokens are stale). */
+  branchIds: string[];
   expiresAt: Date;
   scope: string | null;
   hasRefreshToken: boolean;
@@ -134,7 +159,7 @@ export type Defer = (work: Promise<unknown>) => void;
 export async function completeLogin(
   db: Db,
   keyring: Keyring,
-  provider: Provider,
+  providers: Providers,
   params: URLSearchParams,
   binding: string | undefined,
   now: Date,
@@ -145,6 +170,8 @@ export async function completeLogin(
   const state = params.get("state");
   if (!state) throw new AppError("invalid_state", "The callback has no state. Start again from your login link.");
   const payload = await openState(keyring, state);
+  const app = await appOfBranch(db, payload.c);
+  const provider = providers.of(app);
   if (payload.e <= now.getTime()) {
     throw new AppError("invalid_state", "This sign-in took too long and expired. Start again from your login link.");
   }
@@ -171,15 +198,15 @@ export async function completeLogin(
     );
   }
   const client = await claimState(db, payload);
-  const credentials = await clientCredentials(keyring, client);
+  const credentials = await appCredentials(keyring, app);
 
   let issued: IssuedTokens;
   const sentAt = new Date(now.getTime() + (Date.now() - started));
   try {
-    issued = await exchangeCode(provider, credentials, params, state, client.redirectUri, payload.v);
+    issued = await exchangeCode(provider, credentials, params, state, client.redirectUri, payload.v, payload.o);
   } catch (error) {
     if (error instanceof ProviderError && error.kind === "invalid_client") {
-      await recordRejectedCredentials(db, events, client.id, error, now);
+      await recordRejectedCredentials(db, events, client.id, app.id, error, now);
     }
     if (error instanceof ProviderError && error.transient) {
       // The provider failed or did not answer (5xx, timeout, network): let the same callback be retried.
@@ -199,27 +226,34 @@ export async function completeLogin(
     run(settled);
   };
   try {
-    const previous = await latestToken(db, client.id);
+    const previous = client.grantId === null ? undefined : await grantById(db, client.grantId);
+    // OpenID Connect: the account's grant on this app, if one is stored (a consent joins it).
+    const joined = issued.account ? await grantOfAccount(db, app.id, issued.account.subject) : undefined;
+    const joinedLive = joined?.isValid === true && joined.status === "active" && joined.refreshToken !== null;
     // A new refresh token obtained without forcing the consent screen proves the account held no
     // live grant for this client (Google issues one only on the first consent): whatever we hold
     // belongs to another grant, and revoking it cannot touch the new one. Otherwise (no new
     // refresh token, or prompt=consent) the old and new tokens may be one grant: revoking either
-    // would revoke both, so nothing is revoked.
-    const distinctGrant = issued.refreshToken !== undefined && !payload.p;
+    // would revoke both, so nothing is revoked. A grant of the same account is never revoked.
+    const distinctGrant = issued.refreshToken !== undefined && !payload.p && joined === undefined;
     const holdsHealthyGrant = previous?.isValid === true && previous.status === "active";
 
-    const missing = missingScopes(requestedScopes(client, provider), issued.scope);
+    const missing = missingScopes(client.scopes ?? provider.defaultScopes, issued.scope);
     if (missing.length > 0) {
       await recordConsentProblem(db, client.id, "scopes_not_granted", `not granted: ${missing.join(" ")}`, now);
-      // The partial grant is of no use; revoking it must not take a healthy grant of the same account with it.
-      if (distinctGrant || !holdsHealthyGrant) later(discardIssued(provider, credentials, issued, client.id));
+      // The partial grant is of no use; revoking it must not take a stored grant of the same account
+      // (at Google, revoking any token of an account ends all of that account's tokens on the app).
+      if (joined === undefined && (distinctGrant || !holdsHealthyGrant)) {
+        later(discardIssued(provider, credentials, issued, client.id));
+      }
       throw new AppError(
         "authorization_denied",
         `Not every permission was granted (missing: ${missing.join(" ")}). Nothing was stored${holdsHealthyGrant ? "; the existing connection is kept" : ""}. Open the login link again and leave every permission ticked.`,
         { fields: { missing_scopes: missing } },
       );
     }
-    if (issued.refreshToken === undefined && !previous?.refreshToken) {
+    const carried = joined ? (joinedLive ? joined.refreshToken : null) : (previous?.refreshToken ?? null);
+    if (issued.refreshToken === undefined && !carried) {
       await recordConsentProblem(
         db,
         client.id,
@@ -235,25 +269,60 @@ export async function completeLogin(
     }
 
     const expiresAt = expiryOf(issued, sentAt);
-    const stored = await storeTokens(db, keyring, events, client.id, issued, expiresAt, now, payload);
+    const stored = await storeTokens(db, keyring, events, client, app, issued, expiresAt, now, payload, {
+      joined,
+      previous,
+      carried: joined ? null : (previous?.refreshToken ?? null),
+    });
     if (!stored) {
       // Another consent for this branch stored first, or the links were revoked meanwhile.
       if (distinctGrant) later(discardIssued(provider, credentials, issued, client.id));
       throw supersededFlow();
     }
-    // The new grant is stored: the one it replaced is revoked at the provider (best effort).
-    if (previous && distinctGrant && (previous.refreshToken !== null || previous.isValid)) {
+    // The new grant is stored: the one it replaced is revoked at the provider (best effort), when
+    // no branch is served from it any more and it is another account's.
+    if (
+      previous &&
+      previous.id !== stored.grantId &&
+      (distinctGrant || (issued.account !== undefined && previous.subject !== issued.account.subject)) &&
+      (previous.refreshToken !== null || previous.isValid) &&
+      stored.previousOrphaned
+    ) {
       later(revokeReplaced(keyring, provider, credentials, previous));
     }
-    return { client, expiresAt, scope: issued.scope ?? null, hasRefreshToken: issued.refreshToken !== undefined };
+    return {
+      client,
+      branchIds: stored.branchIds,
+      expiresAt,
+      scope: issued.scope ?? null,
+      hasRefreshToken: issued.refreshToken !== undefined,
+    };
   } finally {
     if (!defer) await Promise.all(background);
   }
 }
 
-/** The scopes the flow asks for: the client's own, else the configured ones. */
-function requestedScopes(client: ClientRow, provider: Provider): string {
-  return client.scopes ?? provider.defaultScopes;
+async function appOfBranch(db: Db, clientId: number): Promise<AppRow> {
+  const [row] = await db
+    .select({ app: apps })
+    .from(clients)
+    .innerJoin(apps, eq(apps.id, clients.appId))
+    .where(eq(clients.id, clientId));
+  if (!row) throw clientNotFound(clientId);
+  return row.app;
+}
+
+async function grantById(db: Db, id: number): Promise<TokenRow | undefined> {
+  const [row] = await db.select().from(tokens).where(eq(tokens.id, id));
+  return row;
+}
+
+async function grantOfAccount(db: Db, appId: number, subject: string): Promise<TokenRow | undefined> {
+  const [row] = await db
+    .select()
+    .from(tokens)
+    .where(and(eq(tokens.appId, appId), eq(tokens.subject, subject)));
+  return row;
 }
 
 /**
@@ -268,11 +337,6 @@ export function missingScopes(requested: string, granted: string | undefined): s
 
 function forcesConsent(params: URLSearchParams): boolean {
   return (params.get("prompt") ?? "").split(" ").includes("consent");
-}
-
-async function latestToken(db: Db, clientId: number): Promise<TokenRow | undefined> {
-  const [row] = await db.select().from(tokens).where(eq(tokens.clientId, clientId)).orderBy(desc(tokens.id)).limit(1);
-  return row;
 }
 
 async function recordConsentProblem(
@@ -323,30 +387,55 @@ async function revokeReplaced(
   }
 }
 
+interface Stored {
+  grantId: number;
+  /** Every branch now served from the grant. */
+  branchIds: string[];
+  /** The branch's previous grant is served to no branch any more (and was marked not current). */
+  previousOrphaned: boolean;
+}
+
 /**
- * One batch (one transaction). First the client row: it must still accept the flow's authority
+ * One batch (one transaction). First the branch row: it must still accept the flow's authority
  * (no link revoked, no other consent stored since), and `login_links_valid_after` moves past it,
- * which is what makes the link single use; the state nonce marks the row as ours. The next two
- * statements run only when that row carries our mark: the previous token stops being current and
- * the new one is inserted (carrying the previous refresh token over when none was sent). Returns
- * false when the first statement matched nothing: then nothing at all was written.
+ * which is what makes the link single use; the state nonce marks the row as ours. The statements
+ * after it run only when that row carries our mark: the account's grant is renewed in place
+ * (`joined`: a new refresh token, if one came, replaces the stored one; none keeps it), or a new
+ * grant is inserted (carrying the branch's previous refresh token over when none was sent, without
+ * OpenID Connect); the branch points at it; a previous grant no branch uses any more stops being
+ * current. Returns undefined when the first statement matched nothing: then nothing was written.
  */
 async function storeTokens(
   db: Db,
   keyring: Keyring,
   events: EventContext,
-  clientId: number,
+  client: ClientRow,
+  app: AppRow,
   issued: IssuedTokens,
   expiresAt: Date,
   now: Date,
   payload: StatePayload,
-): Promise<boolean> {
+  context: { joined: TokenRow | undefined; previous: TokenRow | undefined; carried: string | null },
+): Promise<Stored | undefined> {
+  const { joined, previous } = context;
+  // Sealed values are bound to the branch whose consent created the grant.
+  const owner = joined?.clientId ?? client.id;
   const [accessToken, refreshToken] = await Promise.all([
-    seal(keyring, issued.accessToken, { column: "tokens.access_token", clientId }),
+    seal(keyring, issued.accessToken, { column: "tokens.access_token", clientId: owner }),
     issued.refreshToken === undefined
       ? undefined
-      : seal(keyring, issued.refreshToken, { column: "tokens.refresh_token", clientId }),
+      : seal(keyring, issued.refreshToken, { column: "tokens.refresh_token", clientId: owner }),
   ]);
+  // A carried-over refresh token was sealed for the previous grant's owner: open and seal again.
+  const carried =
+    refreshToken === undefined && !joined && context.carried !== null && previous
+      ? await seal(
+          keyring,
+          await open(keyring, context.carried, { column: "tokens.refresh_token", clientId: previous.clientId }),
+          { column: "tokens.refresh_token", clientId: owner },
+        )
+      : null;
+  const clientId = client.id;
   const authority = new Date(payload.a);
   const accepts = and(
     eq(clients.id, clientId),
@@ -355,56 +444,132 @@ async function storeTokens(
   );
   const validAfter = new Date(Math.max(now.getTime(), payload.a + 1));
   const ours = sql`exists (select 1 from ${clients} where ${clients.id} = ${clientId} and ${clients.lastStateNonce} = ${payload.n} and ${clients.loginLinksValidAfter} = ${validAfter.toISOString()}::timestamptz)`;
-  const previousRefreshToken = sql`(select ${tokens.refreshToken} from ${tokens} where ${tokens.clientId} = ${clientId} order by ${tokens.id} desc limit 1)`;
-  try {
-    const [written, claimed] = await db.batch([
-      consentEvent(db, events, clientId, accepts, now),
+  const accessEnds =
+    issued.refreshTokenExpiresIn === undefined ? null : new Date(now.getTime() + issued.refreshTokenExpiresIn * 1000);
+  const account = issued.account;
+  const minted = issued.refreshToken === undefined ? 0 : 1;
+
+  const claim = db
+    .update(clients)
+    .set({
+      loginLinksValidAfter: validAfter,
+      lastStateNonce: payload.n,
+      consentProblem: null,
+      consentProblemDetail: null,
+      consentProblemAt: null,
+    })
+    .where(accepts)
+    .returning({ id: clients.id });
+  let grantWrites: BatchItem[];
+  if (joined) {
+    grantWrites = [
+      // The account's grant, renewed in place: its other branches recover with it (one event each).
+      tokenChangeWithEvents(
+        db,
+        events,
+        db
+          .update(tokens)
+          .set({
+            accessToken,
+            ...(refreshToken === undefined ? {} : { refreshToken }),
+            tokenType: issued.tokenType,
+            scope: issued.scope ?? null,
+            expiresAt,
+            lifetimeSeconds: lifetimeOf(issued),
+            lastRefreshedAt: now,
+            isValid: true,
+            status: "active",
+            failureCount: 0,
+            lastError: null,
+            nextAttemptAt: null,
+            leaseOwner: null,
+            leaseExpiresAt: null,
+            email: account?.email ?? joined.email,
+            consentedAt: now,
+            refreshTokenExpiresAt: accessEnds,
+            expiryWarnedAt: null,
+            refreshTokensMinted: sql`${tokens.refreshTokensMinted} + ${minted}`,
+          })
+          .where(and(eq(tokens.id, joined.id), ours))
+          .returning(tokenChangeReturning("clear")),
+        { rejected: "clear", reason: "a new consent of the account renewed the grant", exceptBranch: clientId },
+        now,
+      ),
       db
         .update(clients)
-        .set({
-          loginLinksValidAfter: validAfter,
-          lastStateNonce: payload.n,
-          // The exchange just proved the credentials good, and this consent was complete.
-          credentialsRejectedAt: null,
-          consentProblem: null,
-          consentProblemDetail: null,
-          consentProblemAt: null,
-        })
-        .where(accepts)
-        .returning({ id: clients.id }),
-      db
-        .update(tokens)
-        .set({ isValid: false, leaseOwner: null, leaseExpiresAt: null })
-        .where(and(eq(tokens.clientId, clientId), eq(tokens.isValid, true), ours)),
-      db.execute(sql`insert into ${tokens} (
-          ${sql.identifier(tokens.clientId.name)}, ${sql.identifier(tokens.accessToken.name)},
-          ${sql.identifier(tokens.refreshToken.name)}, ${sql.identifier(tokens.tokenType.name)},
-          ${sql.identifier(tokens.scope.name)}, ${sql.identifier(tokens.expiresAt.name)},
-          ${sql.identifier(tokens.lifetimeSeconds.name)}, ${sql.identifier(tokens.lastRefreshedAt.name)},
-          ${sql.identifier(tokens.status.name)}, ${sql.identifier(tokens.stateNonce.name)})
-        select ${clientId}, ${accessToken}, ${refreshToken === undefined ? previousRefreshToken : refreshToken},
-          ${issued.tokenType}, ${issued.scope ?? null}, ${expiresAt.toISOString()}::timestamptz,
-          ${lifetimeOf(issued)}, ${now.toISOString()}::timestamptz, 'active', ${payload.n}
-        where ${ours}`),
+        .set({ grantId: joined.id })
+        .where(and(eq(clients.id, clientId), ours)),
+      ...(minted ? [tokenLimitEvent(db, events, clientId, joined.id, now)] : []),
+    ];
+  } else {
+    grantWrites = [
+      db.execute(sql`update ${apps} set credentials_rejected_at = null where id = ${app.id} and ${ours}`),
+      db.execute(sql`with inserted as (
+          insert into ${tokens} (client_id, app_id, subject, email, consented_at, access_token, refresh_token,
+            token_type, scope, expires_at, lifetime_seconds, last_refreshed_at, status, state_nonce,
+            refresh_token_expires_at, refresh_tokens_minted)
+          select ${clientId}, ${app.id}, ${account?.subject ?? null}, ${account?.email ?? null}, ${now.toISOString()}::timestamptz,
+            ${accessToken}, ${refreshToken ?? carried}, ${issued.tokenType}, ${issued.scope ?? null},
+            ${expiresAt.toISOString()}::timestamptz, ${lifetimeOf(issued)}, ${now.toISOString()}::timestamptz, 'active',
+            ${payload.n}, ${accessEnds?.toISOString() ?? null}::timestamptz, ${minted}
+          where ${ours}
+          returning id
+        )
+        update ${clients} set grant_id = inserted.id from inserted where ${clients.id} = ${clientId}`),
+    ];
+  }
+  const previousWrite =
+    previous && previous.id !== joined?.id
+      ? [
+          db
+            .update(tokens)
+            .set({ isValid: false, leaseOwner: null, leaseExpiresAt: null })
+            .where(
+              and(
+                eq(tokens.id, previous.id),
+                ours,
+                sql`not exists (select 1 from ${clients} where ${clients.grantId} = ${previous.id})`,
+              ),
+            )
+            .returning({ id: tokens.id }),
+        ]
+      : [];
+  let results: unknown[];
+  try {
+    results = await db.batch([
+      consentEvent(db, events, clientId, accepts, now),
+      claim,
+      ...(grantWrites as [BatchItem]),
+      ...previousWrite,
     ]);
-    noteEvents(events, written);
-    return claimed.length === 1;
   } catch (error) {
     if (sqlState(error) === "23505") {
       throw new AppError("invalid_state", "This sign-in was already completed. Start again from your login link.");
     }
     throw error;
   }
+  for (const result of results) if (!Array.isArray(result)) noteEvents(events, result);
+  if ((results[1] as unknown[]).length !== 1) return undefined;
+  const [branch] = await db.select({ grantId: clients.grantId }).from(clients).where(eq(clients.id, clientId));
+  const grantId = branch?.grantId ?? joined?.id ?? 0;
+  const sharing = await db.select({ branchId: clients.branchId }).from(clients).where(eq(clients.grantId, grantId));
+  return {
+    grantId,
+    branchIds: sharing.map((row) => row.branchId),
+    previousOrphaned: previousWrite.length > 0 && ((results.at(-1) as unknown[]) ?? []).length > 0,
+  };
 }
 
+type BatchItem = Parameters<Db["batch"]>[0][number];
+
 /**
- * connection.created (the client never had a token row) or connection.reauthorized (a new consent
- * replaced a grant, whatever became of it), decided in the database by the same condition as the
- * claim that follows it in the batch (`accepts`). It runs first, to read the status before the
- * batch changes it, and locks the client row so the claim sees the row it decided on.
+ * connection.created (the branch was never connected) or connection.reauthorized (a new consent
+ * replaced its grant or renewed it, whatever became of it), decided in the database by the same
+ * condition as the claim that follows it in the batch (`accepts`). It runs first, to read the status
+ * before the batch changes it, and locks the branch row so the claim sees the row it decided on.
  */
 function consentEvent(db: Db, events: EventContext, clientId: number, accepts: SQL | undefined, now: Date) {
-  const replaces = sql`exists (select 1 from ${tokens} where ${tokens.clientId} = ${clients.id})`;
+  const replaces = sql`(${clients.grantId} is not null)`;
   return clientEvent(
     db,
     events,
@@ -421,35 +586,36 @@ function consentEvent(db: Db, events: EventContext, clientId: number, accepts: S
 }
 
 /**
- * The code exchange was refused with `invalid_client`: the client is flagged, and if that changes
- * the connection's status (connected, degraded, needs_reauth or never_connected before),
- * connection.credentials_rejected is written in the same statement.
+ * The code exchange was refused with `invalid_client`: the app is flagged, and if that changes the
+ * branch's connection status (connected, degraded, needs_reauth or never_connected before),
+ * connection.credentials_rejected is written for it in the same transaction.
  */
 async function recordRejectedCredentials(
   db: Db,
   events: EventContext,
   clientId: number,
+  appId: number,
   error: ProviderError,
   now: Date,
 ): Promise<void> {
-  // `p` is the row as the statement found it: the status before; the after status is the same
-  // with the flag set.
-  const before = currentStatusSql("p");
-  const after = currentStatusSql("p", "true");
-  const transition = sql`(${before} is distinct from ${after})`;
-  const result = await withEvents(
-    db,
-    events,
-    sql`update ${clients} c set credentials_rejected_at = ${now}, event_seq = c.event_seq + ${transition}::int
-      from ${clients} p where p.id = c.id and c.id = ${clientId}
-      returning c.id as client_id, c.branch_id, c.event_seq as seq,
-        case when ${transition} then 'connection.credentials_rejected' end as event_type,
-        ${before} as status_before, ${after} as status_after,
-        left(${`at the code exchange: ${error.message}`}::text, 500) as reason`,
-    now,
-    "returned",
-  );
-  noteEvents(events, result);
+  const before = currentStatusSql("clients");
+  const after = currentStatusSql("clients", "true");
+  const [written] = await db.batch([
+    clientEvent(
+      db,
+      events,
+      clientId,
+      {
+        type: sql`case when ${before} is distinct from ${after} then 'connection.credentials_rejected' end`,
+        before,
+        after,
+        reason: `at the code exchange: ${error.message}`,
+      },
+      now,
+    ),
+    db.update(apps).set({ credentialsRejectedAt: now }).where(eq(apps.id, appId)),
+  ]);
+  noteEvents(events, written);
 }
 
 /**

@@ -1,14 +1,19 @@
-import { and, asc, desc, eq, gt, sql } from "drizzle-orm";
+import { and, asc, eq, gt, inArray, sql } from "drizzle-orm";
 import type { Db } from "../db/client";
 import { allTokenColumns, latestTokenOfClient } from "../db/queries";
-import { type ClientRow, clients, type EventType, type TokenRow, tokens } from "../db/schema";
+import { apps, type ClientRow, clients, type EventType, type TokenRow, tokens } from "../db/schema";
 import { AppError, constraintName, sqlState } from "../errors";
 import { type Keyring, open, seal } from "../lib/crypto";
 import { describeError, logWarn } from "../lib/log";
+import type { Providers } from "../oauth/profiles";
 import { type ClientCredentials, type Provider, revokeToken } from "../oauth/provider";
+import { appCredentials, appForRegistration, secretRecoveryEvents } from "./apps";
 import { clientEvent, currentStatusSql, type EventContext, noteEvents, withEvents } from "./events";
 
-/** The client registry: one OAuth client per branch, its secret sealed at rest. */
+/**
+ * The branch registry (the API's "clients"): each branch uses an app (src/services/apps.ts) and is
+ * served from a grant (src/services/grants.ts). `client_id` in the API is the app's OAuth client id.
+ */
 
 export interface NewClient {
   clientId: string;
@@ -18,6 +23,7 @@ export interface NewClient {
   workspaceEmail: string;
   workspaceName: string;
   scopes?: string | undefined;
+  providerResource?: string | undefined;
 }
 
 export interface ClientChanges {
@@ -27,12 +33,16 @@ export interface ClientChanges {
   workspaceName?: string | undefined;
   scopes?: string | null | undefined;
   isActive?: boolean | undefined;
+  providerResource?: string | null | undefined;
 }
+
+/** A branch with its app's OAuth client id (branches registered before apps kept their own). */
+export type BranchRow = Omit<ClientRow, "clientId"> & { clientId: string };
 
 export type ConnectionStatus = "never_connected" | "connected" | "needs_reauth" | "revoked";
 
 export interface ClientWithToken {
-  client: ClientRow;
+  client: BranchRow;
   token: TokenRow | null;
 }
 
@@ -42,30 +52,33 @@ export function connectionStatus(token: TokenRow | null): ConnectionStatus {
   return token.status === "revoked" ? "revoked" : "needs_reauth";
 }
 
-export async function createClient(db: Db, keyring: Keyring, input: NewClient): Promise<ClientRow> {
-  // The secret is bound to the row's id, so the id is drawn from the serial's sequence first.
-  const id = await nextClientId(db);
+/**
+ * POST /clients: a new branch of the app named by `client_id` (created on first use; a known one
+ * must come with its secret, see appForRegistration). The branch stores no credentials of its own.
+ */
+export async function createClient(db: Db, keyring: Keyring, input: NewClient): Promise<BranchRow> {
+  const app = await appForRegistration(db, keyring, {
+    clientId: input.clientId,
+    clientSecret: input.clientSecret,
+    name: input.workspaceName,
+  });
   try {
     const [row] = await db
       .insert(clients)
       .values({
-        ...input,
-        id,
+        appId: app.id,
+        redirectUri: input.redirectUri,
+        branchId: input.branchId,
+        workspaceEmail: input.workspaceEmail,
+        workspaceName: input.workspaceName,
         scopes: input.scopes ?? null,
-        clientSecret: await seal(keyring, input.clientSecret, { column: "clients.client_secret", clientId: id }),
+        providerResource: input.providerResource ?? null,
       })
       .returning();
-    return row!;
+    return { ...row!, clientId: app.clientId, credentialsRejectedAt: app.credentialsRejectedAt };
   } catch (error) {
     throw duplicateOr(error);
   }
-}
-
-async function nextClientId(db: Db): Promise<number> {
-  const result = await db.execute<{ id: string | number }>(
-    sql`select nextval(pg_get_serial_sequence('clients', 'id')) as id`,
-  );
-  return Number(result.rows[0]!.id);
 }
 
 export interface ListOptions {
@@ -102,28 +115,45 @@ export async function updateClient(
   now: Date,
 ): Promise<ClientRow> {
   const values: Partial<typeof clients.$inferInsert> = { updatedAt: now };
-  if (changes.clientSecret !== undefined) {
-    values.clientSecret = await seal(keyring, changes.clientSecret, { column: "clients.client_secret", clientId: id });
-    // New credentials: whatever the provider said about the old ones no longer applies.
-    values.credentialsRejectedAt = null;
-  }
+  if (changes.providerResource !== undefined) values.providerResource = changes.providerResource;
   if (changes.redirectUri !== undefined) values.redirectUri = changes.redirectUri;
   if (changes.workspaceEmail !== undefined) values.workspaceEmail = changes.workspaceEmail;
   if (changes.workspaceName !== undefined) values.workspaceName = changes.workspaceName;
   if (changes.scopes !== undefined) values.scopes = changes.scopes;
   if (changes.isActive !== undefined) values.isActive = changes.isActive;
   const update = db.update(clients).set(values).where(eq(clients.id, id)).returning();
+  // The secret is the app's: the old API's PATCH /clients/{id} rotates it for every branch of the app
+  // (what PATCH /apps/{id} does), in the same transaction as the branch's other changes.
+  const appId = changes.clientSecret === undefined ? undefined : await appIdOf(db, id);
+  const secretWrites =
+    appId === undefined
+      ? []
+      : [
+          secretRecoveryEvents(db, events, appId, now),
+          db
+            .update(apps)
+            .set({
+              clientSecret: await seal(keyring, changes.clientSecret!, {
+                column: "clients.client_secret",
+                clientId: appId,
+              }),
+              // New credentials: whatever the provider said about the old ones no longer applies.
+              credentialsRejectedAt: null,
+              updatedAt: now,
+            })
+            .where(eq(apps.id, appId)),
+        ];
   try {
     let row: ClientRow | undefined;
     const [first, ...more] = [
       ...(changes.isActive === undefined ? [] : [activationEvent(db, events, id, changes.isActive, now)]),
-      ...(changes.clientSecret === undefined ? [] : [newCredentialsEvent(db, events, id, now)]),
+      ...secretWrites,
     ];
     if (!first) [row] = await update;
     else {
       // One transaction: the events (read before the update changes the row) and the update.
       const results = await db.batch([first, ...more, update]);
-      for (const result of results.slice(0, -1)) noteEvents(events, result);
+      for (const result of results.slice(0, -1)) if (!Array.isArray(result)) noteEvents(events, result);
       [row] = results.at(-1) as ClientRow[];
     }
     if (!row) throw clientNotFound(id);
@@ -153,44 +183,37 @@ function activationEvent(db: Db, events: EventContext, id: number, isActive: boo
   );
 }
 
-/**
- * A new secret clears a rejection of the old one: connection.recovered, from credentials_rejected
- * to whatever the connection is without the flag (connected, degraded, needs_reauth, never_connected).
- */
-function newCredentialsEvent(db: Db, events: EventContext, id: number, now: Date) {
-  const before = currentStatusSql("clients");
-  const after = currentStatusSql("clients", "false");
-  return clientEvent(
-    db,
-    events,
-    id,
-    {
-      type: sql`case when ${before} is distinct from ${after} then 'connection.recovered' end`,
-      before,
-      after,
-      reason: "the client secret was replaced",
-    },
-    now,
-    { lock: true },
-  );
+async function appIdOf(db: Db, id: number): Promise<number> {
+  const [row] = await db.select({ appId: clients.appId }).from(clients).where(eq(clients.id, id));
+  if (!row) throw clientNotFound(id);
+  if (row.appId === null) throw new AppError("conflict", `Branch ${id} has no app.`);
+  return row.appId;
 }
 
 /**
- * Revokes at the provider (best effort: the provider may be down or the grant already dead) every
- * grant this service still holds a token of: the current one and any earlier refresh token that a
- * later consent replaced. Then deletes the client and, by cascade, its tokens. Deletion never
- * depends on the provider, nor on the stored values still opening.
+ * Deletes a branch. The grants only it used (its current one, and earlier ones a later consent of
+ * the branch replaced) are revoked at the provider (best effort: the provider may be down or the
+ * grant already dead) and deleted with it; a grant another branch is served from is kept. Deletion
+ * never depends on the provider, nor on the stored values still opening.
  */
 export async function deleteClient(
   db: Db,
   keyring: Keyring,
-  provider: Provider,
+  providers: Providers,
   events: EventContext,
   id: number,
   now: Date,
 ): Promise<{ branchId: string; revoked: number; revocationFailures: number }> {
   const { client } = await getClient(db, id);
-  const held = await db.select().from(tokens).where(eq(tokens.clientId, id)).orderBy(desc(tokens.id));
+  const [app] = client.appId === null ? [] : await db.select().from(apps).where(eq(apps.id, client.appId));
+  const held = await db
+    .select()
+    .from(tokens)
+    .where(
+      sql`(${tokens.clientId} = ${id} or ${tokens.id} = ${client.grantId ?? -1})
+        and not exists (select 1 from ${clients} o where o.grant_id = ${tokens.id} and o.id <> ${id})`,
+    )
+    .orderBy(sql`${tokens.id} desc`);
   // Each refresh token once (a row without a new one carries the previous one over); an access
   // token only when it is current and has no refresh token (older ones expire on their own).
   const toRevoke = held.filter((token) => token.refreshToken !== null || token.isValid);
@@ -198,18 +221,21 @@ export async function deleteClient(
   let revocationFailures = 0;
   if (toRevoke.length > 0) {
     let credentials: ClientCredentials | undefined;
+    let provider: Provider | undefined;
     try {
-      credentials = await clientCredentials(keyring, client);
+      if (!app) throw new Error("the branch has no app");
+      provider = providers.of(app);
+      credentials = await appCredentials(keyring, app);
     } catch (error) {
       logWarn("revocation_failed", { client: id, error: describeError(error) });
     }
     const seen = new Set<string>();
     for (const token of toRevoke) {
       try {
-        if (!credentials) throw new Error("the client secret cannot be opened");
+        if (!credentials || !provider) throw new Error("the app's secret cannot be opened");
         const value = token.refreshToken
-          ? await open(keyring, token.refreshToken, { column: "tokens.refresh_token", clientId: id })
-          : await open(keyring, token.accessToken, { column: "tokens.access_token", clientId: id });
+          ? await open(keyring, token.refreshToken, { column: "tokens.refresh_token", clientId: token.clientId })
+          : await open(keyring, token.accessToken, { column: "tokens.access_token", clientId: token.clientId });
         if (seen.has(value)) continue;
         seen.add(value);
         await revokeToken(provider, credentials, value, token.refreshToken ? "refresh_token" : "access_token");
@@ -221,17 +247,28 @@ export async function deleteClient(
     }
   }
   const reason = `deleted by an administrator; ${revoked} grant(s) revoked at the provider${revocationFailures ? `, ${revocationFailures} revocation(s) failed` : ""}`;
-  // One statement: the client goes (its tokens by cascade) and connection.deleted is written. The
-  // event has no foreign key to the client, so it outlives it.
-  const deleted = await withEvents(
-    db,
-    events,
-    sql`delete from ${clients} c where c.id = ${id}
-      returning c.id as client_id, c.branch_id, c.event_seq + 1 as seq, 'connection.deleted' as event_type,
-        ${currentStatusSql("c")} as status_before, 'deleted' as status_after, ${reason}::text as reason`,
-    now,
-    "returned",
-  );
+  // One transaction: the branch goes with connection.deleted (the event has no foreign key to the
+  // branch, so it outlives it), then the grants only it used.
+  const [deleted] = await db.batch([
+    withEvents(
+      db,
+      events,
+      sql`delete from ${clients} c where c.id = ${id}
+        returning c.id as client_id, c.branch_id, c.event_seq + 1 as seq, 'connection.deleted' as event_type,
+          ${currentStatusSql("c")} as status_before, 'deleted' as status_after, ${reason}::text as reason`,
+      now,
+      "returned",
+    ),
+    db.delete(tokens).where(
+      and(
+        inArray(
+          tokens.id,
+          held.map((token) => token.id),
+        ),
+        sql`not exists (select 1 from ${clients} o where o.grant_id = ${tokens.id})`,
+      ),
+    ),
+  ]);
   noteEvents(events, deleted);
   return { branchId: client.branchId, revoked, revocationFailures };
 }
@@ -260,13 +297,6 @@ export async function revokeGrant(
   }
 }
 
-export async function clientCredentials(keyring: Keyring, client: ClientRow): Promise<ClientCredentials> {
-  return {
-    clientId: client.clientId,
-    clientSecret: await open(keyring, client.clientSecret, { column: "clients.client_secret", clientId: client.id }),
-  };
-}
-
 export function clientNotFound(id: number | string): AppError {
   return new AppError("not_found", `No client with id ${id}.`);
 }
@@ -275,13 +305,32 @@ export function clientNotFound(id: number | string): AppError {
 export function selectWithLatestToken(db: Db) {
   const latest = latestTokenOfClient(db);
   return db
-    .select({ client: clients, token: allTokenColumns(latest) })
+    .select({
+      client: clients,
+      token: allTokenColumns(latest),
+      appClientId: apps.clientId,
+      appRejectedAt: apps.credentialsRejectedAt,
+    })
     .from(clients)
+    .leftJoin(apps, eq(apps.id, clients.appId))
     .leftJoinLateral(latest, sql`true`);
 }
 
-function toClientWithToken(row: { client: ClientRow; token: TokenRow | null }): ClientWithToken {
-  return { client: row.client, token: row.token ?? null };
+/** The branch as the API shows it: its app's client id and the app's rejection. */
+function toClientWithToken(row: {
+  client: ClientRow;
+  token: TokenRow | null;
+  appClientId: string | null;
+  appRejectedAt: Date | null;
+}): ClientWithToken {
+  return {
+    client: {
+      ...row.client,
+      clientId: row.appClientId ?? row.client.clientId ?? "",
+      credentialsRejectedAt: row.appRejectedAt,
+    },
+    token: row.token ?? null,
+  };
 }
 
 function duplicateOr(error: unknown): unknown {

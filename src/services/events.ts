@@ -1,6 +1,6 @@
 import { and, asc, eq, gt, inArray, lte, type SQL, type SQLWrapper, sql } from "drizzle-orm";
 import type { Db } from "../db/client";
-import { clients, type DeliveryState, type EventRow, type EventType, events } from "../db/schema";
+import { apps, clients, type DeliveryState, type EventRow, type EventType, events } from "../db/schema";
 import { AppError } from "../errors";
 
 /**
@@ -52,20 +52,24 @@ export function connectionStatusOf(t: string, rejected: string): SQL {
     else 'connected' end)`);
 }
 
-/** The status from token row `t` and client row `c` (aliases in the outer query). */
+/** Whether the app of row `row` (an alias with an `app_id` column) stands rejected by the provider. */
+export function appRejectedSql(row: string): string {
+  return `exists (select 1 from apps ra where ra.id = ${row}.app_id and ra.credentials_rejected_at is not null)`;
+}
+
+/** The status from grant row `t` and branch row `c` (aliases in the outer query). */
 export function connectionStatusSql(t: string, c: string): SQL {
-  return connectionStatusOf(t, `${c}.credentials_rejected_at is not null`);
+  return connectionStatusOf(t, appRejectedSql(c));
 }
 
 /**
- * The connection status of client `c` (an alias in the outer query) from its latest token;
- * `rejected` overrides what the client row says (for a statement that is changing it).
+ * The connection status of branch `c` (an alias in the outer query) from its grant; `rejected`
+ * overrides what its app says (for a statement that is changing it).
  */
 export function currentStatusSql(c: string, rejected?: string): SQL {
-  const flag = rejected ?? `${c}.credentials_rejected_at is not null`;
-  return sql`(select ${connectionStatusOf("t", flag)} from (select 1) one left join lateral (
-      select * from ${sql.raw("tokens")} t where t.client_id = ${sql.raw(c)}.id order by t.id desc limit 1
-    ) t on true)`;
+  const flag = rejected ?? appRejectedSql(c);
+  return sql`(select ${connectionStatusOf("t", flag)} from (select 1) one left join ${sql.raw("tokens")} t
+      on t.id = ${sql.raw(c)}.grant_id)`;
 }
 
 /**
@@ -83,6 +87,10 @@ export function transitionTypeSql(before: SQL, after: SQL): SQL {
 
 const INSERT_COLUMNS = sql.raw(
   "(type, client_id, branch_id, seq, status_before, status_after, reason, created_at, delivery_state, next_attempt_at)",
+);
+
+const GRANT_INSERT_COLUMNS = sql.raw(
+  "(type, client_id, branch_id, seq, status_before, status_after, reason, created_at, delivery_state, next_attempt_at, grant_id)",
 );
 
 function deliveryValues(context: EventContext, now: Date): SQL {
@@ -127,69 +135,69 @@ export function withEvents(db: Db, context: EventContext, change: SQL, now: Date
       coalesce((select json_agg(id order by id) from inserted), '[]'::json) as event_ids`);
 }
 
-/** What a token row's change does to its client's `credentials_rejected_at` in the same statement. */
+/** What a grant's change does to its app's `credentials_rejected_at` in the same statement. */
 export type RejectedAfter = "set" | "clear" | "keep";
 
 /**
- * The RETURNING columns of an UPDATE of token rows that `tokenChangeWithEvents` wraps: the client,
- * and the connection's status before (the row as the statement found it, read through a subquery,
- * which sees the statement's snapshot, not its own change) and after the change.
+ * The RETURNING columns of an UPDATE of grant rows (`tokens`) that `tokenChangeWithEvents` wraps:
+ * the grant, its app, and the connection's status before (the row as the statement found it, read
+ * through a subquery, which sees the statement's snapshot, not its own change) and after the change.
  */
 export function tokenChangeReturning(rejected: RejectedAfter) {
-  const flag =
-    rejected === "set"
-      ? "true"
-      : rejected === "clear"
-        ? "false"
-        : `exists (select 1 from clients rc where rc.id = "tokens".client_id and rc.credentials_rejected_at is not null)`;
+  const flag = rejected === "set" ? "true" : rejected === "clear" ? "false" : appRejectedSql('"tokens"');
   return {
-    clientId: sql<number>`"tokens".client_id`.as("client_id"),
-    statusBefore:
-      sql<string>`(select ${connectionStatusSql("p", "pc")} from tokens p join clients pc on pc.id = p.client_id
-      where p.id = "tokens".id)`.as("status_before"),
+    grantId: sql<number>`"tokens".id`.as("grant_id"),
+    appId: sql<number | null>`"tokens".app_id`.as("app_id"),
+    statusBefore: sql<string>`(select ${connectionStatusSql("p", "p")} from tokens p where p.id = "tokens".id)`.as(
+      "status_before",
+    ),
     statusAfter: sql<string>`${connectionStatusOf('"tokens"', flag)}`.as("status_after"),
   };
 }
 
 /**
- * One statement: `update` (an UPDATE of token rows RETURNING tokenChangeReturning(rejected)), the
- * client's `credentials_rejected_at` set or cleared as `rejected` says (only for rows the update
- * changed), and an event for each row whose change moved the connection to another status
- * (transitionTypeSql). A change that matches no row (a result whose lease was lost) writes nothing
- * at all. Answers like withEvents: `changed` and `event_ids`.
+ * One statement: `update` (an UPDATE of grant rows RETURNING tokenChangeReturning(rejected)), the
+ * app's `credentials_rejected_at` set or cleared as `rejected` says (only for grants the update
+ * changed), and for each grant whose change moved the connection to another status
+ * (transitionTypeSql) one event per branch served from it (each with its own sequence number and
+ * the grant's id), except `exceptBranch` (a consent writes that branch's own event). A change that
+ * matches no row (a result whose lease was lost) writes nothing at all. Answers like withEvents:
+ * `changed` and `event_ids`.
  */
 export function tokenChangeWithEvents(
   db: Db,
   context: EventContext,
   update: SQLWrapper,
-  change: { rejected: RejectedAfter; reason: string | null },
+  change: { rejected: RejectedAfter; reason: string | null; exceptBranch?: number },
   now: Date,
 ) {
-  const client =
+  const flag =
     change.rejected === "set"
-      ? { set: sql`, credentials_rejected_at = ${now}`, when: sql`true` }
+      ? sql`, flagged as (update ${apps} set credentials_rejected_at = ${now} from typed where ${apps}.id = typed.app_id returning ${apps}.id)`
       : change.rejected === "clear"
-        ? { set: sql`, credentials_rejected_at = null`, when: sql`${clients}.credentials_rejected_at is not null` }
-        : { set: sql``, when: sql`false` };
+        ? sql`, flagged as (update ${apps} set credentials_rejected_at = null from typed
+            where ${apps}.id = typed.app_id and ${apps}.credentials_rejected_at is not null returning ${apps}.id)`
+        : sql``;
   return db.execute<{ changed: number; event_ids: number[] | string }>(sql`
     with changed as (${update.getSQL()}),
     typed as (
-      select client_id, status_before, status_after,
+      select grant_id, app_id, status_before, status_after,
         ${transitionTypeSql(sql.raw("status_before"), sql.raw("status_after"))} as event_type
       from changed
-    ),
+    )${flag},
     source as (
-      update ${clients} set event_seq = ${clients}.event_seq + (typed.event_type is not null)::int ${client.set}
+      update ${clients} set event_seq = ${clients}.event_seq + 1
       from typed
-      where ${clients}.id = typed.client_id and (typed.event_type is not null or ${client.when})
-      returning ${clients}.id as client_id, ${clients}.branch_id, ${clients}.event_seq as seq,
+      where ${clients}.grant_id = typed.grant_id and typed.event_type is not null
+        and ${clients}.id <> ${change.exceptBranch ?? -1}
+      returning ${clients}.id as client_id, ${clients}.branch_id, ${clients}.event_seq as seq, typed.grant_id,
         typed.event_type, typed.status_before, typed.status_after
     ),
     inserted as (
-      insert into ${events} ${INSERT_COLUMNS}
+      insert into ${events} ${GRANT_INSERT_COLUMNS}
       select event_type, client_id, branch_id, seq, status_before, status_after, left(${change.reason}::text, 500),
-        ${deliveryValues(context, now)}
-      from source where event_type is not null
+        ${deliveryValues(context, now)}, grant_id
+      from source
       returning id
     )
     select (select count(*) from changed)::int as changed,

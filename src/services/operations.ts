@@ -1,9 +1,13 @@
 import type { Services } from "../context";
-import type { ClientRow, EventRow } from "../db/schema";
+import type { EventRow } from "../db/schema";
 import { AppError } from "../errors";
+import { describeError, logWarn } from "../lib/log";
 import { refreshRecorder } from "../lib/metrics";
+import { discoverSettings, insecureUrls, OAuth2Settings } from "../oauth/profiles";
+import { createApp, getApp, updateApp } from "./apps";
 import { completeLogin } from "./authorization";
 import {
+  type BranchRow,
   type ClientChanges,
   type ClientWithToken,
   createClient,
@@ -13,6 +17,7 @@ import {
   updateClient,
 } from "./clients";
 import { redeliverEvent } from "./events";
+import { attachBranch } from "./grants";
 import { issueLoginLink, type LoginLink, revokeLoginLinks as revokeLinksOf } from "./login-links";
 import { leaseMsFor } from "./refresh-policy";
 import {
@@ -52,7 +57,7 @@ export function tokenDepsOf(op: Operator): TokenDeps {
   return {
     db: op.db,
     keyring: op.keyring,
-    provider: op.provider,
+    providers: op.providers,
     refreshAheadSeconds: op.config.REFRESH_AHEAD_SECONDS,
     leaseMs: leaseMsFor(op.config.OAUTH_TIMEOUT_MS),
     background: { defer: (task) => op.defer(task), budgetMs: REQUEST_BACKGROUND_BUDGET_MS },
@@ -78,7 +83,7 @@ export async function registerBranch(
   op: Operator,
   input: NewClient,
   now: Date,
-): Promise<{ client: ClientRow; link: LoginLink }> {
+): Promise<{ client: BranchRow; link: LoginLink }> {
   const client = await createClient(op.db, op.keyring, input);
   return { client, link: await newLoginLink(op, client.id, false, now) };
 }
@@ -99,9 +104,101 @@ export async function changeClient(
 
 /** Deletes a client (revoking what it holds at the provider, best effort) and drops its cached token. */
 export async function removeClient(op: Operator, id: number, now: Date) {
-  const result = await deleteClient(op.db, op.keyring, op.provider, op.events, id, now);
+  const result = await deleteClient(op.db, op.keyring, op.providers, op.events, id, now);
   await dropToken(cacheDepsOf(op), result.branchId);
   return { ...result, cacheMaxAgeSeconds: cacheMaxAgeSeconds(op) };
+}
+
+// ---------------------------------------------------------------------------------------------
+// Apps and grants.
+
+/** The `oauth2` settings as the admin API sends them (src/routes/schemas.ts OAuth2SettingsBody). */
+export interface SettingsInput {
+  issuer?: string | undefined;
+  authorization_url?: string | undefined;
+  token_url?: string | undefined;
+  revocation_url?: string | undefined;
+  discovery_url?: string | undefined;
+  scopes: string;
+  extra_authorization_params?: string | undefined;
+  client_auth_method?: "client_secret_basic" | "client_secret_post" | undefined;
+  openid?: boolean | undefined;
+  issuer_aliases?: string[] | undefined;
+}
+
+/** POST /apps: an `oauth2` app's settings are checked (and read from discovery) before it is stored. */
+export async function addApp(
+  op: Operator,
+  input: {
+    name: string;
+    profile: "google" | "oauth2";
+    client_id: string;
+    client_secret: string;
+    settings?: SettingsInput | undefined;
+  },
+  _now: Date,
+) {
+  const settings = input.settings === undefined ? null : await settingsOf(op, input.settings);
+  return createApp(op.db, op.keyring, {
+    name: input.name,
+    profile: input.profile,
+    clientId: input.client_id,
+    clientSecret: input.client_secret,
+    settings,
+  });
+}
+
+/** PATCH /apps/{id}: a new secret is one change for every branch of the app. */
+export async function changeApp(
+  op: Operator,
+  id: number,
+  input: { name?: string | undefined; client_secret?: string | undefined; settings?: SettingsInput | undefined },
+  now: Date,
+) {
+  const { app } = await getApp(op.db, id);
+  if (input.settings !== undefined && app.profile !== "oauth2") {
+    throw new AppError("conflict", "A google app takes no settings: its provider is the OAUTH_* variables.", {
+      errors: [{ field: "settings", message: "not allowed for the google profile" }],
+    });
+  }
+  const settings = input.settings === undefined ? undefined : await settingsOf(op, input.settings);
+  return updateApp(
+    op.db,
+    op.keyring,
+    op.events,
+    id,
+    { name: input.name, clientSecret: input.client_secret, settings },
+    now,
+  );
+}
+
+async function settingsOf(op: Operator, input: SettingsInput): Promise<OAuth2Settings> {
+  let settings: OAuth2Settings;
+  if (input.discovery_url !== undefined) {
+    try {
+      settings = await discoverSettings(input.discovery_url, input, op.config);
+    } catch (error) {
+      throw new AppError("provider_error", `The discovery document could not be read: ${describeError(error)}.`);
+    }
+  } else {
+    const { discovery_url: _unused, ...explicit } = input;
+    settings = OAuth2Settings.parse(explicit);
+  }
+  if (input.openid !== undefined) settings.openid = input.openid;
+  const insecure = insecureUrls(settings, op.config);
+  if (insecure.length > 0) {
+    throw new AppError("validation_failed", "The provider's URLs must be https.", {
+      errors: insecure.map((field) => ({ field: `settings.${field}`, message: "must be https" })),
+    });
+  }
+  return settings;
+}
+
+/** PUT /clients/{id}/grant: the branch is served from the grant at once; its old cached token goes. */
+export async function attachToGrant(op: Operator, id: number, grantId: number, now: Date) {
+  const result = await attachBranch(op.db, op.events, id, grantId, now);
+  await dropTokens(op, [result.branchId]);
+  return result;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -124,10 +221,11 @@ export async function finishConsent(
   bindingCookie: string | undefined,
   now: Date,
 ) {
-  const result = await completeLogin(op.db, op.keyring, op.provider, params, bindingCookie, now, op.events, (work) =>
+  const result = await completeLogin(op.db, op.keyring, op.providers, params, bindingCookie, now, op.events, (work) =>
     op.defer(work),
   );
-  await dropToken(cacheDepsOf(op), result.client.branchId);
+  // Every branch of the grant is served the new token from here on.
+  await dropTokens(op, [result.client.branchId, ...result.branchIds]);
   return result;
 }
 
@@ -169,11 +267,30 @@ export async function revokeToken(op: Operator, branchId: string, now: Date) {
   let result: Awaited<ReturnType<typeof revokeBranchToken>>;
   try {
     result = await revokeBranchToken(tokenDepsOf(op), branchId, now);
-  } finally {
+  } catch (error) {
     // Whatever happened at the provider or in the database, stop serving it from here.
-    await dropToken(cacheDepsOf(op), branchId);
+    await dropTokens(op, [branchId]);
+    throw error;
   }
+  // The grant is revoked for every branch served from it.
+  await dropTokens(op, result.branchIds);
   return { ...result, cacheMaxAgeSeconds: cacheMaxAgeSeconds(op) };
+}
+
+/**
+ * This location stops serving these branches' cached tokens. A Cache API failure after a committed
+ * change is logged, never turned into an error: the change stands, and other locations converge
+ * within TOKEN_CACHE_MAX_AGE_SECONDS anyway.
+ */
+export async function dropTokens(op: Operator, branchIds: string[]): Promise<void> {
+  const cache = cacheDepsOf(op);
+  await Promise.all(
+    [...new Set(branchIds)].map((branchId) =>
+      dropToken(cache, branchId).catch((error) =>
+        logWarn("cache_drop_failed", { branch: branchId, error: describeError(error) }),
+      ),
+    ),
+  );
 }
 
 /** The branch an error names in its fields (the reconnect hint carries it). */

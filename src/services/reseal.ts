@@ -2,7 +2,7 @@ import { and, asc, eq, gt, isNotNull, isNull, notLike, or, sql } from "drizzle-o
 import type { BatchItem } from "drizzle-orm/batch";
 import type { Db } from "../db/client";
 import { leaseIsFree } from "../db/queries";
-import { clients, tokens } from "../db/schema";
+import { apps, clients, tokens } from "../db/schema";
 import { CryptoError, currentEnvelopePrefix, type Keyring, open, type SealedColumn, seal } from "../lib/crypto";
 
 /**
@@ -47,6 +47,8 @@ export interface TableCounts {
 }
 
 export interface ResealProgress {
+  apps: TableCounts;
+  /** Branches registered before apps (migration 0006) still carry their own sealed secret. */
   clients: TableCounts;
   tokens: TableCounts;
   batches: number;
@@ -63,13 +65,19 @@ export interface ResealResult extends ResealProgress {
 
 export async function resealAll(db: Db, keyring: Keyring, options: ResealOptions = {}): Promise<ResealResult> {
   const batchSize = options.batchSize ?? DEFAULT_RESEAL_BATCH_SIZE;
-  const progress: ResealProgress = { clients: emptyCounts(), tokens: emptyCounts(), batches: 0, leasedMeanwhile: 0 };
+  const progress: ResealProgress = {
+    apps: emptyCounts(),
+    clients: emptyCounts(),
+    tokens: emptyCounts(),
+    batches: 0,
+    leasedMeanwhile: 0,
+  };
   const prefix = `${currentEnvelopePrefix(keyring)}%`;
   const budgetLeft = () => options.maxBatches === undefined || progress.batches < options.maxBatches;
 
   let complete = true;
   const started = Date.now();
-  for (const table of [resealClientBatch, resealTokenBatch]) {
+  for (const table of [resealAppBatch, resealClientBatch, resealTokenBatch]) {
     // A pass over the table; again (only what is left) while the last one met rows a refresh held
     // or changed between read and write (a row the Worker rewrote is under the current key already,
     // so the next pass does not even read it).
@@ -112,12 +120,12 @@ async function resealClientBatch(
   const rows = await db
     .select({ id: clients.id, clientSecret: clients.clientSecret })
     .from(clients)
-    .where(and(gt(clients.id, after), notLike(clients.clientSecret, prefix)))
+    .where(and(gt(clients.id, after), isNotNull(clients.clientSecret), notLike(clients.clientSecret, prefix)))
     .orderBy(asc(clients.id))
     .limit(batchSize);
   const writes: BatchItem<"pg">[] = [];
   for (const row of rows) {
-    const secret = await reseal(keyring, row.clientSecret, "clients.client_secret", row.id);
+    const secret = await reseal(keyring, row.clientSecret!, "clients.client_secret", row.id);
     if (secret === undefined) {
       progress.clients.unreadable.push(`clients ${row.id} (client ${row.id}, client_secret)`);
       continue;
@@ -126,11 +134,45 @@ async function resealClientBatch(
       db
         .update(clients)
         .set({ clientSecret: secret })
-        .where(and(eq(clients.id, row.id), eq(clients.clientSecret, row.clientSecret)))
+        .where(and(eq(clients.id, row.id), eq(clients.clientSecret, row.clientSecret!)))
         .returning({ id: clients.id }),
     );
   }
   await write(db, writes, progress.clients);
+  return { rows: rows.length, lastId: rows.at(-1)?.id };
+}
+
+async function resealAppBatch(
+  db: Db,
+  keyring: Keyring,
+  prefix: string,
+  after: number,
+  batchSize: number,
+  progress: ResealProgress,
+): Promise<BatchOutcome> {
+  const rows = await db
+    .select({ id: apps.id, clientSecret: apps.clientSecret })
+    .from(apps)
+    .where(and(gt(apps.id, after), notLike(apps.clientSecret, prefix)))
+    .orderBy(asc(apps.id))
+    .limit(batchSize);
+  const writes: BatchItem<"pg">[] = [];
+  for (const row of rows) {
+    // An app's secret is bound to the app's id under the label its branches' secrets had.
+    const secret = await reseal(keyring, row.clientSecret, "clients.client_secret", row.id);
+    if (secret === undefined) {
+      progress.apps.unreadable.push(`apps ${row.id} (app ${row.id}, client_secret)`);
+      continue;
+    }
+    writes.push(
+      db
+        .update(apps)
+        .set({ clientSecret: secret })
+        .where(and(eq(apps.id, row.id), eq(apps.clientSecret, row.clientSecret)))
+        .returning({ id: apps.id }),
+    );
+  }
+  await write(db, writes, progress.apps);
   return { rows: rows.length, lastId: rows.at(-1)?.id };
 }
 
@@ -227,7 +269,8 @@ async function write(db: Db, writes: BatchItem<"pg">[], counts: TableCounts): Pr
 async function countRemaining(db: Db, prefix: string): Promise<number> {
   const result = await db.execute<{ remaining: string | number }>(sql`
     select
-      (select count(*) from ${clients} where ${clients.clientSecret} not like ${prefix})
+      (select count(*) from ${apps} where ${apps.clientSecret} not like ${prefix})
+      + (select count(*) from ${clients} where ${clients.clientSecret} not like ${prefix})
       + (select count(*) from ${tokens} where ${tokens.accessToken} not like ${prefix})
       + (select count(*) from ${tokens} where ${tokens.refreshToken} not like ${prefix})
       as remaining`);
@@ -235,7 +278,12 @@ async function countRemaining(db: Db, prefix: string): Promise<number> {
 }
 
 function moved(progress: ResealProgress): number {
-  return progress.leasedMeanwhile + progress.clients.changedMeanwhile + progress.tokens.changedMeanwhile;
+  return (
+    progress.leasedMeanwhile +
+    progress.apps.changedMeanwhile +
+    progress.clients.changedMeanwhile +
+    progress.tokens.changedMeanwhile
+  );
 }
 
 function emptyCounts(): TableCounts {

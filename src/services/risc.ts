@@ -1,7 +1,7 @@
 import { inArray, sql } from "drizzle-orm";
 import type { Services } from "../context";
 import type { Db } from "../db/client";
-import { clients, securityEvents } from "../db/schema";
+import { apps, securityEvents } from "../db/schema";
 import { logInfo, logWarn } from "../lib/log";
 import {
   IAT_FUTURE_SKEW_SECONDS,
@@ -138,9 +138,9 @@ export async function validateSecurityEvent(deps: RiscDeps, jwt: string, now: Da
 /** The first of the token's audiences that is an app's client id. */
 async function knownAudience(db: Db, audiences: string[]): Promise<string | undefined> {
   const rows = await db
-    .select({ clientId: clients.clientId })
-    .from(clients)
-    .where(inArray(clients.clientId, audiences))
+    .select({ clientId: apps.clientId })
+    .from(apps)
+    .where(inArray(apps.clientId, audiences))
     .limit(1);
   return rows[0]?.clientId ?? undefined;
 }

@@ -1,13 +1,14 @@
-import { and, asc, eq, inArray, isNotNull, isNull, lte, or } from "drizzle-orm";
+import { and, asc, eq, gt, inArray, isNotNull, isNull, lte, or, sql } from "drizzle-orm";
 import { createServices, type Services } from "../context";
 import type { Db } from "../db/client";
 import { leaseIsFree } from "../db/queries";
-import { clients, tokens } from "../db/schema";
+import { apps, clients, tokens } from "../db/schema";
 import { MAX_OUTBOUND_CONNECTIONS } from "../lib/concurrency";
 import { open } from "../lib/crypto";
 import { describeError, logError, logInfo, logWarn } from "../lib/log";
 import { type MetricSource, type RefreshRecorder, refreshRecorder } from "../lib/metrics";
 import { ProviderError, refreshGrant } from "../oauth/provider";
+import { appCredentials } from "./apps";
 import { leaseMsFor } from "./refresh-policy";
 import {
   appliedOf,
@@ -59,7 +60,7 @@ export interface SchedulerEnv extends Env {
 }
 
 /** What refreshing needs of the invocation's services. */
-export interface RefreshDeps extends Pick<Services, "db" | "keyring" | "provider" | "events"> {
+export interface RefreshDeps extends Pick<Services, "db" | "keyring" | "providers" | "events"> {
   /** How long a refresh lease lasts: leaseMsFor(OAUTH_TIMEOUT_MS); tests inject a shorter one. */
   leaseMs: number;
   /** How long a rotated refresh token whose write failed is retried before it is given up. */
@@ -100,7 +101,7 @@ export function refreshDeps(d: Services, source: MetricSource = "cron"): Refresh
   return {
     db: d.db,
     keyring: d.keyring,
-    provider: d.provider,
+    providers: d.providers,
     events: d.events,
     leaseMs: leaseMsFor(d.config.OAUTH_TIMEOUT_MS),
     persistBudgetMs: INVOCATION_PERSIST_BUDGET_MS,
@@ -162,7 +163,7 @@ export async function selectDue(db: Db, now: Date, windowSeconds: number, limit:
   const rows = await db
     .select({ id: tokens.id })
     .from(tokens)
-    .innerJoin(clients, eq(clients.id, tokens.clientId))
+    .innerJoin(apps, eq(apps.id, tokens.appId))
     .where(and(refreshable(now), due(now, windowSeconds)))
     .orderBy(asc(tokens.expiresAt))
     .limit(limit);
@@ -185,8 +186,11 @@ function eligible(now: Date) {
     eq(tokens.status, "active"),
     isNotNull(tokens.refreshToken),
     or(isNull(tokens.nextAttemptAt), lte(tokens.nextAttemptAt, now)),
-    eq(clients.isActive, true),
-    isNull(clients.credentialsRejectedAt),
+    // Time-limited access that has ended is not refreshed (the sweep moves it to needs_reauth).
+    or(isNull(tokens.refreshTokenExpiresAt), gt(tokens.refreshTokenExpiresAt, now)),
+    // Some active branch is served from the grant, and its app's credentials are not rejected.
+    sql`exists (select 1 from ${clients} where ${clients.grantId} = ${tokens.id} and ${clients.isActive})`,
+    isNull(apps.credentialsRejectedAt),
   );
 }
 
@@ -231,20 +235,14 @@ export async function refreshTokens(d: RefreshDeps, ids: number[], now: Date): P
   };
   await forEachLane(PROVIDER_CONCURRENCY, async () => {
     for (let leased = await nextClaimed(); leased; leased = await nextClaimed()) {
-      const { token, clientId, clientSecret } = leased;
+      const { token, app } = leased;
       const hold = holdOf(leased, owner);
       const sentAt = at();
       const callStarted = Date.now();
       try {
         const issued = await refreshGrant(
-          d.provider,
-          {
-            clientId,
-            clientSecret: await open(d.keyring, clientSecret, {
-              column: "clients.client_secret",
-              clientId: token.clientId,
-            }),
-          },
+          d.providers.of(app),
+          await appCredentials(d.keyring, app),
           await open(d.keyring, token.refreshToken!, { column: "tokens.refresh_token", clientId: token.clientId }),
         );
         claimer.observe(Date.now() - callStarted);

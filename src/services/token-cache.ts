@@ -36,6 +36,8 @@ export interface CachedToken {
   expiresAt: Date;
   lifetimeSeconds: number | null;
   refreshed: boolean;
+  /** What the branch stands for at the provider (e.g. a Business Profile location). */
+  providerResource: string | null;
 }
 
 export function cachedTokenOf(served: ServedToken): CachedToken {
@@ -48,6 +50,7 @@ export function cachedTokenOf(served: ServedToken): CachedToken {
     expiresAt: served.token.expiresAt,
     lifetimeSeconds: served.token.lifetimeSeconds,
     refreshed: served.refreshed,
+    providerResource: served.client.providerResource,
   };
 }
 
@@ -536,6 +539,8 @@ interface SealedPayload {
   tokenType: string;
   scope: string | null;
   clientId: number;
+  /** Absent in entries written before apps and grants. */
+  providerResource?: string | null;
 }
 
 function binding(branchId: string, entry: Pick<CacheEntry, "readAtMs" | "expiresAtMs" | "lifetimeSeconds">): string {
@@ -569,6 +574,7 @@ async function sealEntry(keyring: Keyring, token: CachedToken, readAtMs: number)
     tokenType: token.tokenType,
     scope: token.scope,
     clientId: token.clientId,
+    providerResource: token.providerResource,
   };
   const sealed = await seal(keyring, JSON.stringify(payload), { tokenCache: binding(token.branchId, clear) });
   return { v: ENTRY_VERSION, ...clear, sealed };
@@ -589,6 +595,7 @@ async function openEntry(keyring: Keyring, branchId: string, entry: CacheEntry):
       expiresAt: new Date(entry.expiresAtMs),
       lifetimeSeconds: entry.lifetimeSeconds,
       refreshed: false,
+      providerResource: payload.providerResource ?? null,
     };
   } catch (error) {
     logWarn("token_cache_entry_unreadable", { error: describeError(error) });

@@ -2,12 +2,14 @@ import { and, eq, isNull, lt, ne, or, type SQL, sql } from "drizzle-orm";
 import type { BatchItem } from "drizzle-orm/batch";
 import type { Db } from "../db/client";
 import { leaseExpiry, leaseIsFree } from "../db/queries";
-import { type ClientRow, clients, type TokenRow, tokens } from "../db/schema";
+import { type AppRow, apps, type ClientRow, clients, type TokenRow, tokens } from "../db/schema";
 import { AppError } from "../errors";
 import { type Keyring, open, seal } from "../lib/crypto";
 import { describeError, type LogFields, logError, logInfo, logWarn } from "../lib/log";
-import { type IssuedTokens, type Provider, ProviderError, refreshGrant } from "../oauth/provider";
-import { clientCredentials, revokeGrant, selectWithLatestToken } from "./clients";
+import type { Providers } from "../oauth/profiles";
+import { type IssuedTokens, ProviderError, refreshGrant } from "../oauth/provider";
+import { appCredentials } from "./apps";
+import { revokeGrant } from "./clients";
 import {
   changedRows,
   type EventContext,
@@ -29,7 +31,7 @@ import { expiryOf, inBackoff, isServable, lifetimeOf, needsRefresh, nextAttemptA
 export interface TokenDeps {
   db: Db;
   keyring: Keyring;
-  provider: Provider;
+  providers: Providers;
   refreshAheadSeconds: number;
   /** How long a refresh lease lasts: leaseMsFor(OAUTH_TIMEOUT_MS); tests inject a shorter one. */
   leaseMs: number;
@@ -55,10 +57,15 @@ export interface Background {
 }
 
 /** The columns a token read needs: the hot path reads nothing else. */
-export type ReadClient = Pick<ClientRow, "id" | "branchId" | "isActive" | "credentialsRejectedAt">;
+export type ReadClient = Pick<ClientRow, "id" | "branchId" | "isActive" | "appId" | "providerResource"> & {
+  /** The app's: the provider rejected its credentials. */
+  credentialsRejectedAt: Date | null;
+};
 export type ReadToken = Pick<
   TokenRow,
   | "id"
+  | "clientId"
+  | "refreshTokenExpiresAt"
   | "accessToken"
   | "tokenType"
   | "scope"
@@ -109,25 +116,32 @@ export async function forceRefresh(
 }
 
 /**
- * DELETE /tokens/{branch_id}: revoke at the provider (best effort), then mark the token revoked,
- * with `connection.revoked` in the same statement (none when it already was).
+ * DELETE /tokens/{branch_id}: revokes the branch's grant at the provider (best effort; at Google
+ * that ends the account's whole authorization of the app) and marks it revoked, with
+ * `connection.revoked` for every branch served from it in the same statement (none when it already
+ * was). Returns those branches: none of them may be served the grant's token any more.
  */
 export async function revokeBranchToken(
-  deps: Pick<TokenDeps, "db" | "keyring" | "provider" | "events">,
+  deps: Pick<TokenDeps, "db" | "keyring" | "providers" | "events">,
   branchId: string,
   now: Date,
-): Promise<{ client: ClientRow; revokedAtProvider: boolean }> {
-  const [found] = await selectWithLatestToken(deps.db).where(eq(clients.branchId, branchId));
+): Promise<{ client: ClientRow; revokedAtProvider: boolean; branchIds: string[] }> {
+  const [found] = await deps.db
+    .select({ client: clients, token: tokens, app: apps })
+    .from(clients)
+    .leftJoin(tokens, eq(tokens.id, clients.grantId))
+    .leftJoin(apps, eq(apps.id, clients.appId))
+    .where(eq(clients.branchId, branchId));
   if (!found?.client) throw new AppError("not_found", `No client is registered for branch ${branchId}.`);
-  const { client, token } = found;
+  const { client, token, app } = found;
   if (!token) throw new AppError("not_found", `Branch ${branchId} has no token to revoke.`);
   let revokedAtProvider = false;
-  if (token.isValid) {
+  if (token.isValid && app) {
     try {
-      await revokeGrant(deps.keyring, deps.provider, await clientCredentials(deps.keyring, client), token);
+      await revokeGrant(deps.keyring, deps.providers.of(app), await appCredentials(deps.keyring, app), token);
       revokedAtProvider = true;
     } catch (error) {
-      logWarn("revocation_failed", { client: client.id, error: describeError(error) });
+      logWarn("revocation_failed", { client: client.id, grant: token.id, error: describeError(error) });
     }
   }
   const result = await tokenChangeWithEvents(
@@ -136,7 +150,7 @@ export async function revokeBranchToken(
     deps.db
       .update(tokens)
       .set({ isValid: false, status: "revoked", leaseOwner: null, leaseExpiresAt: null })
-      // Not already revoked: of concurrent revocations the first writes the row and the event (a
+      // Not already revoked: of concurrent revocations the first writes the row and the events (a
       // later one, having waited for its lock, finds it revoked and changes nothing).
       .where(and(eq(tokens.id, token.id), ne(tokens.status, "revoked")))
       .returning(tokenChangeReturning("keep")),
@@ -147,7 +161,11 @@ export async function revokeBranchToken(
     now,
   );
   noteEvents(deps.events, result);
-  return { client, revokedAtProvider };
+  const sharing = await deps.db
+    .select({ branchId: clients.branchId })
+    .from(clients)
+    .where(eq(clients.grantId, token.id));
+  return { client, revokedAtProvider, branchIds: [...new Set([branchId, ...sharing.map((row) => row.branchId)])] };
 }
 
 interface Found {
@@ -164,14 +182,13 @@ export type ReadKey = { branchId: string } | { clientId: number };
  * comes from a LATERAL subquery over the (client_id, id) index.
  */
 const READ_SELECT = `select json_build_array(
-    c.id, c.branch_id, c.is_active, c.credentials_rejected_at,
-    t.id, t.access_token, t.token_type, t.scope, t.expires_at, t.lifetime_seconds, t.is_valid, t.status, t.next_attempt_at
+    c.id, c.branch_id, c.is_active, a.credentials_rejected_at,
+    t.id, t.access_token, t.token_type, t.scope, t.expires_at, t.lifetime_seconds, t.is_valid, t.status, t.next_attempt_at,
+    t.client_id, t.refresh_token_expires_at, c.app_id, c.provider_resource
   ) as row
   from clients c
-  left join lateral (
-    select id, access_token, token_type, scope, expires_at, lifetime_seconds, is_valid, status, next_attempt_at
-    from tokens where tokens.client_id = c.id order by tokens.id desc limit 1
-  ) t on true`;
+  left join apps a on a.id = c.app_id
+  left join tokens t on t.id = c.grant_id`;
 const READ_BY_BRANCH = sql.raw(`${READ_SELECT} where c.branch_id = `);
 const READ_BY_CLIENT = sql.raw(`${READ_SELECT} where c.id = `);
 
@@ -188,6 +205,10 @@ type ReadRow = [
   number | null,
   boolean | null,
   ReadToken["status"] | null,
+  string | null,
+  number | null,
+  string | null,
+  number | null,
   string | null,
 ];
 
@@ -211,11 +232,17 @@ export async function findForRead(db: Db, key: ReadKey): Promise<Found> {
     isValid,
     status,
     nextAttempt,
+    sealOwner,
+    accessEnds,
+    appId,
+    providerResource,
   ] = typeof raw === "string" ? (JSON.parse(raw) as ReadRow) : raw;
   const client: ReadClient = {
     id: clientId,
     branchId,
     isActive,
+    appId,
+    providerResource,
     credentialsRejectedAt: rejectedAt === null ? null : new Date(rejectedAt),
   };
   if (tokenId === null) return { client, token: null };
@@ -223,6 +250,8 @@ export async function findForRead(db: Db, key: ReadKey): Promise<Found> {
     client,
     token: {
       id: tokenId,
+      clientId: sealOwner!,
+      refreshTokenExpiresAt: accessEnds === null ? null : new Date(accessEnds),
       accessToken: accessToken!,
       tokenType: tokenType!,
       scope,
@@ -340,7 +369,8 @@ function refreshBlocked(client: ReadClient, token: Pick<TokenRow, "nextAttemptAt
   if (client.credentialsRejectedAt) {
     return new AppError(
       "client_credentials_rejected",
-      `The provider rejected branch ${client.branchId}'s client credentials. An administrator must update the client secret (PATCH /token-management/clients/${client.id}).`,
+      `The provider rejected the client credentials of branch ${client.branchId}'s app. An administrator must update the app's client secret (PATCH /token-management/apps/${client.appId}).`,
+      { fields: { app_id: client.appId } },
     );
   }
   if (inBackoff(token, now)) {
@@ -383,21 +413,25 @@ export async function claimLeases(
   return db
     .update(tokens)
     .set({ leaseOwner: owner, leaseExpiresAt: leaseExpiry(leaseMs) })
-    .from(clients)
-    .where(and(eq(clients.id, tokens.clientId), claimable, condition))
+    .from(apps)
+    .where(and(eq(apps.id, tokens.appId), claimable, condition))
     .returning({
       token: tokens,
-      clientId: clients.clientId,
-      clientSecret: clients.clientSecret,
+      app: {
+        id: apps.id,
+        profile: apps.profile,
+        settings: apps.settings,
+        clientId: apps.clientId,
+        clientSecret: apps.clientSecret,
+      },
       tookOver: tookOverFrom(owner),
     });
 }
 
-/** The leased token row with the client's credentials (the secret still sealed). */
+/** The leased grant row with its app (the secret still sealed). */
 export interface Leased {
   token: TokenRow;
-  clientId: string;
-  clientSecret: string;
+  app: Pick<AppRow, "id" | "profile" | "settings" | "clientId" | "clientSecret">;
   /**
    * The claim took over a lease that ran out without being released: its holder may still be
    * in flight, and may have rotated the refresh token we are about to use.
@@ -457,7 +491,7 @@ async function refreshHeld(
   owner: string,
   at: () => Date,
 ): Promise<ServedToken> {
-  const { token: row, clientId, clientSecret } = leased;
+  const { token: row, app } = leased;
   const hold = holdOf(leased, owner);
   if (!row.refreshToken) {
     noteWritten(deps.events, await applyResult(deps.db, [recordDead(deps.db, deps.events, hold, at())]));
@@ -468,14 +502,8 @@ async function refreshHeld(
   let issued: IssuedTokens;
   try {
     issued = await refreshGrant(
-      deps.provider,
-      {
-        clientId,
-        clientSecret: await open(deps.keyring, clientSecret, {
-          column: "clients.client_secret",
-          clientId: row.clientId,
-        }),
-      },
+      deps.providers.of(app),
+      await appCredentials(deps.keyring, app),
       await open(deps.keyring, row.refreshToken, { column: "tokens.refresh_token", clientId: row.clientId }),
     );
   } catch (error) {
@@ -519,6 +547,7 @@ export interface RefreshedValues {
   expiresAt: Date;
   lifetimeSeconds: number;
   lastRefreshedAt: Date;
+  refreshTokenExpiresAt?: Date;
   failureCount: 0;
   lastError: null;
   nextAttemptAt: null;
@@ -546,6 +575,10 @@ export async function refreshedValues(
     expiresAt: expiryOf(issued, sentAt),
     lifetimeSeconds: lifetime,
     lastRefreshedAt: sentAt,
+    // Time-limited access: the provider says again how long the refresh token has left.
+    ...(issued.refreshTokenExpiresIn === undefined
+      ? {}
+      : { refreshTokenExpiresAt: new Date(sentAt.getTime() + issued.refreshTokenExpiresIn * 1000) }),
     failureCount: 0,
     lastError: null,
     nextAttemptAt: null,
@@ -791,7 +824,7 @@ export async function releaseLease(db: Db, hold: Pick<LeaseHold, "tokenId" | "ow
 async function serve(deps: TokenDeps, client: ReadClient, token: ReadToken, refreshed: boolean): Promise<ServedToken> {
   const accessToken = await open(deps.keyring, token.accessToken, {
     column: "tokens.access_token",
-    clientId: client.id,
+    clientId: token.clientId,
   });
   return { client, token, accessToken, refreshed };
 }

@@ -34,7 +34,7 @@ beforeAll(async () => {
 });
 afterAll(() => db?.close());
 beforeEach(async () => {
-  await query`truncate clients restart identity cascade`;
+  await query`truncate clients, tokens, apps restart identity cascade`;
 });
 
 interface Run {

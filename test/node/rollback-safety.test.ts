@@ -91,12 +91,13 @@ UPDATE "clients" SET "client_secret" = NULL;`,
 
   it("passes what keeps old reads and writes working: new nullable columns and tables, dropped NOT NULL, foreign keys and plain indexes", async () => {
     const problems = await check("expand", {
-      expand: `CREATE TABLE "apps" ("id" serial PRIMARY KEY NOT NULL, "name" text NOT NULL);--> statement-breakpoint
-ALTER TABLE "clients" ADD COLUMN "app_id" integer REFERENCES "apps"("id");--> statement-breakpoint
-ALTER TABLE "tokens" ADD COLUMN "subject" text;--> statement-breakpoint
-ALTER TABLE "tokens" ADD COLUMN "refresh_tokens_minted" integer DEFAULT 0 NOT NULL;--> statement-breakpoint
-ALTER TABLE "clients" ALTER COLUMN "client_secret" DROP NOT NULL;--> statement-breakpoint
-ALTER TABLE "tokens" DROP CONSTRAINT "tokens_client_id_clients_id_fk";--> statement-breakpoint
+      expand: `CREATE TABLE "widgets" ("id" serial PRIMARY KEY NOT NULL, "name" text NOT NULL);--> statement-breakpoint
+ALTER TABLE "clients" ADD COLUMN "widget_id" integer REFERENCES "widgets"("id");--> statement-breakpoint
+ALTER TABLE "tokens" ADD COLUMN "widget_subject" text;--> statement-breakpoint
+ALTER TABLE "tokens" ADD COLUMN "widget_count" integer DEFAULT 0 NOT NULL;--> statement-breakpoint
+ALTER TABLE "clients" ALTER COLUMN "workspace_email" DROP NOT NULL;--> statement-breakpoint
+ALTER TABLE "events" ADD CONSTRAINT "events_widget_fk" FOREIGN KEY ("client_id") REFERENCES "clients"("id") NOT VALID;--> statement-breakpoint
+ALTER TABLE "events" DROP CONSTRAINT "events_widget_fk";--> statement-breakpoint
 DROP INDEX IF EXISTS "events_type_id_idx";`,
     });
     expect(problems).toEqual([]);

@@ -4,7 +4,7 @@ import { parseEnv } from "../../src/env";
 import { AppError } from "../../src/errors";
 import { loadKeyring, seal } from "../../src/lib/crypto";
 import { toBase64Url, utf8 } from "../../src/lib/encoding";
-import { providerFromConfig } from "../../src/oauth/provider";
+import { providersOf } from "../../src/oauth/profiles";
 import { completeLogin } from "../../src/services/authorization";
 import { eventContext } from "../../src/services/events";
 import { signLoginLink } from "../../src/services/login-links";
@@ -12,6 +12,7 @@ import { TEST_ENCRYPTION_KEY, TEST_SERVICE_KEY } from "./bindings";
 import { Browser } from "./browser";
 import { BASE, call, expectProblem, json, testEnv } from "./helpers";
 import {
+  appRowOf,
   authorizeAtProvider,
   BINDING_COOKIE_NAME,
   callCallback,
@@ -232,15 +233,18 @@ describe("callback: success", () => {
       token_type: "refresh_token",
     });
 
-    const client = await clientRow(branch.clientId);
-    expect(String(client?.client_secret)).toMatch(/^v2\./);
+    // The secret is the app's, sealed and bound to the app's row.
+    const app = await appRowOf(branch.clientId);
+    expect(String(app?.client_secret)).toMatch(/^v2\./);
     expect(
-      await unseal(String(client?.client_secret), { column: "clients.client_secret", clientId: branch.clientId }),
+      await unseal(String(app?.client_secret), { column: "clients.client_secret", clientId: Number(app?.id) }),
     ).toBe(branch.clientSecret);
+    expect((await clientRow(branch.clientId))?.client_secret).toBeNull();
 
     const dump =
       JSON.stringify(await sql("select row_to_json(t)::text from tokens t")) +
-      JSON.stringify(await sql("select row_to_json(c)::text from clients c"));
+      JSON.stringify(await sql("select row_to_json(c)::text from clients c")) +
+      JSON.stringify(await sql("select row_to_json(a)::text from apps a"));
     expect(dump).not.toContain(accessToken);
     expect(dump).not.toContain(refreshToken as string);
     expect(dump).not.toContain(branch.clientSecret);
@@ -417,7 +421,7 @@ describe("callback: rejected", () => {
     const attempt = completeLogin(
       db,
       await keyring(),
-      providerFromConfig(config),
+      providersOf(config),
       back.searchParams,
       start.cookie.split("=")[1],
       later,

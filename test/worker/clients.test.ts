@@ -2,6 +2,7 @@ import { describe, expect, it } from "vitest";
 import { TEST_SERVICE_KEY } from "./bindings";
 import { call, expectProblem, json, testEnv, uniqueId } from "./helpers";
 import {
+  appRowOf,
   clientRow,
   connectBranch,
   currentTokens,
@@ -163,10 +164,11 @@ describe("POST /clients", () => {
     expect(login.searchParams.get("signature")).toMatch(/^[A-Za-z0-9_-]{43}$/);
     expect(Number(login.searchParams.get("expires")) * 1000).toBe(Date.parse(created.login_url_expires_at));
 
-    // Stored sealed, not in plain text.
-    const row = await clientRow(created.client_id);
+    // Stored sealed on the app, not in plain text, and not on the branch.
+    const row = await appRowOf(created.client_id);
     expect(String(row?.client_secret)).toMatch(/^v2\./);
     expect(JSON.stringify(row)).not.toContain(body.client_secret);
+    expect((await clientRow(created.client_id))?.client_secret).toBeNull();
   });
 
   it("trims surrounding whitespace from text fields", async () => {
@@ -176,12 +178,30 @@ describe("POST /clients", () => {
     expect((await json<ClientView>(response)).workspace_name).toBe("Padded");
   });
 
-  it("answers 409 naming client_id when the OAuth client_id is already registered", async () => {
+  it("attaches a second branch to the app of a known client_id when the secret matches", async () => {
+    const first = newClientBody();
+    const one = await json<{ client_id: number; app_id: number }>(await postJson("/clients", first));
+    const response = await postJson("/clients", {
+      ...newClientBody(),
+      client_id: first.client_id,
+      client_secret: first.client_secret,
+    });
+    expect(response.status).toBe(201);
+    const two = await json<{ client_id: number; app_id: number; client_oauth_id: string }>(response);
+    expect(two.app_id).toBe(one.app_id);
+    expect(two.client_id).not.toBe(one.client_id);
+    expect(two.client_oauth_id).toBe(first.client_id);
+    expect(await sql("select count(*)::int from apps where client_id = $1", [first.client_id])).toEqual([["1"]]);
+  });
+
+  it("answers 409 naming client_secret when a known client_id comes with another secret", async () => {
     const first = newClientBody();
     expect((await postJson("/clients", first)).status).toBe(201);
     const response = await postJson("/clients", { ...newClientBody(), client_id: first.client_id });
     const problem = await expectProblem(response, 409, "conflict");
-    expect(problem.errors).toEqual([{ field: "client_id", message: expect.any(String) }]);
+    expect(problem.errors).toEqual([{ field: "client_secret", message: expect.any(String) }]);
+    expect(problem.detail).toContain("already registered");
+    expect(JSON.stringify(problem)).not.toContain(first.client_secret);
   });
 
   it("answers 409 naming branch_id when the branch already has a client", async () => {
@@ -371,7 +391,7 @@ describe("GET /clients/{id}", () => {
 describe("PATCH /clients/{id}", () => {
   it("rotates the secret: sealed anew, and the flow works with the new secret at the provider", async () => {
     const branch = await registerBranch();
-    const before = await clientRow(branch.clientId);
+    const before = await appRowOf(branch.clientId);
     const newSecret = uniqueId("rotated-secret");
     await registerProviderClient(branch.oauthClientId, newSecret, [branch.redirectUri]);
 
@@ -383,7 +403,7 @@ describe("PATCH /clients/{id}", () => {
     const text = await response.text();
     expect(response.status, text).toBe(200);
     expect(text).not.toContain(newSecret);
-    const after = await clientRow(branch.clientId);
+    const after = await appRowOf(branch.clientId);
     expect(after?.client_secret).not.toBe(before?.client_secret);
     expect(String(after?.client_secret)).toMatch(/^v2\./);
     expect(JSON.stringify(after)).not.toContain(newSecret);

@@ -3,6 +3,7 @@ import { ConsoleBrowser, flashOf, tableRows } from "./console-helpers";
 import { eventsOf, newInbox, webhookBindings } from "./event-helpers";
 import { call, uniqueId } from "./helpers";
 import {
+  appRowOf,
   clientRow,
   connectBranch,
   currentTokens,
@@ -47,8 +48,8 @@ describe("register a branch", () => {
     expect(flashOf(landed.html)?.text).toContain(`Branch ${body.branch_id} registered.`);
 
     const row = await clientRow(clientId);
+    expect((await appRowOf(clientId))?.client_id).toBe(body.client_id);
     expect(row).toMatchObject({
-      client_id: body.client_id,
       branch_id: body.branch_id,
       redirect_uri: body.redirect_uri,
       workspace_email: body.workspace_email,
@@ -56,9 +57,10 @@ describe("register a branch", () => {
       scopes: "openid email",
       is_active: true,
     });
-    expect(await unseal(row!.client_secret as string, { column: "clients.client_secret", clientId })).toBe(
-      body.client_secret,
-    );
+    const app = await appRowOf(clientId);
+    expect(
+      await unseal(app!.client_secret as string, { column: "clients.client_secret", clientId: Number(app!.id) }),
+    ).toBe(body.client_secret);
   });
 
   it("an empty scopes field is no scopes (the service's default)", async () => {
@@ -254,9 +256,9 @@ describe("client actions", () => {
     const after = await act(branch.clientId, "secret", { client_secret: secret });
     expect(flashOf(after.html)?.text).toBe("Client secret rotated. The next refresh uses it.");
     expect(after.html).not.toContain(secret);
-    const row = await clientRow(branch.clientId);
+    const row = await appRowOf(branch.clientId);
     expect(
-      await unseal(row!.client_secret as string, { column: "clients.client_secret", clientId: branch.clientId }),
+      await unseal(row!.client_secret as string, { column: "clients.client_secret", clientId: Number(row!.id) }),
     ).toBe(secret);
     // The provider knows only the new secret now: a refresh with it succeeds.
     expect(flashOf((await act(branch.clientId, "refresh")).html)?.tone).toBe("ok");
@@ -264,10 +266,10 @@ describe("client actions", () => {
 
   it("an empty secret is refused with the field's error and the stored one is kept", async () => {
     const branch = await registerBranch({ atProvider: false });
-    const before = (await clientRow(branch.clientId))?.client_secret;
+    const before = (await appRowOf(branch.clientId))?.client_secret;
     const after = await act(branch.clientId, "secret", { client_secret: "   " });
     expect(flashOf(after.html)).toEqual({ tone: "error", text: "client_secret: must not be empty" });
-    expect((await clientRow(branch.clientId))?.client_secret).toBe(before);
+    expect((await appRowOf(branch.clientId))?.client_secret).toBe(before);
   });
 
   it("Delete needs the branch id typed exactly; then the branch is gone and revoked at the provider", async () => {

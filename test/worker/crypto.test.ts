@@ -5,7 +5,7 @@ import { checkLoginLink, signLoginLink } from "../../src/services/login-links";
 import { TEST_ENCRYPTION_KEY } from "./bindings";
 import { BASE, call } from "./helpers";
 import { sealV1 } from "./legacy-seal";
-import { clientRow, connectBranch, runBrowserFlow, tokenRows } from "./oauth-helpers";
+import { appRowOf, connectBranch, runBrowserFlow, tokenRows } from "./oauth-helpers";
 
 const keyOf = (start: number) => btoa(String.fromCharCode(...Array.from({ length: 32 }, (_, i) => start + i)));
 const OLD_KEY = TEST_ENCRYPTION_KEY;
@@ -296,7 +296,7 @@ describe("key rotation through the Worker", () => {
     const current = rows.filter((r) => r.is_valid);
     expect(current).toHaveLength(1);
     expect(current[0]?.access_token.split(".")[1]).toBe(newKid);
-    expect(String((await clientRow(branch.clientId))?.client_secret).split(".")[1]).toBe(oldKid);
+    expect(String((await appRowOf(branch.clientId))?.client_secret).split(".")[1]).toBe(oldKid);
 
     // A secret rotated now is sealed under the new key.
     const patched = await call(`/clients/${branch.clientId}`, {
@@ -307,7 +307,7 @@ describe("key rotation through the Worker", () => {
       envOverrides: rotated,
     });
     expect(patched.status).toBe(200);
-    expect(String((await clientRow(branch.clientId))?.client_secret).split(".")[1]).toBe(newKid);
+    expect(String((await appRowOf(branch.clientId))?.client_secret).split(".")[1]).toBe(newKid);
   });
 
   it("rejects old login links once the old key is dropped", async () => {

@@ -17,9 +17,9 @@ import {
 } from "./event-helpers";
 import { type CallOptions, call, expectProblem, json, testEnv } from "./helpers";
 import {
+  appRowOf,
   authorizeAtProvider,
   callCallback,
-  clientRow,
   connectBranch,
   currentTokens,
   postJson,
@@ -168,7 +168,7 @@ describe("consents", () => {
     const events = await eventsOf(branch.clientId);
     expect(events.map((e) => [e.type, e.seq, e.status_before, e.status_after, e.reason])).toEqual([
       ["connection.credentials_rejected", 1, "never_connected", "credentials_rejected", events[0]?.reason],
-      ["connection.recovered", 2, "credentials_rejected", "never_connected", "the client secret was replaced"],
+      ["connection.recovered", 2, "credentials_rejected", "never_connected", "the app's client secret was replaced"],
       ["connection.created", 3, "never_connected", "connected", "first consent"],
     ]);
   });
@@ -257,13 +257,13 @@ describe("refreshes", () => {
     const before = await eventsOf(branch.clientId);
     await setProviderBehavior(branch.oauthClientId, { failNext: { status: 401, error: "invalid_client", count: 2 } });
     await forceRefresh(branch);
-    expect((await clientRow(branch.clientId))?.credentials_rejected_at).not.toBeNull();
+    expect((await appRowOf(branch.clientId))?.credentials_rejected_at).not.toBeNull();
     await forceRefresh(branch);
     expect(types(await eventsSince(branch.clientId, before))).toEqual(["connection.credentials_rejected"]);
 
     // The provider accepts the credentials again: a forced refresh succeeds and clears the flag.
     expect((await forceRefresh(branch)).status).toBe(200);
-    expect((await clientRow(branch.clientId))?.credentials_rejected_at).toBeNull();
+    expect((await appRowOf(branch.clientId))?.credentials_rejected_at).toBeNull();
     const written = await eventsSince(branch.clientId, before);
     expect(written.map((e) => [e.type, e.seq, e.status_before, e.status_after])).toEqual([
       ["connection.credentials_rejected", before.length + 1, "connected", "credentials_rejected"],
@@ -284,7 +284,7 @@ describe("refreshes", () => {
       { method: "PATCH" },
     );
     await expectProblem(refused, 422, "validation_failed");
-    expect((await clientRow(branch.clientId))?.credentials_rejected_at).not.toBeNull();
+    expect((await appRowOf(branch.clientId))?.credentials_rejected_at).not.toBeNull();
     expect(types(await eventsSince(branch.clientId, before))).toEqual(["connection.credentials_rejected"]);
 
     const patched = await postJson(
@@ -293,7 +293,7 @@ describe("refreshes", () => {
       { method: "PATCH" },
     );
     expect(patched.status).toBe(200);
-    expect((await clientRow(branch.clientId))?.credentials_rejected_at).toBeNull();
+    expect((await appRowOf(branch.clientId))?.credentials_rejected_at).toBeNull();
     const written = await eventsSince(branch.clientId, before);
     expect(written.map((e) => [e.type, e.status_before, e.status_after])).toEqual([
       ["connection.credentials_rejected", "connected", "credentials_rejected"],
@@ -398,7 +398,7 @@ describe("the event exists if and only if its change committed", () => {
     const [counts, taker] = await Promise.all([cron, forceRefresh(branch)]);
     expect(counts).toMatchObject({ dropped: 1, failed: 0, refreshed: 0 });
     expect(taker.status).toBe(200);
-    expect((await clientRow(branch.clientId))?.credentials_rejected_at).toBeNull();
+    expect((await appRowOf(branch.clientId))?.credentials_rejected_at).toBeNull();
     expect(await eventsSince(branch.clientId, before)).toEqual([]);
   });
 });
@@ -595,7 +595,10 @@ describe("events: concurrent changes of one branch", () => {
   it("simultaneous secret rotations of a rejected client write one connection.recovered", async () => {
     for (let round = 0; round < ROUNDS; round++) {
       const branch = await registerBranch({ atProvider: false });
-      await sql("update clients set credentials_rejected_at = now() where id = $1", [branch.clientId]);
+      await sql(
+        "update apps set credentials_rejected_at = now() where id = (select app_id from clients where id = $1)",
+        [branch.clientId],
+      );
       const answers = await Promise.all(
         Array.from({ length: CONCURRENCY }, (_, i) => patch(branch.clientId, { client_secret: `rotated-${i}-secret` })),
       );

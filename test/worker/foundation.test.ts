@@ -177,13 +177,18 @@ describe("OpenAPI", () => {
     expect(doc.openapi).toBe("3.1.0");
     expect(Object.keys(doc.paths).sort()).toEqual(
       [
+        "/token-management/apps",
+        "/token-management/apps/{id}",
         "/token-management/auth/callback",
         "/token-management/clients",
         "/token-management/clients/{id}",
+        "/token-management/clients/{id}/grant",
         "/token-management/clients/{id}/login-url",
         "/token-management/clients/{id}/login-links/revoke",
         "/token-management/events",
         "/token-management/events/{id}/redeliver",
+        "/token-management/grants",
+        "/token-management/grants/{id}",
         "/token-management/health",
         "/token-management/oauth/login/{client_id}",
         "/token-management/risc",

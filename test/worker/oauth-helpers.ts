@@ -142,6 +142,14 @@ export async function clientRow(clientId: number): Promise<Record<string, unknow
   return rows[0] ? (JSON.parse(rows[0][0] as string) as Record<string, unknown>) : undefined;
 }
 
+/** The row of the app a branch uses (its client id and sealed secret live there). */
+export async function appRowOf(clientId: number): Promise<Record<string, unknown> | undefined> {
+  const rows = await sql("select row_to_json(a)::text from apps a join clients c on c.app_id = a.id where c.id = $1", [
+    clientId,
+  ]);
+  return rows[0] ? (JSON.parse(rows[0][0] as string) as Record<string, unknown>) : undefined;
+}
+
 /** Opens a value sealed by the Worker with the test encryption key. */
 export async function unseal(envelope: string, purpose: SealPurpose): Promise<string> {
   return open(await loadKeyring(TEST_ENCRYPTION_KEY), envelope, purpose);
@@ -157,6 +165,7 @@ export interface BranchOptions {
   scopes?: string;
   workspaceEmail?: string;
   workspaceName?: string;
+  providerResource?: string;
   /** Register the client at the provider too (default true). */
   atProvider?: boolean;
   /** Behaviour to set at the provider right after registering there. */
@@ -182,6 +191,7 @@ export function newClientBody(options: BranchOptions = {}) {
     workspace_email: options.workspaceEmail ?? "ops@example.com",
     workspace_name: options.workspaceName ?? "Test Workspace",
     ...(options.scopes === undefined ? {} : { scopes: options.scopes }),
+    ...(options.providerResource === undefined ? {} : { provider_resource: options.providerResource }),
   };
 }
 

@@ -70,7 +70,7 @@ async function shortLeaseDeps(background: Promise<unknown>[] = []): Promise<Toke
   return {
     db: d.db,
     keyring: d.keyring,
-    provider: d.provider,
+    providers: d.providers,
     refreshAheadSeconds: d.config.REFRESH_AHEAD_SECONDS,
     leaseMs: SHORT_LEASE_MS,
     background: { defer: (task) => background.push(task), budgetMs: 1_500 },
@@ -273,7 +273,7 @@ describe("waiting on another isolate's refresh", () => {
     const deps: TokenDeps = {
       db: d.db,
       keyring: d.keyring,
-      provider: d.provider,
+      providers: d.providers,
       refreshAheadSeconds: d.config.REFRESH_AHEAD_SECONDS,
       leaseMs: leaseMsFor(d.config.OAUTH_TIMEOUT_MS),
       background: { defer: () => undefined, budgetMs: 0 },

@@ -6,7 +6,7 @@ import { refreshDeps, refreshTokens } from "../../src/services/scheduled";
 import { TEST_SERVICE_KEY } from "./bindings";
 import { expireIn } from "./event-helpers";
 import { BASE, recordingDataset, type TestEnv, testEnv } from "./helpers";
-import { connectBranch, currentTokens, setProviderBehavior } from "./oauth-helpers";
+import { appRowOf, connectBranch, currentTokens, setProviderBehavior } from "./oauth-helpers";
 
 /**
  * One Analytics Engine data point per provider refresh, on the cron, queue and request paths,
@@ -14,6 +14,11 @@ import { connectBranch, currentTokens, setProviderBehavior } from "./oauth-helpe
  * the index. Only this file's tokens are refreshed (refreshTokens with their ids, or a read of their
  * branch), so other files' tokens are left alone.
  */
+
+/** The app id as the data point's blob carries it. */
+async function appIdOf(branch: { clientId: number }): Promise<string> {
+  return String((await appRowOf(branch.clientId))?.id);
+}
 
 const refreshPoints = (points: AnalyticsEngineDataPoint[], grant: number) =>
   points.filter((p) => p.blobs?.[0] === "refresh" && p.indexes?.[0] === String(grant));
@@ -32,9 +37,10 @@ describe("refresh data points", () => {
     expect((await refreshTokens(refreshDeps(services, "queue"), [grant], new Date())).dead).toBe(1);
 
     const mine = refreshPoints(points, grant);
+    const app = await appIdOf(branch);
     expect(mine.map((p) => p.blobs)).toEqual([
-      ["refresh", "refreshed", "", "", "cron"],
-      ["refresh", "dead", "invalid_grant", "", "queue"],
+      ["refresh", "refreshed", "", app, "cron"],
+      ["refresh", "dead", "invalid_grant", app, "queue"],
     ]);
     for (const point of mine) {
       expect(point.doubles![0]).toBeGreaterThanOrEqual(0);
@@ -67,8 +73,8 @@ describe("refresh data points", () => {
     expect((await read()).status).toBe(200);
 
     expect(refreshPoints(points, grant).map((p) => p.blobs)).toEqual([
-      ["refresh", "refreshed", "", "", "request"],
-      ["refresh", "failed", "server_error", "", "request"],
+      ["refresh", "refreshed", "", await appIdOf(branch), "request"],
+      ["refresh", "failed", "server_error", await appIdOf(branch), "request"],
     ]);
   });
 });

@@ -189,9 +189,10 @@ describe("scheduled refresh", () => {
     await expireAt(branch, new Date(era.getTime() + minutes(3)));
     await setProviderBehavior(branch.oauthClientId, { failNext: { status: 401, error: "invalid_client" } });
     expect(await cron(era)).toMatchObject({ due: 1, failed: 1 });
-    const [flag] = await sql("select credentials_rejected_at is not null from clients where id = $1", [
-      branch.clientId,
-    ]);
+    const [flag] = await sql(
+      "select credentials_rejected_at is not null from apps where id = (select app_id from clients where id = $1)",
+      [branch.clientId],
+    );
     expect(flag![0]).toBe("t");
     expect(await cron(new Date(era.getTime() + minutes(60)))).toMatchObject({ due: 0 });
   });

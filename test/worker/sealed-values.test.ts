@@ -4,7 +4,7 @@ import { refreshDeps, refreshTokens } from "../../src/services/scheduled";
 import { TEST_ENCRYPTION_KEY } from "./bindings";
 import { call, expectProblem, json, testEnv } from "./helpers";
 import { sealV1 } from "./legacy-seal";
-import { connectBranch, currentTokens, postJson, sql, tokenRows } from "./oauth-helpers";
+import { appRowOf, connectBranch, currentTokens, postJson, sql, tokenRows } from "./oauth-helpers";
 
 /**
  * Sealed values are bound to their row: whoever can write the database cannot move one branch's
@@ -45,15 +45,17 @@ describe("a sealed value copied to another branch's row", () => {
 
   it("a client secret: refreshing that branch is a 409, its grant is not marked dead, others still refresh", async () => {
     const [a, b] = await Promise.all([connectBranch(), connectBranch()]);
-    await sql("update clients set client_secret = (select client_secret from clients where id = $1) where id = $2", [
-      a.clientId,
-      b.clientId,
-    ]);
+    // The secret of A's app copied onto B's app.
+    await sql(
+      `update apps set client_secret = (select a.client_secret from apps a join clients c on c.app_id = a.id where c.id = $1)
+        where id = (select app_id from clients where id = $2)`,
+      [a.clientId, b.clientId],
+    );
 
     const refreshB = await postJson("/tokens/refresh", { client_id: b.clientId }, { key: "admin" });
     const problem = await expectProblem(refreshB, 409, "sealed_value_unreadable");
     expect(problem.detail).toContain("client secret");
-    expect(problem.detail).toContain(`PATCH /clients/${b.clientId}`);
+    expect(problem.detail).toContain(`PATCH /apps/${(await appRowOf(b.clientId))?.id}`);
     // Nothing stored is lost: the grant stays current and active, the lease is released.
     const [row] = await tokenRows(b.clientId);
     expect(row).toMatchObject({ is_valid: true, status: "active", lease_owner: null });

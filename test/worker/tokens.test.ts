@@ -186,9 +186,10 @@ describe("GET /tokens/{branch_id}", () => {
 
     const served = await json<TokenBody>(await getToken(branch.branchId));
     expect(served).toMatchObject({ access_token: current.accessToken, refreshed: false });
-    const [flag] = await sql("select credentials_rejected_at is not null from clients where id = $1", [
-      branch.clientId,
-    ]);
+    const [flag] = await sql(
+      "select credentials_rejected_at is not null from apps where id = (select app_id from clients where id = $1)",
+      [branch.clientId],
+    );
     expect(flag![0]).toBe("t");
 
     await expireIn(branch.clientId, -1);
