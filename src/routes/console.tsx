@@ -1,3 +1,4 @@
+import { asc, eq } from "drizzle-orm";
 import { type Context, Hono, type Next } from "hono";
 import { deleteCookie, getCookie, setCookie } from "hono/cookie";
 import { csrf as sameOriginCheck } from "hono/csrf";
@@ -6,12 +7,13 @@ import type { ContentfulStatusCode } from "hono/utils/http-status";
 import { z } from "zod";
 import type { App } from "../app";
 import { type AppEnv, operatorOf } from "../context";
-import { EVENT_TYPES, type EventRow, type TokenRow } from "../db/schema";
+import { clients, EVENT_TYPES, type EventRow, type TokenRow } from "../db/schema";
 import { AppError, toAppError } from "../errors";
 import { type Keyring, open } from "../lib/crypto";
 import { toBase64Url } from "../lib/encoding";
 import { describeError, logError } from "../lib/log";
 import { AUTH_FAILURE_PERIOD_SECONDS, addressBlocked, clientAddress, recordFailure } from "../lib/rate-limit";
+import { getApp, listApps } from "../services/apps";
 import { BRANCH_STATUSES, type BranchListQuery, branchStatus, listBranches } from "../services/branch-list";
 import { getClient } from "../services/clients";
 import {
@@ -33,8 +35,11 @@ import {
   signInNonce,
 } from "../services/console-session";
 import { LIST_MAX_LIMIT, listEvents } from "../services/events";
+import { listGrants } from "../services/grants";
 import { healthReport } from "../services/health-report";
 import {
+  addApp,
+  changeApp,
   changeClient,
   newLoginLink,
   type Operator,
@@ -47,6 +52,7 @@ import {
 } from "../services/operations";
 import { webhookTarget } from "../services/webhooks";
 import { ClientBody, ClientPatch, clientChangesOf, newClientOf } from "./clients";
+import { type AppBranch, AppListView, AppView, NewAppView } from "./console/apps";
 import { type BranchDetails, BranchView } from "./console/branch";
 import { HealthView } from "./console/health";
 import { consolePath, expiryWords } from "./console/layout";
@@ -60,6 +66,7 @@ import {
   type PageContext,
   SignInPage,
 } from "./console/pages";
+import { AppBody, AppPatch } from "./schemas";
 
 /**
  * The operator console: server-rendered pages under /console (hono/jsx, no client framework, no
@@ -84,6 +91,8 @@ declare module "hono" {
 type ConsoleContext = Context<AppEnv>;
 
 const BRANCH_PAGE_SIZE = 50;
+/** An app's page lists this many of its grants and branches (the grants list pages through the rest). */
+const APP_PAGE_ITEMS = 200;
 const EVENT_PAGE_SIZE = 50;
 const NONCE_BYTES = 16;
 const TOKEN_FINGERPRINT_HEX_CHARS = 8;
@@ -203,6 +212,53 @@ export function registerConsoleRoutes(app: App): void {
         webhooks={webhookTarget(c.var.config) !== undefined}
       />,
     );
+  });
+
+  ui.get("/apps", async (c) =>
+    page(c, 200, <AppListView page={await pageContext(c)} apps={await listApps(c.var.db)} />),
+  );
+  ui.get("/apps/new", async (c) => page(c, 200, <NewAppView page={await pageContext(c)} values={{}} />));
+  ui.get("/apps/:id", async (c) => {
+    const id = parseOr422(IdParam, c.req.param()).id;
+    const db = c.var.db;
+    const [summary, grants, branches] = await Promise.all([
+      getApp(db, id),
+      listGrants(db, { appId: id, limit: APP_PAGE_ITEMS }),
+      db
+        .select({
+          id: clients.id,
+          branchId: clients.branchId,
+          grantId: clients.grantId,
+          providerResource: clients.providerResource,
+          isActive: clients.isActive,
+        })
+        .from(clients)
+        .where(eq(clients.appId, id))
+        .orderBy(asc(clients.id))
+        .limit(APP_PAGE_ITEMS + 1),
+    ]);
+    return page(
+      c,
+      200,
+      <AppView
+        page={await pageContext(c)}
+        summary={summary}
+        grants={grants.grants}
+        moreGrants={grants.nextCursor !== null}
+        branches={branches.slice(0, APP_PAGE_ITEMS) satisfies AppBranch[]}
+        moreBranches={branches.length > APP_PAGE_ITEMS}
+      />,
+    );
+  });
+  ui.post("/apps", registerAppForm);
+  ui.post("/apps/:id/secret", async (c) => {
+    const id = parseOr422(IdParam, c.req.param()).id;
+    const form = await formOf(c);
+    return formAction(c, consolePath(`/apps/${id}`), async (op, now) => {
+      const changes = parseOr422(AppPatch, { client_secret: form.client_secret ?? "" });
+      const app = await changeApp(op, id, changes, now);
+      return `Client secret of ${app.name} rotated: one change for all its branches; the next refresh uses it.`;
+    });
   });
 
   ui.post("/branches", registerBranchForm);
@@ -640,6 +696,53 @@ async function branchAction(
     flash = { tone: "error", message: appError.detail };
   }
   return redirectWithFlash(c, consolePath(`/branches/${id}`), flash);
+}
+
+/**
+ * A change answered 303 to `back` with what happened: as branchAction, for pages other than a
+ * branch's (an unknown app or grant is the 404 page, a bug the 500 page, the rest an error message).
+ */
+async function formAction(
+  c: ConsoleContext,
+  back: string,
+  change: (op: Operator, now: Date) => Promise<string | Flash>,
+): Promise<Response> {
+  let flash: Flash;
+  try {
+    const result = await change(operatorOf(c), new Date());
+    flash = typeof result === "string" ? { tone: "ok", message: result } : result;
+  } catch (error) {
+    const appError = toAppError(error);
+    if (appError.status === 404 || appError.status === 500) throw error;
+    flash = { tone: "error", message: appError.detail };
+  }
+  return redirectWithFlash(c, back, flash);
+}
+
+/** Register an app (profile google): POST /apps' schema; a refusal goes back to the form with its message. */
+async function registerAppForm(c: ConsoleContext): Promise<Response> {
+  const form = await formOf(c);
+  let created: { id: number; name: string };
+  try {
+    const body = parseOr422(AppBody, {
+      name: form.name ?? "",
+      profile: "google",
+      client_id: form.client_id ?? "",
+      client_secret: form.client_secret ?? "",
+    });
+    created = await addApp(operatorOf(c), body, new Date());
+  } catch (error) {
+    const appError = toAppError(error);
+    if (appError.status === 500) throw error;
+    return redirectWithFlash(c, consolePath("/apps/new"), {
+      tone: "error",
+      message: `Not registered: ${appError.detail}`,
+    });
+  }
+  return redirectWithFlash(c, consolePath(`/apps/${created.id}`), {
+    tone: "ok",
+    message: `App ${created.name} registered. Register its branches with its client ID and secret, or attach them to a grant.`,
+  });
 }
 
 /** The register form: POST /clients' schema, its errors next to their fields (the secret never echoed). */

@@ -33,11 +33,13 @@ export interface AppSummary {
   grants: number;
 }
 
+// Written out qualified: in a select from one table drizzle renders columns unqualified, and
+// `app_id = id` inside the subquery would then compare the branch's own columns.
 const SUMMARY = {
   app: apps,
-  branches: sql<number>`(select count(*) from ${clients} where ${clients.appId} = ${apps.id})`.mapWith(Number),
+  branches: sql<number>`(select count(*) from clients c where c.app_id = "apps"."id")`.mapWith(Number),
   grants:
-    sql<number>`(select count(*) from ${tokens} where ${tokens.appId} = ${apps.id} and ${tokens.isValid} and ${tokens.status} = 'active')`.mapWith(
+    sql<number>`(select count(*) from tokens t where t.app_id = "apps"."id" and t.is_valid and t.status = 'active')`.mapWith(
       Number,
     ),
 };

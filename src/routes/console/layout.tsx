@@ -50,6 +50,8 @@ dl.facts dt{font-weight:600}dl.facts dd{margin:0;overflow-wrap:anywhere}
 .actions section{background:#fff;border:1px solid #d0d7de;border-radius:6px;padding:.8rem}
 .actions h3{margin:0 0 .5rem;font-size:1rem}
 .muted{color:#57606a}
+.attention{margin:0 0 .4rem}
+.warning{padding:.6rem .9rem;border-radius:6px;background:#fff8c5;border:1px solid #9a6700;color:#4d2d00}
 code,.mono{font-family:ui-monospace,SFMono-Regular,Menlo,monospace;font-size:.9em;overflow-wrap:anywhere}
 #login-link{width:100%}
 `;
@@ -89,6 +91,12 @@ export function Layout(props: LayoutProps) {
                 </li>
                 <li>
                   <a href={consolePath("/branches/new")}>Register a branch</a>
+                </li>
+                <li>
+                  <a href={consolePath("/apps")}>Apps</a>
+                </li>
+                <li>
+                  <a href={consolePath("/grants")}>Grants</a>
                 </li>
                 <li>
                   <a href={consolePath("/events")}>Events</a>

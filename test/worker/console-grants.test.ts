@@ -1,0 +1,201 @@
+// The console's apps, grants and locations pages: every change checked through the database, the API
+// or the local authorization server afterwards, never through the console's own page alone.
+import { beforeAll, describe, expect, it } from "vitest";
+import { ConsoleBrowser, flashOf, tableRows } from "./console-helpers";
+import { call, json, uniqueId } from "./helpers";
+import {
+  appRowOf,
+  connectBranch,
+  registerBranch,
+  registerProviderClient,
+  sql,
+  tokenRows,
+  unseal,
+} from "./oauth-helpers";
+
+const operator = new ConsoleBrowser();
+beforeAll(() => operator.signIn());
+
+interface ApiApp {
+  app_id: number;
+  name: string;
+  client_id: string;
+  branches: number;
+  grants: number;
+}
+
+async function apiApps(): Promise<ApiApp[]> {
+  return (await json<{ apps: ApiApp[] }>(await call("/apps", { key: "admin" }))).apps;
+}
+
+async function appSecret(appId: number): Promise<string> {
+  const [[sealed]] = (await sql("select client_secret from apps where id = $1", [appId])) as [[string]];
+  return unseal(sealed, { column: "clients.client_secret", clientId: appId });
+}
+
+/** Submits a form of `pagePath` and follows the 303; asserts where it went. */
+async function submitAndFollow(pagePath: string, action: string, fields: Record<string, string>, landsOn: string) {
+  const answer = await operator.submit(pagePath, action, fields);
+  expect(answer.status, answer.html).toBe(303);
+  expect(answer.response.headers.get("location")).toBe(`/token-management/console${landsOn}`);
+  return operator.follow(answer);
+}
+
+describe("apps", () => {
+  it("registers a google app from the form: sealed secret, its page, never the secret shown", async () => {
+    const clientId = uniqueId("oc-console");
+    const secret = uniqueId("app-secret");
+    const answer = await operator.submit("/apps/new", "/apps", {
+      name: "Reviews Console",
+      client_id: clientId,
+      client_secret: secret,
+    });
+    expect(answer.status, answer.html).toBe(303);
+    const created = (await apiApps()).find((app) => app.client_id === clientId);
+    expect(created).toMatchObject({ name: "Reviews Console", branches: 0, grants: 0 });
+    expect(answer.response.headers.get("location")).toBe(`/token-management/console/apps/${created!.app_id}`);
+    const landed = await operator.follow(answer);
+    expect(flashOf(landed.html)).toEqual({
+      tone: "ok",
+      text: "App Reviews Console registered. Register its branches with its client ID and secret, or attach them to a grant.",
+    });
+    expect(landed.html).toContain(clientId);
+    expect(landed.html).not.toContain(secret);
+    expect(await appSecret(created!.app_id)).toBe(secret);
+
+    const list = await operator.get("/apps");
+    const row = tableRows(list.html, "apps").find((cells) => cells[2] === clientId);
+    expect(row).toEqual(["Reviews Console", "google", clientId, "0", "0", "none"]);
+    expect(list.html).not.toContain(secret);
+  });
+
+  it("bad input goes back to the form with an error flash naming the field, and stores nothing", async () => {
+    const clientId = uniqueId("oc-console");
+    const page = await submitAndFollow(
+      "/apps/new",
+      "/apps",
+      { name: "  ", client_id: clientId, client_secret: "s3cret-value" },
+      "/apps/new",
+    );
+    expect(flashOf(page.html)).toEqual({ tone: "error", text: "Not registered: name: must not be empty" });
+    expect((await apiApps()).some((app) => app.client_id === clientId)).toBe(false);
+
+    const noSecret = await submitAndFollow("/apps/new", "/apps", { name: "X", client_id: clientId }, "/apps/new");
+    expect(flashOf(noSecret.html)?.text).toBe("Not registered: client_secret: must not be empty");
+    expect((await apiApps()).some((app) => app.client_id === clientId)).toBe(false);
+  });
+
+  it("a client id already registered is refused with the API's message; the first app keeps its secret", async () => {
+    const branch = await registerBranch({ atProvider: false });
+    const app = await appRowOf(branch.clientId);
+    const page = await submitAndFollow(
+      "/apps/new",
+      "/apps",
+      { name: "Copy", client_id: branch.oauthClientId, client_secret: "another-secret" },
+      "/apps/new",
+    );
+    expect(flashOf(page.html)).toEqual({
+      tone: "error",
+      text: `Not registered: An app with client_id ${branch.oauthClientId} is already registered.`,
+    });
+    expect(await appSecret(Number(app!.id))).toBe(branch.clientSecret);
+  });
+
+  it("a form without the session's CSRF token is refused (403) and registers nothing", async () => {
+    const clientId = uniqueId("oc-console");
+    const answer = await operator.post("/apps", { name: "No CSRF", client_id: clientId, client_secret: "x-secret" });
+    expect(answer.status).toBe(403);
+    expect((await apiApps()).some((app) => app.client_id === clientId)).toBe(false);
+  });
+
+  it("the list says when an app's credentials are rejected and when it is probably in Testing, with what to do", async () => {
+    const branch = await registerBranch({ atProvider: false });
+    const appId = Number((await appRowOf(branch.clientId))!.id);
+    await sql(
+      "update apps set testing_suspected_at = '2026-11-20T10:00:00Z', credentials_rejected_at = '2026-11-21T09:30:00Z' where id = $1",
+      [appId],
+    );
+    const list = await operator.get("/apps");
+    const row = tableRows(list.html, "apps").find((cells) => cells[2] === branch.oauthClientId)!;
+    expect(row[3]).toBe("1");
+    // The API counts the same (GET /apps counted no branch before: its subquery compared the branch's own columns).
+    expect((await apiApps()).find((app) => app.app_id === appId)).toMatchObject({ branches: 1, grants: 0 });
+    expect(row[5]).toContain("Credentials rejected since 2026-11-21 09:30 UTC");
+    expect(row[5]).toContain(
+      "Probably in Testing publishing status (a grant died about 7 days after its consent, 2026-11-20 10:00 UTC)",
+    );
+    expect(row[5]).toContain("press “Publish app”");
+    const page = await operator.get(`/apps/${appId}`);
+    expect(page.html).toContain("Probably in Testing publishing status");
+  });
+
+  it("an app's page lists its grants and its branches", async () => {
+    const first = await connectBranch();
+    const second = await registerBranch({
+      oauthClientId: first.oauthClientId,
+      clientSecret: first.clientSecret,
+      atProvider: false,
+      providerResource: "accounts/1/locations/2",
+    });
+    const appId = Number((await appRowOf(first.clientId))!.id);
+    const grantId = Number((await tokenRows(first.clientId)).find((row) => row.is_valid)!.id);
+    expect((await apiApps()).find((app) => app.app_id === appId)).toMatchObject({ branches: 2, grants: 1 });
+    const page = await operator.get(`/apps/${appId}`);
+    expect(page.status).toBe(200);
+    expect(page.html).toMatch(/<dt>Branches<\/dt><dd>2<\/dd><dt>Connected grants<\/dt><dd>1<\/dd>/);
+    expect(tableRows(page.html, "app-grants")).toEqual([
+      [`grant ${grantId}`, "not identified (no OpenID Connect)", "Connected", "1", "no end", "1"],
+    ]);
+    expect(tableRows(page.html, "app-branches")).toEqual([
+      [first.branchId, `grant ${grantId}`, "", "yes"],
+      [second.branchId, "never connected", "accounts/1/locations/2", "yes"],
+    ]);
+    expect(page.html).not.toContain(first.clientSecret);
+  });
+
+  it("an unknown app is the 404 page; a malformed id a 422 page", async () => {
+    expect((await operator.get("/apps/999999")).status).toBe(404);
+    expect((await operator.get("/apps/abc")).status).toBe(422);
+  });
+});
+
+describe("rotating an app's secret", () => {
+  it("is one change for every branch: the next refresh of a branch uses the new secret", async () => {
+    const first = await connectBranch();
+    const appId = Number((await appRowOf(first.clientId))!.id);
+    const newSecret = uniqueId("rotated-secret");
+    // The provider now knows only the new secret.
+    await registerProviderClient(first.oauthClientId, newSecret, [first.redirectUri]);
+    const page = await submitAndFollow(
+      `/apps/${appId}`,
+      `/apps/${appId}/secret`,
+      { client_secret: newSecret },
+      `/apps/${appId}`,
+    );
+    expect(flashOf(page.html)?.tone).toBe("ok");
+    expect(page.html).not.toContain(newSecret);
+    expect(await appSecret(appId)).toBe(newSecret);
+    const refreshed = await submitAndFollow(
+      `/branches/${first.clientId}`,
+      `/branches/${first.clientId}/refresh`,
+      {},
+      `/branches/${first.clientId}`,
+    );
+    expect(flashOf(refreshed.html)?.text).toMatch(/^Token refreshed/);
+  });
+
+  it("an empty secret is an error flash and changes nothing; an unknown app the 404 page", async () => {
+    const branch = await registerBranch({ atProvider: false });
+    const appId = Number((await appRowOf(branch.clientId))!.id);
+    const page = await submitAndFollow(
+      `/apps/${appId}`,
+      `/apps/${appId}/secret`,
+      { client_secret: " " },
+      `/apps/${appId}`,
+    );
+    expect(flashOf(page.html)).toEqual({ tone: "error", text: "client_secret: must not be empty" });
+    expect(await appSecret(appId)).toBe(branch.clientSecret);
+    const csrf = (await operator.get("/apps")).csrf!;
+    expect((await operator.post("/apps/999999/secret", { csrf, client_secret: "abc-secret" })).status).toBe(404);
+  });
+});
