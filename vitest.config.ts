@@ -50,8 +50,6 @@ export default defineConfig({
           OAUTH_REVOCATION_URL: `${inject<string>("oauthServerUrl")}/revoke`,
           // The local server's Google profile is also the RISC transmitter (dev/oauth-server/risc.ts).
           RISC_CONFIGURATION_URL: `${inject<string>("oauthServerUrl")}/.well-known/risc-configuration`,
-          // Until the local server issues ID tokens, the Google profile runs without OpenID Connect here.
-          OAUTH_OPENID: "false",
         },
       },
     })),

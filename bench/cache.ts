@@ -164,6 +164,7 @@ async function memoryRun(count: number) {
       scope: "https://www.googleapis.com/auth/business.manage",
       expiresAt,
       lifetimeSeconds: 3599,
+      providerResource: null,
       refreshed: false,
     }));
     if (background.length >= 1000) await Promise.all(background.splice(0));

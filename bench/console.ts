@@ -32,6 +32,7 @@ import { applyMigrations } from "../scripts/migrate.ts";
 import * as schema from "../src/db/schema.ts";
 import { loadKeyring, seal } from "../src/lib/crypto.ts";
 import { BRANCH_STATUSES, type BranchListQuery, type BranchStatus, listBranches } from "../src/services/branch-list.ts";
+import { ADOPT_LEGACY_ROWS } from "./legacy-rows.ts";
 import { type LoadResult, load } from "./load.ts";
 
 const POSTGRES_URL = process.env.BENCH_CONSOLE_DATABASE_URL;
@@ -175,6 +176,7 @@ export async function seed(db: stack.LocalDatabase, encryptionKey: string, now: 
     );
   }
   await stack.sql(db, "select setval(pg_get_serial_sequence('clients', 'id'), (select max(id) from clients))");
+  for (const statement of ADOPT_LEGACY_ROWS) await stack.sql(db, statement);
   await stack.sql(db, "select setval(pg_get_serial_sequence('tokens', 'id'), (select max(id) from tokens))");
   await stack.sql(db, "analyze clients");
   await stack.sql(db, "analyze tokens");

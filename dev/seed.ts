@@ -38,7 +38,7 @@ const demo = {
 interface Answer {
   login_url?: string;
   client_id?: number;
-  clients?: { client_id: number; client_oauth_id: string }[];
+  clients?: { client_id: number; client_oauth_id: string; branch_id: string }[];
 }
 
 async function call(
@@ -81,24 +81,34 @@ writeFileSync(
 );
 console.log(`registered ${demo.client_id} at the OAuth server ${asUrl}`);
 
-// 2. The Worker.
-let created = await call("POST", `${worker}/clients`, demo);
-let loginUrl: string | undefined = created.json?.login_url;
-if (created.status === 409) {
-  const list = await call("GET", `${worker}/clients?limit=100`);
-  const existing = (list.json?.clients ?? []).find((c) => c.client_oauth_id === demo.client_id);
-  if (!existing) {
-    console.error(`Worker: 409 but ${demo.client_id} not found: ${JSON.stringify(created.json)}`);
+// 2. The Worker: two branches of the one app (one OAuth client for every location, as with Google).
+// The same account consenting for both ends with both served from one grant: the second consent
+// brings no new refresh token and joins the first one's grant.
+const branches = [demo.branch_id, `${demo.branch_id}-2`];
+const links: string[] = [];
+for (const branchId of branches) {
+  let created = await call("POST", `${worker}/clients`, { ...demo, branch_id: branchId });
+  let loginUrl: string | undefined = created.json?.login_url;
+  if (created.status === 409) {
+    const list = await call("GET", `${worker}/clients?limit=200`);
+    const existing = (list.json?.clients ?? []).find((c) => c.branch_id === branchId);
+    if (!existing) {
+      console.error(`Worker: 409 for ${branchId}: ${JSON.stringify(created.json)}`);
+      process.exit(1);
+    }
+    created = await call("GET", `${worker}/clients/${existing.client_id}/login-url`);
+    loginUrl = created.json?.login_url;
+    console.log(`${branchId} already registered at the Worker (id ${existing.client_id})`);
+  } else if (created.status === 201) {
+    console.log(`registered ${branchId} on app ${demo.client_id} at the Worker (id ${created.json?.client_id})`);
+  }
+  if (!loginUrl) {
+    console.error(`Worker ${worker}: ${created.status} ${JSON.stringify(created.json)}`);
     process.exit(1);
   }
-  created = await call("GET", `${worker}/clients/${existing.client_id}/login-url`);
-  loginUrl = created.json?.login_url;
-  console.log(`${demo.client_id} already registered at the Worker (id ${existing.client_id})`);
-} else if (created.status === 201) {
-  console.log(`registered ${demo.client_id} at the Worker (id ${created.json?.client_id})`);
+  links.push(loginUrl);
 }
-if (!loginUrl) {
-  console.error(`Worker ${worker}: ${created.status} ${JSON.stringify(created.json)}`);
-  process.exit(1);
-}
-console.log(`\nOpen in a browser to connect the demo client:\n  ${loginUrl}\n`);
+console.log(`\nOpen in a browser to connect the demo branch:\n  ${links[0]}\n`);
+console.log(
+  `Then its sibling (same app, same account: it joins the first branch's grant, no new refresh token):\n  ${links[1]}\n`,
+);

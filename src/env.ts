@@ -146,6 +146,8 @@ const EnvFields = z.object({
   ),
   REFRESH_AHEAD_SECONDS: seconds(5 * 60),
   CRON_REFRESH_WINDOW_SECONDS: seconds(15 * 60),
+  /** connection.expiring comes this long before time-limited access ends (default 3 days). */
+  GRANT_EXPIRY_WARNING_SECONDS: seconds(3 * 24 * 3600),
   CRON_MAX_REFRESHES: z.coerce.number().int().positive().default(500),
   /**
    * The `token_served` line of a token read: "off" (the default, or 0), "all", or the fraction of

@@ -205,6 +205,31 @@ export function tokenChangeWithEvents(
 }
 
 /**
+ * One statement: `update` (an UPDATE of grant rows RETURNING `grant_id`, `status` and `reason`) and,
+ * for each grant it changed, one event of `type` per branch served from it, the status unchanged (a
+ * notice, such as connection.expiring, not a transition). Answers like withEvents.
+ */
+export function grantNoticeWithEvents(db: Db, context: EventContext, update: SQLWrapper, type: EventType, now: Date) {
+  return db.execute<{ changed: number; event_ids: number[] | string }>(sql`
+    with changed as (${update.getSQL()}),
+    source as (
+      update ${clients} set event_seq = ${clients}.event_seq + 1
+      from changed
+      where ${clients}.grant_id = changed.grant_id
+      returning ${clients}.id as client_id, ${clients}.branch_id, ${clients}.event_seq as seq, changed.grant_id,
+        changed.status, changed.reason
+    ),
+    inserted as (
+      insert into ${events} ${GRANT_INSERT_COLUMNS}
+      select ${type}, client_id, branch_id, seq, status, status, left(reason, 500), ${deliveryValues(context, now)}, grant_id
+      from source
+      returning id
+    )
+    select (select count(*) from changed)::int as changed,
+      coalesce((select json_agg(id order by id) from inserted), '[]'::json) as event_ids`);
+}
+
+/**
  * After a statement of withEvents (or one built on it) ran, batched or not: the events it wrote
  * are the invocation's to deliver first. Every caller of withEvents passes its result here.
  */

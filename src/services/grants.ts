@@ -1,9 +1,19 @@
-import { and, asc, eq, gt, sql } from "drizzle-orm";
+import { and, asc, eq, gt, isNotNull, lte, sql } from "drizzle-orm";
 import type { Db } from "../db/client";
+import { leaseIsFree } from "../db/queries";
 import { apps, clients, type TokenRow, tokens } from "../db/schema";
 import { AppError } from "../errors";
 import { clientNotFound } from "./clients";
-import { clientEvent, connectionStatusSql, currentStatusSql, type EventContext, noteEvents } from "./events";
+import {
+  clientEvent,
+  connectionStatusSql,
+  currentStatusSql,
+  type EventContext,
+  grantNoticeWithEvents,
+  noteEvents,
+  tokenChangeReturning,
+  tokenChangeWithEvents,
+} from "./events";
 
 /**
  * Grants: a provider account's authorization on an app (the `tokens` table). The tokens, status,
@@ -158,4 +168,80 @@ export function tokenLimitEvent(db: Db, events: EventContext, clientId: number, 
     },
     now,
   );
+}
+
+/**
+ * The cron's pass over time-limited access (Google's `refresh_token_expires_in`): a grant whose
+ * access ends within `leadSeconds` writes connection.expiring once per branch (once per end of
+ * access: a new consent clears the mark); a grant whose access has ended moves to needs_reauth,
+ * with connection.needs_reauth per branch, without a provider call that could only fail.
+ */
+export async function sweepTimeLimitedGrants(
+  db: Db,
+  events: EventContext,
+  now: Date,
+  leadSeconds: number,
+): Promise<{ warned: number; ended: number }> {
+  const horizon = new Date(now.getTime() + leadSeconds * 1000);
+  const live = and(eq(tokens.isValid, true), eq(tokens.status, "active"), isNotNull(tokens.refreshTokenExpiresAt));
+  const [warned, ended] = await db.batch([
+    grantNoticeWithEvents(
+      db,
+      events,
+      db
+        .update(tokens)
+        .set({ expiryWarnedAt: now })
+        .where(
+          and(
+            live,
+            gt(tokens.refreshTokenExpiresAt, now),
+            lte(tokens.refreshTokenExpiresAt, horizon),
+            sql`${tokens.expiryWarnedAt} is null`,
+          ),
+        )
+        .returning({
+          grantId: sql<number>`${tokens.id}`.as("grant_id"),
+          status: sql<string>`'connected'`.as("status"),
+          reason:
+            sql<string>`format('the account granted access for a limited time: it ends at %s; someone must sign in again with a login link before then to keep the connection', to_char(${tokens.refreshTokenExpiresAt} at time zone 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS"Z"'))`.as(
+              "reason",
+            ),
+        }),
+      "connection.expiring",
+      now,
+    ),
+    tokenChangeWithEvents(
+      db,
+      events,
+      db
+        .update(tokens)
+        .set({
+          isValid: false,
+          status: "needs_reauth",
+          lastError: "the access the account granted for a limited time ended",
+          leaseOwner: null,
+          leaseExpiresAt: null,
+        })
+        .where(and(live, lte(tokens.refreshTokenExpiresAt, now), leaseIsFree()))
+        .returning(tokenChangeReturning("keep")),
+      { rejected: "keep", reason: "the access the account granted for a limited time ended" },
+      now,
+    ),
+  ]);
+  const warnedIds = noteEvents(events, warned);
+  const endedIds = noteEvents(events, ended);
+  return { warned: warnedIds.length, ended: endedIds.length };
+}
+
+/**
+ * A google grant that dies (invalid_grant) about 7 days after its consent: the app is probably in
+ * Testing publishing status, whose refresh tokens Google expires after 7 days. Marks the app (once)
+ * in the same batch as the failure's write, before it (the grant is still ours to read).
+ */
+export function testingSuspicion(db: Db, grantId: number, owner: string, now: Date) {
+  const day = 24 * 3600 * 1000;
+  return db.execute(sql`update ${apps} set testing_suspected_at = ${now}
+    where ${apps}.profile = 'google' and ${apps}.testing_suspected_at is null and ${apps}.id = (
+      select t.app_id from ${tokens} t where t.id = ${grantId} and t.lease_owner = ${owner}
+        and t.consented_at between ${new Date(now.getTime() - 8 * day)} and ${new Date(now.getTime() - 6.5 * day)})`);
 }

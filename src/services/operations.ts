@@ -97,7 +97,7 @@ export async function changeClient(
 ): Promise<ClientWithToken> {
   const updated = await updateClient(op.db, op.keyring, op.events, id, changes, now);
   if (changes.isActive === false || changes.clientSecret !== undefined) {
-    await dropToken(cacheDepsOf(op), updated.branchId);
+    await dropTokens(op, [updated.branchId]);
   }
   return getClient(op.db, id);
 }
@@ -105,7 +105,7 @@ export async function changeClient(
 /** Deletes a client (revoking what it holds at the provider, best effort) and drops its cached token. */
 export async function removeClient(op: Operator, id: number, now: Date) {
   const result = await deleteClient(op.db, op.keyring, op.providers, op.events, id, now);
-  await dropToken(cacheDepsOf(op), result.branchId);
+  await dropTokens(op, [result.branchId]);
   return { ...result, cacheMaxAgeSeconds: cacheMaxAgeSeconds(op) };
 }
 
@@ -255,7 +255,7 @@ export async function refreshNow(
     token = cachedTokenOf(await forceRefresh(tokenDepsOf(op), target, now));
   } catch (error) {
     const branchId = "branchId" in target ? target.branchId : branchNamedBy(error);
-    if (branchId !== undefined && error instanceof AppError && error.status === 409) await dropToken(cache, branchId);
+    if (branchId !== undefined && error instanceof AppError && error.status === 409) await dropTokens(op, [branchId]);
     throw error;
   }
   await storeToken(cache, token, now);

@@ -9,6 +9,7 @@ import { describeError, logError, logInfo, logWarn } from "../lib/log";
 import { type MetricSource, type RefreshRecorder, refreshRecorder } from "../lib/metrics";
 import { ProviderError, refreshGrant } from "../oauth/provider";
 import { appCredentials } from "./apps";
+import { sweepTimeLimitedGrants } from "./grants";
 import { leaseMsFor } from "./refresh-policy";
 import {
   appliedOf,
@@ -115,6 +116,8 @@ export async function runScheduledRefresh(env: SchedulerEnv, now: Date): Promise
   const started = Date.now();
   const d = await createServices(env);
   const max = d.config.CRON_MAX_REFRESHES;
+  // Time-limited access: warn ahead of its end, and stop serving (needs_reauth) once it ended.
+  const timeLimited = await sweepTimeLimitedGrants(d.db, d.events, now, d.config.GRANT_EXPIRY_WARNING_SECONDS);
   const dueIds = await selectDue(d.db, now, d.config.CRON_REFRESH_WINDOW_SECONDS, max + QUEUE_FANOUT_LIMIT);
   const mine = dueIds.slice(0, max);
   const rest = dueIds.slice(max);
@@ -132,7 +135,12 @@ export async function runScheduledRefresh(env: SchedulerEnv, now: Date): Promise
     queued,
     duration_ms: Date.now() - started,
   };
-  logInfo("scheduled_refresh", { ...summary, now: now.toISOString() });
+  logInfo("scheduled_refresh", {
+    ...summary,
+    access_ending: timeLimited.warned,
+    access_ended: timeLimited.ended,
+    now: now.toISOString(),
+  });
   return summary;
 }
 

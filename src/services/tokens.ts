@@ -18,6 +18,7 @@ import {
   tokenChangeWithEvents,
   writtenEventIds,
 } from "./events";
+import { testingSuspicion } from "./grants";
 import { expiryOf, inBackoff, isServable, lifetimeOf, needsRefresh, nextAttemptAt, waitPollMs } from "./refresh-policy";
 
 /**
@@ -315,6 +316,14 @@ async function refreshOrServe(
   const owner = crypto.randomUUID();
   let current: ReadToken = seen;
   let polls = 0;
+  if (accessEnded(current, at())) {
+    if (isServable(current, at())) return serve(deps, client, current, false);
+    throw new AppError(
+      "reauthorization_required",
+      `The account granted branch ${client.branchId}'s access for a limited time, and it ended. Someone at the branch must sign in again with a new login link.`,
+      { fields: connectionHint(client) },
+    );
+  }
   for (;;) {
     if (!force) {
       const blocked = refreshBlocked(client, current, at());
@@ -362,6 +371,11 @@ async function refreshOrServe(
       }
     }
   }
+}
+
+/** Time-limited access that has ended: no refresh can succeed, so none is attempted. */
+function accessEnded(token: Pick<ReadToken, "refreshTokenExpiresAt">, now: Date): boolean {
+  return token.refreshTokenExpiresAt !== null && token.refreshTokenExpiresAt.getTime() <= now.getTime();
 }
 
 /** Why an automatic refresh must not be attempted now, if it must not. */
@@ -645,6 +659,7 @@ export function failureStatements(
 ): ResultWrite {
   const failureCount = token.failureCount + 1;
   const dead = recordsDeadGrant(error, hold);
+
   const lastError =
     error.kind === "invalid_grant" && !dead
       ? `${error.message} (after taking over a lapsed lease; confirmed on the next attempt)`
@@ -659,7 +674,9 @@ export function failureStatements(
       ? lastError
       : `${failureCount} failed refreshes in a row; the last: ${lastError}`;
   const update = db.update(tokens).set(values).where(heldBy(hold)).returning(tokenChangeReturning(rejected));
-  return [tokenChangeWithEvents(db, events, update, { rejected, reason }, now)];
+  const change = tokenChangeWithEvents(db, events, update, { rejected, reason }, now);
+  // A google grant dying about 7 days after its consent: its app is probably still in Testing.
+  return dead ? [testingSuspicion(db, hold.tokenId, hold.owner, now), change] : [change];
 }
 
 /** Whether this failure, from this holder, is recorded as a dead grant. */

@@ -64,7 +64,9 @@ describe("login link", () => {
     expect(p.get("response_type")).toBe("code");
     expect(p.get("client_id")).toBe(branch.oauthClientId);
     expect(p.get("redirect_uri")).toBe(branch.redirectUri);
-    expect(p.get("scope")).toBe("scope.a scope.b");
+    // The branch's scopes, plus the identity scopes of OpenID Connect (the Google profile's default).
+    expect(p.get("scope")).toBe("scope.a scope.b openid email");
+    expect(p.get("nonce")).toMatch(/^[A-Za-z0-9_-]{43}$/);
     expect(p.get("access_type")).toBe("offline");
     // No prompt=consent by default (see OAUTH_EXTRA_AUTHORIZATION_PARAMS): Google then issues a
     // refresh token only on an account's first consent, which the replacement rule relies on.
@@ -86,7 +88,7 @@ describe("login link", () => {
   it("uses the default scopes when the client has none", async () => {
     const branch = await registerBranch();
     const { authorizeUrl } = await startLogin(branch.loginUrl);
-    expect(authorizeUrl.searchParams.get("scope")).toBe(testEnv.OAUTH_SCOPES);
+    expect(authorizeUrl.searchParams.get("scope")).toBe(`${testEnv.OAUTH_SCOPES} openid email`);
   });
 
   it("on https sets a __Host- binding cookie: HttpOnly, Secure, SameSite=Lax, Path=/, no Domain", async () => {
@@ -264,7 +266,8 @@ describe("callback: success", () => {
       client_id: branch.clientId,
       branch_id: branch.branchId,
       expires_at: expect.any(String),
-      scope: testEnv.OAUTH_SCOPES,
+      // As Google reports them: `email` under its userinfo name.
+      scope: `${testEnv.OAUTH_SCOPES} openid https://www.googleapis.com/auth/userinfo.email`,
       refresh_token_received: true,
     });
     const expiresAt = Date.parse(body.expires_at);
@@ -307,7 +310,7 @@ describe("callback: success", () => {
     });
   });
 
-  it("a second flow invalidates the previous token and keeps the old refresh token when none is sent", async () => {
+  it("a second flow of the same account renews its grant in place and keeps the old refresh token when none is sent", async () => {
     const branch = await connectBranch();
     const first = await currentTokens(branch.clientId);
     await setProviderBehavior(branch.oauthClientId, { issueRefreshToken: false });
@@ -316,12 +319,10 @@ describe("callback: success", () => {
     expect(second.refresh_token_received).toBe(false);
 
     const rows = await tokenRows(branch.clientId);
-    expect(rows).toHaveLength(2);
-    expect(rows.filter((r) => r.is_valid)).toHaveLength(1);
-    expect(rows[0]?.is_valid).toBe(false);
-    expect(rows[1]?.is_valid).toBe(true);
+    expect(rows).toHaveLength(1);
+    expect(rows[0]?.is_valid).toBe(true);
     const now = await currentTokens(branch.clientId);
-    expect(now.row.id).toBe(rows[1]?.id);
+    expect(now.row.id).toBe(first.row.id);
     expect(now.accessToken).not.toBe(first.accessToken);
     expect(now.refreshToken).toBe(first.refreshToken);
     expect((await introspect(now.refreshToken as string, branch)).active).toBe(true);

@@ -436,7 +436,7 @@ describe("PATCH /clients/{id}", () => {
 
     const { authorizeUrl } = await startLogin(branch.loginUrl);
     expect(authorizeUrl.searchParams.get("redirect_uri")).toBe(redirect);
-    expect(authorizeUrl.searchParams.get("scope")).toBe("alpha beta");
+    expect(authorizeUrl.searchParams.get("scope")).toBe("alpha beta openid email");
   });
 
   it("scopes: null falls back to the default scopes", async () => {
@@ -445,7 +445,7 @@ describe("PATCH /clients/{id}", () => {
     expect(response.status).toBe(200);
     expect((await json<ClientView>(response)).scopes).toBeNull();
     const { authorizeUrl } = await startLogin(branch.loginUrl);
-    expect(authorizeUrl.searchParams.get("scope")).toBe(testEnv.OAUTH_SCOPES);
+    expect(authorizeUrl.searchParams.get("scope")).toBe(`${testEnv.OAUTH_SCOPES} openid email`);
   });
 
   it("deactivates: the login link then answers 404, and reactivating restores it", async () => {
@@ -576,11 +576,14 @@ describe("DELETE /clients/{id}", () => {
   it("also revokes an earlier grant that a later consent replaced", async () => {
     // Textbook provider: each consent is its own grant, revoked on its own. prompt=consent keeps
     // the replacement from revoking the earlier grant (see README), so the deletion finds two.
-    const branch = await connectBranch({ providerBehavior: { profile: "textbook" } });
+    // Without OpenID Connect (one grant per consent, as before apps).
+    const branch = await registerBranch({ providerBehavior: { profile: "textbook" } });
+    const noOidc = { OAUTH_OPENID: "false" };
+    expect((await runBrowserFlow(branch.loginUrl, "json", { envOverrides: noOidc })).callback.status).toBe(200);
     const first = await currentTokens(branch.clientId);
     const link = await call(`/clients/${branch.clientId}/login-url`, { key: "admin" });
     const { callback } = await runBrowserFlow((await json<{ login_url: string }>(link)).login_url, "json", {
-      envOverrides: { OAUTH_EXTRA_AUTHORIZATION_PARAMS: "access_type=offline&prompt=consent" },
+      envOverrides: { ...noOidc, OAUTH_EXTRA_AUTHORIZATION_PARAMS: "access_type=offline&prompt=consent" },
     });
     expect(callback.status).toBe(200);
     const second = await currentTokens(branch.clientId);

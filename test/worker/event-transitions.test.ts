@@ -28,6 +28,7 @@ import {
   reconnectBranch,
   registerBranch,
   registerProviderClient,
+  revokeAtProvider,
   runBrowserFlow,
   setProviderBehavior,
   sql,
@@ -88,8 +89,8 @@ describe("consents", () => {
     ]);
 
     await reconnectBranch(branch);
-    // A consent replaces a grant whatever became of it: here a dead one.
-    await setProviderBehavior(branch.oauthClientId, { failNext: { status: 400, error: "invalid_grant", count: 1 } });
+    // A consent replaces a grant whatever became of it: here a dead one (access removed at Google).
+    await revokeAtProvider(branch.oauthClientId);
     await expectProblem(await forceRefresh(branch), 409, "reauthorization_required");
     await reconnectBranch(branch);
 
@@ -454,7 +455,7 @@ describe("deliveries", () => {
     const hooks = webhookBindings(inbox.url);
     const branch = await registerBranch();
     expect((await runBrowserFlow(branch.loginUrl, "json", { envOverrides: hooks })).callback.status).toBe(200);
-    await setProviderBehavior(branch.oauthClientId, { failNext: { status: 400, error: "invalid_grant", count: 1 } });
+    await revokeAtProvider(branch.oauthClientId);
     await expectProblem(await forceRefresh(branch, hooks), 409, "reauthorization_required");
     // The needs_reauth payload carries a fresh login link: someone at the branch follows it.
     const [, lost] = (await inbox.deliveries()).filter((d) => d.payload.data.branch_id === branch.branchId);
@@ -491,7 +492,7 @@ describe("deliveries", () => {
     const hooks = webhookBindings(inbox.url);
     const branch = await registerBranch();
     expect((await runBrowserFlow(branch.loginUrl, "json", { envOverrides: hooks })).callback.status).toBe(200);
-    await setProviderBehavior(branch.oauthClientId, { failNext: { status: 400, error: "invalid_grant", count: 1 } });
+    await revokeAtProvider(branch.oauthClientId);
     await expectProblem(await forceRefresh(branch, hooks), 409, "reauthorization_required");
     const lost = (await eventsOf(branch.clientId)).find((e) => e.type === "connection.needs_reauth")!;
     const payloads = async () =>

@@ -1,5 +1,5 @@
 // Apps, grants and branches: many branches on one app, served from one grant.
-import { describe, expect, it } from "vitest";
+import { describe, expect, it, vi } from "vitest";
 import { eventsOf } from "./event-helpers";
 import { call, expectProblem, json, uniqueId } from "./helpers";
 import {
@@ -217,6 +217,19 @@ describe("grants", () => {
     expect(response.status, await response.clone().text()).toBe(200);
     await expectProblem(await getToken(second.branchId), 409, "not_connected");
     expect((await eventsOf(second.clientId)).map((e) => e.type)).toContain("connection.revoked");
+  });
+
+  it("a Cache API failure after the revocation committed is no error: the change stands", async () => {
+    const { first, second } = await twoBranchesOneGrant();
+    const failing = vi.spyOn(Cache.prototype, "delete").mockRejectedValue(new Error("cache unavailable"));
+    try {
+      const response = await call(`/tokens/${encodeURIComponent(first.branchId)}`, { key: "admin", method: "DELETE" });
+      expect(response.status, await response.clone().text()).toBe(200);
+      expect(failing).toHaveBeenCalled();
+    } finally {
+      failing.mockRestore();
+    }
+    await expectProblem(await getToken(second.branchId), 409, "not_connected");
   });
 
   it("deleting one branch keeps the grant its siblings are served from", async () => {

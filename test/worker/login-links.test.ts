@@ -247,10 +247,12 @@ describe("a consent that replaces a grant", () => {
     expect((await introspect(now.refreshToken as string, branch)).active).toBe(false);
   });
 
-  it("a textbook provider (one grant per consent): the old grant is revoked, the new one lives", async () => {
-    const branch = await connectBranch({ providerBehavior: { profile: "textbook" } });
+  it("a textbook provider without OpenID Connect (one grant per consent): the old grant is revoked, the new one lives", async () => {
+    const noOidc = { envOverrides: { OAUTH_OPENID: "false" } };
+    const branch = await registerBranch({ providerBehavior: { profile: "textbook" } });
+    expect((await runBrowserFlow(branch.loginUrl, "json", noOidc)).callback.status).toBe(200);
     const old = await currentTokens(branch.clientId);
-    expect((await runBrowserFlow(await linkOf(await newLink(branch)))).callback.status).toBe(200);
+    expect((await runBrowserFlow(await linkOf(await newLink(branch)), "json", noOidc)).callback.status).toBe(200);
     const now = await currentTokens(branch.clientId);
     expect((await introspect(old.refreshToken as string, branch)).active).toBe(false);
     expect((await introspect(now.refreshToken as string, branch)).active).toBe(true);

@@ -30,6 +30,12 @@ export interface ProviderBehavior {
   untickedScopes: string[];
   issParameter: string | null;
   maxRefreshTokensPerAccount: number;
+  /** OpenID Connect: the ID token's `iss` ("issuer", "bare" or a value), `aud` (null = the client id). */
+  idTokenIssuer: string;
+  idTokenAudience: string | null;
+  /** Time-limited access: refresh tokens die this long after issue (refresh_token_expires_in is sent). */
+  refreshTokenLifetimeSeconds: number | null;
+  testingPublishingStatus: boolean;
 }
 
 export interface ProviderClientStats {
@@ -148,6 +154,19 @@ export async function appRowOf(clientId: number): Promise<Record<string, unknown
     clientId,
   ]);
   return rows[0] ? (JSON.parse(rows[0][0] as string) as Record<string, unknown>) : undefined;
+}
+
+/**
+ * The user removes the app's access at the provider (Google's "Remove access"): every token of
+ * that client dies there, so a refresh gets a real invalid_grant and the next consent a new
+ * refresh token.
+ */
+export async function revokeAtProvider(oauthClientId: string): Promise<void> {
+  const response = await fetch(
+    `${testEnv.OAUTH_SERVER_URL}/admin/refresh-tokens/${encodeURIComponent(oauthClientId)}/revoke-all`,
+    { method: "POST" },
+  );
+  if (!response.ok) throw new Error(`revoke-all failed: ${response.status}`);
 }
 
 /** Opens a value sealed by the Worker with the test encryption key. */
