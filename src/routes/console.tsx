@@ -35,10 +35,11 @@ import {
   signInNonce,
 } from "../services/console-session";
 import { LIST_MAX_LIMIT, listEvents } from "../services/events";
-import { listGrants } from "../services/grants";
+import { getGrant, listGrants } from "../services/grants";
 import { healthReport } from "../services/health-report";
 import {
   addApp,
+  attachToGrant,
   changeApp,
   changeClient,
   newLoginLink,
@@ -54,6 +55,7 @@ import { webhookTarget } from "../services/webhooks";
 import { ClientBody, ClientPatch, clientChangesOf, newClientOf } from "./clients";
 import { type AppBranch, AppListView, AppView, NewAppView } from "./console/apps";
 import { type BranchDetails, BranchView } from "./console/branch";
+import { GrantListView, GrantPageView } from "./console/grants";
 import { HealthView } from "./console/health";
 import { consolePath, expiryWords } from "./console/layout";
 import {
@@ -94,6 +96,7 @@ const BRANCH_PAGE_SIZE = 50;
 /** An app's page lists this many of its grants and branches (the grants list pages through the rest). */
 const APP_PAGE_ITEMS = 200;
 const EVENT_PAGE_SIZE = 50;
+const GRANT_PAGE_SIZE = 50;
 const NONCE_BYTES = 16;
 const TOKEN_FINGERPRINT_HEX_CHARS = 8;
 /** One year: the usual HSTS lifetime. */
@@ -250,6 +253,30 @@ export function registerConsoleRoutes(app: App): void {
       />,
     );
   });
+  ui.get("/grants", async (c) => {
+    const query = parseOr422(GrantQuery, c.req.query());
+    const list = await listGrants(c.var.db, { appId: query.app_id, after: query.after, limit: GRANT_PAGE_SIZE });
+    const next =
+      list.nextCursor === null
+        ? null
+        : `${consolePath("/grants")}?${new URLSearchParams(
+            Object.entries({ app_id: query.app_id?.toString() ?? "", after: String(list.nextCursor) }).filter(
+              ([, value]) => value !== "",
+            ),
+          )}`;
+    return page(
+      c,
+      200,
+      <GrantListView page={await pageContext(c)} grants={list.grants} appId={query.app_id} nextHref={next} />,
+    );
+  });
+  ui.get("/grants/:id", async (c) => {
+    const id = parseOr422(IdParam, c.req.param()).id;
+    const view = await getGrant(c.var.db, id);
+    const isGoogle = view.grant.appId !== null && (await getApp(c.var.db, view.grant.appId)).app.profile === "google";
+    return page(c, 200, <GrantPageView page={await pageContext(c)} view={view} isGoogle={isGoogle} now={new Date()} />);
+  });
+
   ui.post("/apps", registerAppForm);
   ui.post("/apps/:id/secret", async (c) => {
     const id = parseOr422(IdParam, c.req.param()).id;
@@ -306,6 +333,23 @@ export function registerConsoleRoutes(app: App): void {
       const changes = parseOr422(ClientPatch, { client_secret: form.client_secret ?? "" });
       await changeClient(op, id, clientChangesOf(changes), now);
       return "Client secret rotated. The next refresh uses it.";
+    }),
+  );
+  ui.post("/branches/:id/grant", (c) =>
+    branchAction(c, async (op, id, now, form) => {
+      const { grant_id: grantId } = parseOr422(AttachForm, { grant_id: form.grant_id ?? "" });
+      try {
+        await getGrant(op.db, grantId);
+      } catch (error) {
+        // A grant the form did not offer is the form's error, not a missing page.
+        if (error instanceof AppError && error.code === "not_found")
+          throw new AppError("validation_failed", error.detail);
+        throw error;
+      }
+      const result = await attachToGrant(op, id, grantId, now);
+      return result.previousGrantId === grantId
+        ? `Already served from grant ${grantId}.`
+        : `Attached to grant ${grantId}: the branch is served from it now, with no consent.`;
     }),
   );
   ui.post("/branches/:id/revoke", (c) =>
@@ -380,6 +424,15 @@ const EventQuery = z.object({
 
 /** As the API's {id} parameter (src/routes/clients.ts): an internal client id. */
 const IdParam = z.object({ id: z.coerce.number().int().positive().max(2_147_483_647) });
+
+const GrantQuery = z.object({
+  app_id: z.coerce.number().int().positive().max(2_147_483_647).optional(),
+  after: z.coerce.number().int().min(0).max(2_147_483_647).optional(),
+});
+
+const AttachForm = z.object({
+  grant_id: z.coerce.number({ error: "choose a grant" }).int().positive("choose a grant").max(2_147_483_647),
+});
 
 const EventIdParam = z.object({ id: z.coerce.number().int().positive().max(Number.MAX_SAFE_INTEGER) });
 
@@ -803,9 +856,13 @@ async function loadBranch(c: ConsoleContext, id: number): Promise<BranchDetails>
     branchStatus(db, id),
     listEvents(db, { clientId: id, limit: LIST_MAX_LIMIT }),
   ]);
+  const appId = found.client.appId;
+  const grants = appId === null ? [] : (await listGrants(db, { appId, limit: APP_PAGE_ITEMS })).grants;
   return {
     client: found.client,
     token: found.token,
+    // Connected grants of the branch's app: what attachBranch accepts.
+    attachGrants: grants.filter((view) => view.grant.isValid && view.grant.status === "active"),
     status,
     fingerprint: found.token ? await tokenFingerprint(c.var.keyring, found.token) : null,
     events: history.events,

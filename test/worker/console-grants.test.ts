@@ -199,3 +199,142 @@ describe("rotating an app's secret", () => {
     expect((await operator.post("/apps/999999/secret", { csrf, client_secret: "abc-secret" })).status).toBe(404);
   });
 });
+
+async function grantOf(clientId: number): Promise<number | null> {
+  return (await json<{ grant_id: number | null }>(await call(`/clients/${clientId}`, { key: "admin" }))).grant_id;
+}
+
+async function tokenRead(branchId: string): Promise<{ status: number; accessToken?: string }> {
+  const response = await call(`/tokens/${encodeURIComponent(branchId)}`, { key: "service" });
+  if (response.status !== 200) return { status: response.status };
+  return { status: 200, accessToken: (await json<{ access_token: string }>(response)).access_token };
+}
+
+describe("grants", () => {
+  it("the list and a grant's page: app, account, status, minted tokens, access end, branches", async () => {
+    const first = await connectBranch();
+    const grantId = (await grantOf(first.clientId))!;
+    const appId = Number((await appRowOf(first.clientId))!.id);
+    const subject = uniqueId("sub");
+    await sql(
+      "update tokens set email = 'ops@chain.example', subject = $2, refresh_token_expires_at = now() + interval '3 days 1 minute' where id = $1",
+      [grantId, subject],
+    );
+    const list = await operator.get(`/grants?app_id=${appId}`);
+    expect(list.status).toBe(200);
+    const rows = tableRows(list.html, "grants");
+    expect(rows).toHaveLength(1);
+    expect(rows[0]!.slice(0, 5)).toEqual([
+      `grant ${grantId}`,
+      "Test Workspace",
+      `ops@chain.example (sub ${subject})`,
+      "Connected",
+      "1",
+    ]);
+    expect(rows[0]![6]).toBe("1");
+    expect((await operator.get("/grants")).html).toContain(`/console/grants/${grantId}`);
+
+    const page = await operator.get(`/grants/${grantId}`);
+    expect(page.status).toBe(200);
+    expect(page.html).toContain(`ops@chain.example (sub ${subject})`);
+    expect(page.html).toMatch(/<dd id="access-end">time-limited: access ends in 3 days \(/);
+    expect(page.html).toContain('<dd id="minted">1 of Google&#39;s 100 per account and app</dd>');
+    expect(page.html).not.toContain('id="token-limit-warning"');
+    expect(tableRows(page.html, "grant-branches")).toEqual([[first.branchId]]);
+    expect(page.html).toContain(`/console/grants/${grantId}/locations`);
+  });
+
+  it("warns from 90 minted refresh tokens on, naming the app and the account", async () => {
+    const first = await connectBranch();
+    const grantId = (await grantOf(first.clientId))!;
+    await sql("update tokens set refresh_tokens_minted = 89, email = 'agency@example.com' where id = $1", [grantId]);
+    expect((await operator.get(`/grants/${grantId}`)).html).not.toContain('id="token-limit-warning"');
+    await sql("update tokens set refresh_tokens_minted = 90 where id = $1", [grantId]);
+    const page = await operator.get(`/grants/${grantId}`);
+    const warning = /<p class="warning" id="token-limit-warning">([\s\S]*?)<\/p>/.exec(page.html)?.[1];
+    expect(warning).toBeDefined();
+    expect(warning).toContain(
+      `90 refresh tokens minted for agency@example.com on app Test Workspace (${first.oauthClientId}). Google keeps 100`,
+    );
+    await sql("update tokens set refresh_token_expires_at = now() - interval '2 hours' where id = $1", [grantId]);
+    expect((await operator.get(`/grants/${grantId}`)).html).toMatch(
+      /<dd id="access-end">time-limited: access ended 2 h ago \(/,
+    );
+  });
+
+  it("an unknown grant is the 404 page; bad query values a 422 page", async () => {
+    expect((await operator.get("/grants/999999")).status).toBe(404);
+    expect((await operator.get("/grants?app_id=x")).status).toBe(422);
+    expect((await operator.get("/grants?after=-1")).status).toBe(422);
+  });
+});
+
+describe("attach a branch to a grant", () => {
+  it("offers the app's connected grants and attaches with no consent: the branch is served the grant's token", async () => {
+    const first = await connectBranch();
+    const second = await registerBranch({
+      oauthClientId: first.oauthClientId,
+      clientSecret: first.clientSecret,
+      atProvider: false,
+    });
+    const grantId = (await grantOf(first.clientId))!;
+    const before = await operator.get(`/branches/${second.clientId}`);
+    expect(before.html).toContain(
+      `<option value="${grantId}">grant ${grantId}: not identified (no OpenID Connect), 1 branch(es)</option>`,
+    );
+    expect((await tokenRead(second.branchId)).status).toBe(409);
+
+    const page = await submitAndFollow(
+      `/branches/${second.clientId}`,
+      `/branches/${second.clientId}/grant`,
+      { grant_id: String(grantId) },
+      `/branches/${second.clientId}`,
+    );
+    expect(flashOf(page.html)).toEqual({
+      tone: "ok",
+      text: `Attached to grant ${grantId}: the branch is served from it now, with no consent.`,
+    });
+    expect(await grantOf(second.clientId)).toBe(grantId);
+    const served = await tokenRead(second.branchId);
+    expect(served).toEqual({ status: 200, accessToken: (await tokenRead(first.branchId)).accessToken });
+    // Its own grant is no choice any more.
+    expect(page.html).not.toContain(`<option value="${grantId}">`);
+  });
+
+  it("refuses a grant of another app, an unknown grant and a malformed id with an error flash, changing nothing", async () => {
+    const mine = await registerBranch({ atProvider: false });
+    const other = await connectBranch();
+    const otherGrant = (await grantOf(other.clientId))!;
+    const path = `/branches/${mine.clientId}`;
+    const foreign = await submitAndFollow(path, `${path}/grant`, { grant_id: String(otherGrant) }, path);
+    expect(flashOf(foreign.html)).toEqual({
+      tone: "error",
+      text: `Grant ${otherGrant} belongs to another app than branch ${mine.clientId}'s.`,
+    });
+    const unknown = await submitAndFollow(path, `${path}/grant`, { grant_id: "999999" }, path);
+    expect(flashOf(unknown.html)).toEqual({ tone: "error", text: "No grant with id 999999." });
+    const malformed = await submitAndFollow(path, `${path}/grant`, { grant_id: "abc" }, path);
+    expect(flashOf(malformed.html)).toEqual({ tone: "error", text: "grant_id: choose a grant" });
+    expect(await grantOf(mine.clientId)).toBeNull();
+    // Without the CSRF token: refused before anything is looked at.
+    const csrfless = await operator.post(`${path}/grant`, { grant_id: String(otherGrant) });
+    expect(csrfless.status).toBe(403);
+  });
+
+  it("a revoked grant is not offered, and attaching it anyway is refused", async () => {
+    const first = await connectBranch();
+    const second = await registerBranch({
+      oauthClientId: first.oauthClientId,
+      clientSecret: first.clientSecret,
+      atProvider: false,
+    });
+    const grantId = (await grantOf(first.clientId))!;
+    await sql("update tokens set status = 'revoked' where id = $1", [grantId]);
+    const path = `/branches/${second.clientId}`;
+    expect((await operator.get(path)).html).toContain("No other connected grant of this branch&#39;s app.");
+    const csrf = (await operator.get(path)).csrf!;
+    const answer = await operator.follow(await operator.post(`${path}/grant`, { csrf, grant_id: String(grantId) }));
+    expect(flashOf(answer.html)?.text).toMatch(new RegExp(`^Grant ${grantId} is not connected \\(revoked\\)`));
+    expect(await grantOf(second.clientId)).toBeNull();
+  });
+});

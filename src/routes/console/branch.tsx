@@ -1,5 +1,7 @@
 import type { ClientRow, EventRow, TokenRow } from "../../db/schema";
 import type { BranchStatus } from "../../services/branch-list";
+import type { GrantView } from "../../services/grants";
+import { AttachForm } from "./grants";
 import { Csrf, consolePath, expiryWords, Layout, StatusBadge, tokenExpiryWords, utc, When } from "./layout";
 import { EventsTable, type PageContext } from "./pages";
 
@@ -13,6 +15,8 @@ export interface BranchDetails {
   fingerprint: string | null;
   events: EventRow[];
   moreEvents: boolean;
+  /** Connected grants of the branch's app (the attach form's choices). */
+  attachGrants: GrantView[];
 }
 
 /** What a status means for the operator, and what to do about it. */
@@ -84,6 +88,16 @@ export function BranchView(props: {
         <dd>{token?.nextAttemptAt ? <When at={token.nextAttemptAt} now={now} /> : "when due"}</dd>
         <dt>Last error</dt>
         <dd>{token?.lastError ?? "none"}</dd>
+        <dt>Grant</dt>
+        <dd>
+          {client.grantId === null ? (
+            "none yet"
+          ) : (
+            <a href={consolePath(`/grants/${client.grantId}`)}>{`grant ${client.grantId}`}</a>
+          )}
+        </dd>
+        <dt>Provider resource</dt>
+        <dd class="mono">{client.providerResource ?? "none"}</dd>
         <dt>Token fingerprint</dt>
         <dd class="mono">{details.fingerprint ?? "no token"}</dd>
       </dl>
@@ -94,6 +108,10 @@ export function BranchView(props: {
         <dd>{client.workspaceName}</dd>
         <dt>Workspace email</dt>
         <dd>{client.workspaceEmail}</dd>
+        <dt>App</dt>
+        <dd>
+          {client.appId === null ? "none" : <a href={consolePath(`/apps/${client.appId}`)}>{`app ${client.appId}`}</a>}
+        </dd>
         <dt>OAuth client ID</dt>
         <dd class="mono">{client.clientId}</dd>
         <dt>Redirect URI</dt>
@@ -155,6 +173,7 @@ export function BranchView(props: {
             </button>
           </form>
         </section>
+        <AttachForm clientId={client.id} csrf={csrf} grants={details.attachGrants} currentGrantId={client.grantId} />
         <section aria-labelledby="act-active">
           <h3 id="act-active">{client.isActive ? "Deactivate" : "Activate"}</h3>
           <form method="post" action={`${base}/active`}>

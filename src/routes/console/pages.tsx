@@ -409,7 +409,7 @@ function FilterSelect(props: {
 }
 
 /** The "Next page" link of a cursor-paged list, when there is a next page. */
-function NextPage(props: { href: string | null | undefined }) {
+export function NextPage(props: { href: string | null | undefined }) {
   if (!props.href) return null;
   return (
     <p>
