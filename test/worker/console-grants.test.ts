@@ -144,7 +144,7 @@ describe("apps", () => {
     expect(page.status).toBe(200);
     expect(page.html).toMatch(/<dt>Branches<\/dt><dd>2<\/dd><dt>Connected grants<\/dt><dd>1<\/dd>/);
     expect(tableRows(page.html, "app-grants")).toEqual([
-      [`grant ${grantId}`, "not identified (no OpenID Connect)", "Connected", "1", "no end", "1"],
+      [`grant ${grantId}`, expect.stringMatching(/^user@example\.com \(sub \d+\)$/), "Connected", "1", "no end", "1"],
     ]);
     expect(tableRows(page.html, "app-branches")).toEqual([
       [first.branchId, `grant ${grantId}`, "", "yes"],
@@ -248,13 +248,14 @@ describe("grants", () => {
     const first = await connectBranch();
     const grantId = (await grantOf(first.clientId))!;
     await sql("update tokens set refresh_tokens_minted = 89, email = 'agency@example.com' where id = $1", [grantId]);
+    const [[subjectOf]] = (await sql("select subject from tokens where id = $1", [grantId])) as [[string]];
     expect((await operator.get(`/grants/${grantId}`)).html).not.toContain('id="token-limit-warning"');
     await sql("update tokens set refresh_tokens_minted = 90 where id = $1", [grantId]);
     const page = await operator.get(`/grants/${grantId}`);
     const warning = /<p class="warning" id="token-limit-warning">([\s\S]*?)<\/p>/.exec(page.html)?.[1];
     expect(warning).toBeDefined();
     expect(warning).toContain(
-      `90 refresh tokens minted for agency@example.com on app Test Workspace (${first.oauthClientId}). Google keeps 100`,
+      `90 refresh tokens minted for agency@example.com (sub ${subjectOf}) on app Test Workspace (${first.oauthClientId}). Google keeps 100`,
     );
     await sql("update tokens set refresh_token_expires_at = now() - interval '2 hours' where id = $1", [grantId]);
     expect((await operator.get(`/grants/${grantId}`)).html).toMatch(
@@ -279,8 +280,10 @@ describe("attach a branch to a grant", () => {
     });
     const grantId = (await grantOf(first.clientId))!;
     const before = await operator.get(`/branches/${second.clientId}`);
-    expect(before.html).toContain(
-      `<option value="${grantId}">grant ${grantId}: not identified (no OpenID Connect), 1 branch(es)</option>`,
+    expect(before.html).toMatch(
+      new RegExp(
+        `<option value="${grantId}">grant ${grantId}: user@example\\.com \\(sub \\d+\\), 1 branch\\(es\\)</option>`,
+      ),
     );
     expect((await tokenRead(second.branchId)).status).toBe(409);
 
