@@ -163,14 +163,14 @@ async function seedSharedGrants(
   );
   const branchIds = (
     await stack.sql(db, "select nextval(pg_get_serial_sequence('clients', 'id')) from generate_series(1, $1)", [
-      SHARED_BRANCHES,
+      String(SHARED_BRANCHES),
     ])
   ).map(([id]) => Number(id));
   await stack.sql(
     db,
     `insert into clients (id, app_id, redirect_uri, branch_id, workspace_email, workspace_name)
      select id, $2, $3, 'shared-branch-' || id, 'bench@example.com', 'Bench' from unnest($1::int[]) as id`,
-    [branchIds, appId, redirectUri],
+    [`{${branchIds.join(",")}}`, appId, redirectUri],
   );
   const grantIds: number[] = [];
   const imported: { refresh_token: string; account: string }[] = [];
@@ -183,7 +183,7 @@ async function seedSharedGrants(
          lifetime_seconds, last_refreshed_at, status, refresh_tokens_minted)
        values ($1, $2, $3, $4, $5, 'Bearer', $6, now() + interval '60 seconds', 3600, now(), 'active', 1) returning id`,
       [
-        owner,
+        String(owner),
         appId,
         `subject-${g}`,
         await seal(keyring, `at_shared_${randomBytes(24).toString("base64url")}`, {
@@ -201,7 +201,7 @@ async function seedSharedGrants(
   await stack.sql(
     db,
     `update clients set grant_id = (($2::int[])[1 + ((clients.id - $3) % $4)]) where clients.id = any($1::int[])`,
-    [branchIds, grantIds, branchIds[0], SHARED_GRANTS],
+    [`{${branchIds.join(",")}}`, `{${grantIds.join(",")}}`, String(branchIds[0]), String(SHARED_GRANTS)],
   );
   await asAdmin(oauth, "POST", "/admin/import", {
     grants: imported.map((grant) => ({

@@ -1,10 +1,13 @@
-import { asc, eq, sql } from "drizzle-orm";
+import { and, asc, eq, like, sql } from "drizzle-orm";
 import type { Db } from "../db/client";
 import { type AppProfile, type AppRow, apps, clients, tokens } from "../db/schema";
 import { AppError, constraintName, sqlState } from "../errors";
 import { type Keyring, matchesAny, open, seal } from "../lib/crypto";
 import type { ClientCredentials } from "../oauth/provider";
 import { connectionStatusOf, type EventContext, noteEvents, withEvents } from "./events";
+
+/** The last_error prefix of a parked grant (kept here: tokens.ts imports this file). */
+export const SEALED_VALUE_PARKED = "sealed value unreadable";
 
 /**
  * Apps: OAuth clients at a provider. Many branches use one app; its secret is sealed once, bound to
@@ -135,7 +138,11 @@ export async function updateApp(
     if (!row) throw appNotFound(id);
     return row;
   }
-  const [recovered, updated] = await db.batch([secretRecoveryEvents(db, events, id, now), update]);
+  const [recovered, , updated] = await db.batch([
+    secretRecoveryEvents(db, events, id, now),
+    unparkGrants(db, id),
+    update,
+  ]);
   noteEvents(events, recovered);
   const [row] = updated as AppRow[];
   if (!row) throw appNotFound(id);
@@ -162,6 +169,17 @@ export function secretRecoveryEvents(db: Db, events: EventContext, appId: number
     now,
     "returned",
   );
+}
+
+/**
+ * A new secret is the fix for grants the scheduler parked because a stored value did not open: they
+ * are tried again at the next run (src/services/tokens.ts parkedStatements).
+ */
+export function unparkGrants(db: Db, appId: number) {
+  return db
+    .update(tokens)
+    .set({ nextAttemptAt: null })
+    .where(and(eq(tokens.appId, appId), like(tokens.lastError, `${SEALED_VALUE_PARKED}%`)));
 }
 
 export async function appCredentials(keyring: Keyring, app: Pick<AppRow, "id" | "clientId" | "clientSecret">) {

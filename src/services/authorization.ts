@@ -229,7 +229,12 @@ export async function completeLogin(
     const previous = client.grantId === null ? undefined : await grantById(db, client.grantId);
     // OpenID Connect: the account's grant on this app, if one is stored (a consent joins it).
     const joined = issued.account ? await grantOfAccount(db, app.id, issued.account.subject) : undefined;
-    const joinedLive = joined?.isValid === true && joined.status === "active" && joined.refreshToken !== null;
+    // A stored refresh token that does not open (see parkedStatements) is no live grant to keep.
+    const joinedLive =
+      joined?.isValid === true &&
+      joined.status === "active" &&
+      joined.refreshToken !== null &&
+      (await opens(keyring, joined.refreshToken, joined.clientId));
     // A new refresh token obtained without forcing the consent screen proves the account held no
     // live grant for this client (Google issues one only on the first consent): whatever we hold
     // belongs to another grant, and revoking it cannot touch the new one. Otherwise (no new
@@ -299,6 +304,16 @@ export async function completeLogin(
     };
   } finally {
     if (!defer) await Promise.all(background);
+  }
+}
+
+async function opens(keyring: Keyring, sealed: string, owner: number): Promise<boolean> {
+  try {
+    await open(keyring, sealed, { column: "tokens.refresh_token", clientId: owner });
+    return true;
+  } catch (error) {
+    if (error instanceof CryptoError) return false;
+    throw error;
   }
 }
 

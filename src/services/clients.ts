@@ -7,7 +7,7 @@ import { type Keyring, open, seal } from "../lib/crypto";
 import { describeError, logWarn } from "../lib/log";
 import type { Providers } from "../oauth/profiles";
 import { type ClientCredentials, type Provider, revokeToken } from "../oauth/provider";
-import { appCredentials, appForRegistration, secretRecoveryEvents } from "./apps";
+import { appCredentials, appForRegistration, secretRecoveryEvents, unparkGrants } from "./apps";
 import { clientEvent, currentStatusSql, type EventContext, noteEvents, withEvents } from "./events";
 
 /**
@@ -130,6 +130,7 @@ export async function updateClient(
       ? []
       : [
           secretRecoveryEvents(db, events, appId, now),
+          unparkGrants(db, appId),
           db
             .update(apps)
             .set({

@@ -4,7 +4,7 @@ import type { Db } from "../db/client";
 import { leaseIsFree } from "../db/queries";
 import { apps, clients, tokens } from "../db/schema";
 import { MAX_OUTBOUND_CONNECTIONS } from "../lib/concurrency";
-import { open } from "../lib/crypto";
+import { open, SealedValueError } from "../lib/crypto";
 import { describeError, logError, logInfo, logWarn } from "../lib/log";
 import { type MetricSource, type RefreshRecorder, refreshRecorder } from "../lib/metrics";
 import { ProviderError, refreshGrant } from "../oauth/provider";
@@ -19,6 +19,7 @@ import {
   type Leased,
   type LeaseHold,
   PERSIST_ATTEMPTS,
+  parkedStatements,
   persistInBackground,
   type ResultWrite,
   recordsDeadGrant,
@@ -264,6 +265,17 @@ export async function refreshTokens(d: RefreshDeps, ids: number[], now: Date): P
         });
       } catch (error) {
         claimer.observe(Date.now() - callStarted);
+        if (error instanceof SealedValueError) {
+          // A stored value that does not open: no retry can help. Parked until an operator fixes it.
+          logError("sealed_value_unreadable", { grant: token.id, error: describeError(error) });
+          writer.push({
+            write: parkedStatements(d.db, d.events, hold, error, at()),
+            outcome: "failed",
+            hold,
+            rotated: false,
+          });
+          continue;
+        }
         const failure = error instanceof ProviderError ? error : new ProviderError("network", describeError(error));
         d.onRefreshOutcome?.(
           token,

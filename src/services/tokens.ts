@@ -4,14 +4,15 @@ import type { Db } from "../db/client";
 import { leaseExpiry, leaseIsFree } from "../db/queries";
 import { type AppRow, apps, type ClientRow, clients, type TokenRow, tokens } from "../db/schema";
 import { AppError } from "../errors";
-import { type Keyring, open, seal } from "../lib/crypto";
+import { type Keyring, open, type SealedValueError, seal } from "../lib/crypto";
 import { describeError, type LogFields, logError, logInfo, logWarn } from "../lib/log";
 import type { Providers } from "../oauth/profiles";
 import { type IssuedTokens, ProviderError, refreshGrant } from "../oauth/provider";
-import { appCredentials } from "./apps";
+import { appCredentials, SEALED_VALUE_PARKED } from "./apps";
 import { revokeGrant } from "./clients";
 import {
   changedRows,
+  DEGRADED_AFTER_FAILURES,
   type EventContext,
   noteEvents,
   tokenChangeReturning,
@@ -387,6 +388,13 @@ function refreshBlocked(client: ReadClient, token: Pick<TokenRow, "nextAttemptAt
       { fields: { app_id: client.appId } },
     );
   }
+  if (token.nextAttemptAt !== null && token.nextAttemptAt.getTime() >= PARKED_UNTIL.getTime()) {
+    return new AppError(
+      "sealed_value_unreadable",
+      `A stored secret or token of branch ${client.branchId}'s grant cannot be opened (altered, copied from another row, or sealed with a key that is no longer configured), so it is no longer refreshed. To recover, set the app's client secret again (PATCH /token-management/apps/${client.appId}) or connect the branch again with a new login link (GET /token-management/clients/${client.id}/login-url).`,
+      { fields: connectionHint(client) },
+    );
+  }
   if (inBackoff(token, now)) {
     return new AppError("provider_unavailable", "The provider is failing; the next refresh attempt is scheduled.", {
       retryAfterSeconds: Math.max(1, secondsLeftUntil(token.nextAttemptAt!, now)),
@@ -677,6 +685,35 @@ export function failureStatements(
   const change = tokenChangeWithEvents(db, events, update, { rejected, reason }, now);
   // A google grant dying about 7 days after its consent: its app is probably still in Testing.
   return dead ? [testingSuspicion(db, hold.tokenId, hold.owner, now), change] : [change];
+}
+
+/** Where a parked grant's next attempt is: never, until an operator fixes it. */
+const PARKED_UNTIL = new Date("9999-12-31T00:00:00Z");
+
+/**
+ * The write when a stored secret or token of the grant does not open (altered, copied from another
+ * row, or sealed with a key no longer configured): retrying cannot help, so the grant is parked
+ * (no next attempt) and shows as degraded with its reason, one connection.degraded per branch.
+ * Setting the app's secret again or a new consent clears it. Lands only for the lease holder.
+ */
+export function parkedStatements(db: Db, events: EventContext, hold: LeaseHold, error: SealedValueError, now: Date) {
+  const what =
+    error.binding.column === "clients.client_secret"
+      ? `app ${error.binding.clientId}'s client secret`
+      : error.binding.column;
+  const lastError = `${SEALED_VALUE_PARKED}: ${what} does not open (altered, copied from another row, or sealed with a key no longer configured); set the app's client secret again or reconnect the branch`;
+  const update = db
+    .update(tokens)
+    .set({
+      failureCount: sql`greatest(${tokens.failureCount} + 1, ${DEGRADED_AFTER_FAILURES})`,
+      lastError,
+      nextAttemptAt: PARKED_UNTIL,
+      leaseOwner: null,
+      leaseExpiresAt: null,
+    })
+    .where(heldBy(hold))
+    .returning(tokenChangeReturning("keep"));
+  return [tokenChangeWithEvents(db, events, update, { rejected: "keep", reason: lastError }, now)] as ResultWrite;
 }
 
 /** Whether this failure, from this holder, is recorded as a dead grant. */

@@ -2,9 +2,10 @@ import { describe, expect, it } from "vitest";
 import { createServices } from "../../src/context";
 import { refreshDeps, refreshTokens } from "../../src/services/scheduled";
 import { TEST_ENCRYPTION_KEY } from "./bindings";
+import { eventsOf } from "./event-helpers";
 import { call, expectProblem, json, testEnv } from "./helpers";
 import { sealV1 } from "./legacy-seal";
-import { appRowOf, connectBranch, currentTokens, postJson, sql, tokenRows } from "./oauth-helpers";
+import { appRowOf, connectBranch, currentTokens, postJson, runBrowserFlow, sql, tokenRows } from "./oauth-helpers";
 
 /**
  * Sealed values are bound to their row: whoever can write the database cannot move one branch's
@@ -97,8 +98,33 @@ describe("the cron and a foreign value", () => {
     // Not a dead grant: still current and active, with the reason on record for the operator.
     expect(rowB).toMatchObject({ status: "active" });
     const [lastError] = await sql("select last_error from tokens where id = $1", [ids[1]]);
-    expect(lastError?.[0]).toMatch(/tokens\.refresh_token of client \d+: sealed value failed authentication/);
+    expect(lastError?.[0]).toMatch(/^sealed value unreadable: tokens\.refresh_token does not open/);
     expect((await getToken(a.branchId)).status).toBe(200);
+
+    // A visible state, one event, and the cron leaves it until an operator fixes it.
+    const view = await json<{ connection: { status: string; last_error: string } }>(
+      await call(`/clients/${b.clientId}`, { key: "admin" }),
+    );
+    expect(view.connection.last_error).toMatch(/^sealed value unreadable/);
+    const degraded = (await eventsOf(b.clientId)).filter((e) => e.type === "connection.degraded");
+    expect(degraded).toHaveLength(1);
+    expect(await refreshTokens(d, [ids[1]!], new Date())).toMatchObject({ refreshed: 0, failed: 0, skipped: 1 });
+    expect((await eventsOf(b.clientId)).filter((e) => e.type === "connection.degraded")).toHaveLength(1);
+    // A read once the access token is due says what to do, with no provider call.
+    await sql("update tokens set expires_at = now() - interval '1 second' where id = $1", [ids[1]]);
+    const problem = await expectProblem(await getToken(b.branchId), 409, "sealed_value_unreadable");
+    expect(problem.detail).toMatch(/PATCH \/token-management\/apps\/\d+/);
+    // The fix: a new consent. Google sends no refresh token to an account holding one, and the stored
+    // one does not open: the first consent says so, the next forces the consent screen and renews it.
+    const newLink = async () =>
+      (await json<{ login_url: string }>(await call(`/clients/${b.clientId}/login-url`, { key: "admin" }))).login_url;
+    expect((await runBrowserFlow(await newLink())).callback.status).toBe(409);
+    const forced = await runBrowserFlow(await newLink());
+    expect(forced.start.authorizeUrl.searchParams.get("prompt")).toBe("consent");
+    expect(forced.callback.status).toBe(200);
+    expect((await getToken(b.branchId)).status).toBe(200);
+    const [after] = await sql("select last_error, next_attempt_at from tokens where id = $1", [ids[1]]);
+    expect(after).toEqual([null, null]);
   });
 });
 
