@@ -31,6 +31,8 @@ export default defineConfig({
         ratelimits: Object.fromEntries(
           worker.ratelimits.map(({ name, namespace_id, simple }: RateLimitBinding) => [name, { namespace_id, simple }]),
         ),
+        // wrangler.toml's proxy quota object, defined by the Worker's main module.
+        durableObjects: { PROXY_QUOTA: "ProxyQuota" },
         // wrangler.toml's METRICS dataset: Miniflare's local stand-in, which keeps nothing (hermetic).
         analyticsEngineDatasets: { METRICS: { dataset: "token_management_test" } },
         bindings: {

@@ -63,6 +63,11 @@ export function localRiscConfigurationUrl(port: number): string {
   return `http://127.0.0.1:${port}/.well-known/risc-configuration`;
 }
 
+/** The built-in OAuth server's Business Profile API (dev/oauth-server/business-profile.ts): the proxy's upstream. */
+export function localApiBaseUrl(port: number): string {
+  return `http://127.0.0.1:${port}`;
+}
+
 /** The Worker's RISC receiver, where the built-in transmitter pushes ("Remove access" on its account page). */
 export function localRiscReceiverUrl(workerPort: number): string {
   return `http://127.0.0.1:${workerPort}/token-management/risc`;
@@ -128,6 +133,17 @@ export function devStack(vars: Record<string, string>, env: NodeJS.ProcessEnv = 
     configuredRisc !== localRisc
   ) {
     overrides.RISC_CONFIGURATION_URL = localRisc;
+  }
+  // It also serves a small Business Profile API: the proxy's upstream (PROXY_BASE_URLS), unless
+  // .dev.vars names another (an older .dev.vars without it would send the proxy to Google).
+  const localApi = localApiBaseUrl(oauthServerPort ?? DEFAULT_OAUTH_PORT);
+  const configuredApi = vars.PROXY_BASE_URLS;
+  if (
+    oauthServerPort !== undefined &&
+    (!configuredApi || configuredApi === localApiBaseUrl(DEFAULT_OAUTH_PORT)) &&
+    configuredApi !== localApi
+  ) {
+    overrides.PROXY_BASE_URLS = localApi;
   }
   return { workerPort: portFromEnv(env, "PORT") ?? DEFAULT_WORKER_PORT, databasePort, oauthServerPort, overrides };
 }
@@ -407,7 +423,8 @@ async function main(): Promise<void> {
     paths.varsFile,
     ...Object.entries(stack.overrides).flatMap(([name, value]) => ["--var", `${name}:${value}`]),
   ];
-  for (const [name, value] of Object.entries(stack.overrides)) log(`${name}=${value} (moved port)`);
+  for (const [name, value] of Object.entries(stack.overrides))
+    log(`${name}=${value} (moved port, or not in .dev.vars)`);
   const env: NodeJS.ProcessEnv = {
     ...process.env,
     PATH: [dirname(process.execPath), process.env.PATH ?? ""].join(delimiter),

@@ -16,6 +16,7 @@ import { registerEventRoutes } from "./routes/events";
 import { registerGrantRoutes } from "./routes/grants";
 import { registerHealthRoutes } from "./routes/health";
 import { registerOAuthRoutes } from "./routes/oauth";
+import { PROXY_PATH, registerProxyRoutes } from "./routes/proxy";
 import { RISC_PATH, registerRiscRoutes } from "./routes/risc";
 import { registerTokenRoutes } from "./routes/tokens";
 import { deliverAfterChange } from "./services/webhooks";
@@ -69,8 +70,13 @@ export function createApp(): App {
       throw new AppError("payload_too_large", `Request bodies are limited to ${MAX_BODY_BYTES} bytes.`);
     },
   });
-  // The RISC receiver has its own, smaller limit, answered with a 400 as RFC 8935 wants.
-  app.use((c, next) => (c.req.path === `${BASE_PATH}${RISC_PATH}` ? next() : limitBody(c, next)));
+  // The RISC receiver has its own, smaller limit, answered with a 400 as RFC 8935 wants; the proxy
+  // streams bodies up to PROXY_MAX_BODY_BYTES and counts them itself (nothing may buffer them here).
+  app.use((c, next) =>
+    c.req.path === `${BASE_PATH}${RISC_PATH}` || c.req.path.startsWith(`${BASE_PATH}${PROXY_PATH}/`)
+      ? next()
+      : limitBody(c, next),
+  );
 
   registerHealthRoutes(app);
   registerAppRoutes(app);
@@ -80,6 +86,7 @@ export function createApp(): App {
   registerTokenRoutes(app);
   registerEventRoutes(app);
   registerRiscRoutes(app);
+  registerProxyRoutes(app);
   registerConsoleRoutes(app);
 
   app.doc31("/openapi.json", {

@@ -1,5 +1,6 @@
 import { z } from "zod";
 import { AppError } from "./errors";
+import { baseUrlProblem } from "./lib/proxy-rules";
 import { DEFAULT_RISC_CONFIGURATION_URL } from "./oauth/risc";
 
 /**
@@ -20,6 +21,27 @@ const DEFAULTS = {
   // consenting again (one grant: nothing may be revoked). See src/services/authorization.ts.
   OAUTH_EXTRA_AUTHORIZATION_PARAMS: "access_type=offline",
 } as const;
+
+/** Google's Business Profile API hosts: the default app's allowed upstreams (the first is the default). */
+export const DEFAULT_PROXY_BASE_URLS = [
+  "https://mybusinessbusinessinformation.googleapis.com",
+  "https://mybusinessaccountmanagement.googleapis.com",
+  "https://mybusiness.googleapis.com",
+  "https://businessprofileperformance.googleapis.com",
+  "https://mybusinessverifications.googleapis.com",
+  "https://mybusinessnotifications.googleapis.com",
+  "https://mybusinessplaceactions.googleapis.com",
+  "https://mybusinesslodging.googleapis.com",
+].join(" ");
+/** Business Profile APIs: 300 requests per minute per Cloud project, shared by every branch. */
+export const DEFAULT_PROXY_QUOTA_PER_MINUTE = 300;
+/** Photos and bulk edits fit; a Worker's request body may not exceed 100 MB anyway. */
+export const DEFAULT_PROXY_MAX_BODY_BYTES = 10 * 1024 * 1024;
+const PROXY_MAX_BODY_BYTES_LIMIT = 100 * 1024 * 1024;
+/** Until the upstream's response headers arrive. */
+export const DEFAULT_PROXY_TIMEOUT_MS = 30_000;
+/** An upstream 429 pauses the app's budget at most this long, whatever its Retry-After says. */
+export const DEFAULT_PROXY_MAX_RETRY_AFTER_SECONDS = 60;
 
 const ENCRYPTION_KEY_BYTES = 32;
 /**
@@ -203,6 +225,24 @@ const EnvFields = z.object({
    * local stand-in, as the tests use; unreachable from a deployed Worker). No flag relaxes this.
    */
   CF_ACCESS_CERTS_URL: httpUrl.optional(),
+
+  /**
+   * The proxy (src/services/proxy.ts) for the app configured by OAUTH_*: its allowed API bases,
+   * space-separated (a caller picks one with Proxy-Base-Url, else the first), checked below.
+   */
+  PROXY_BASE_URLS: spaceList
+    .pipe(z.array(z.string()).min(1, "needs at least one URL"))
+    .default(DEFAULT_PROXY_BASE_URLS.split(" ")),
+  /** Requests per minute sent upstream for the app, from every branch and location together. */
+  PROXY_QUOTA_PER_MINUTE: z.coerce.number().int().positive().default(DEFAULT_PROXY_QUOTA_PER_MINUTE),
+  PROXY_MAX_BODY_BYTES: z.coerce
+    .number()
+    .int()
+    .positive()
+    .max(PROXY_MAX_BODY_BYTES_LIMIT, "must be at most 104857600 (100 MiB, a Worker's request body limit)")
+    .default(DEFAULT_PROXY_MAX_BODY_BYTES),
+  PROXY_TIMEOUT_MS: z.coerce.number().int().positive().default(DEFAULT_PROXY_TIMEOUT_MS),
+  PROXY_MAX_RETRY_AFTER_SECONDS: z.coerce.number().int().positive().default(DEFAULT_PROXY_MAX_RETRY_AFTER_SECONDS),
 });
 
 const EnvSchema = EnvFields.superRefine((config, context) => {
@@ -217,6 +257,11 @@ const EnvSchema = EnvFields.superRefine((config, context) => {
       }
     }
   }
+  config.PROXY_BASE_URLS.forEach((url, index) => {
+    const problem = baseUrlProblem(url, config.OAUTH_ALLOW_INSECURE_HTTP);
+    if (problem)
+      context.addIssue({ code: "custom", path: ["PROXY_BASE_URLS"], message: `URL ${index + 1} ${problem}` });
+  });
   // A key in both lists would make every service caller an admin.
   if (config.ADMIN_API_KEY.some((key) => config.SERVICE_API_KEY.includes(key))) {
     context.addIssue({

@@ -4,6 +4,9 @@ import { describeError, logError } from "./lib/log";
 import { consumeRefreshBatch, type RefreshMessage, runScheduledRefresh, type SchedulerEnv } from "./services/scheduled";
 import { deliverPending, runScheduledEvents } from "./services/webhooks";
 
+// The Durable Object classes this Worker defines (wrangler.toml [[durable_objects.bindings]]).
+export { ProxyQuota } from "./proxy/quota";
+
 const app = createApp();
 
 export default {

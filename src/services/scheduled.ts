@@ -55,7 +55,15 @@ export const CLAIM_BATCH_MAX = 100;
 
 export interface RefreshMessage {
   tokenIds: number[];
+  /**
+   * A check rather than a due refresh (the proxy's second 401 with a fresh token): refreshed
+   * whatever their expiry, so the provider's token endpoint says whether the grant still lives.
+   */
+  check?: boolean;
 }
+
+/** A check message refreshes its tokens if they expire within this window: any live token. */
+const CHECK_WINDOW_SECONDS = 366 * 24 * 60 * 60;
 
 export interface SchedulerEnv extends Env {
   REFRESH_QUEUE?: Queue<RefreshMessage>;
@@ -155,7 +163,8 @@ export async function consumeRefreshBatch(env: Env, batch: MessageBatch<RefreshM
   const d = refreshDeps(await createServices(env), "queue");
   for (const message of batch.messages) {
     try {
-      const counts = await refreshTokens(d, message.body.tokenIds, now);
+      const deps = message.body.check ? { ...d, windowSeconds: CHECK_WINDOW_SECONDS } : d;
+      const counts = await refreshTokens(deps, message.body.tokenIds, now);
       logInfo("queued_refresh", { ...counts, tokens: message.body.tokenIds.length });
       message.ack();
     } catch (error) {

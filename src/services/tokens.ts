@@ -106,14 +106,23 @@ export async function getBranchToken(deps: TokenDeps, branchId: string, now: Dat
   return refreshOrServe(deps, client, token, now, false);
 }
 
-/** POST /tokens/refresh: refresh now, whatever the expiry and backoff say (still single-flight). */
+/**
+ * POST /tokens/refresh: refresh now, whatever the expiry and backoff say (still single-flight).
+ * With `rejected` (an access token the provider's API refused), a servable token that has replaced
+ * it since is served as it is: someone else's refresh already answered the rejection.
+ */
 export async function forceRefresh(
   deps: TokenDeps,
   target: { clientId: number } | { branchId: string },
   now: Date,
+  options: { rejected?: string } = {},
 ): Promise<ServedToken> {
   const found = await findForRead(deps.db, target);
   const { client, token } = requireGrant(found, "branchId" in target ? target.branchId : `client ${target.clientId}`);
+  if (options.rejected !== undefined && isServable(token, now)) {
+    const current = await serve(deps, client, token, false);
+    if (current.accessToken !== options.rejected) return current;
+  }
   return refreshOrServe(deps, client, token, now, true);
 }
 

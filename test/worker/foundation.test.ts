@@ -191,6 +191,7 @@ describe("OpenAPI", () => {
         "/token-management/grants/{id}",
         "/token-management/health",
         "/token-management/oauth/login/{client_id}",
+        "/token-management/proxy/{branch_id}/{path}",
         "/token-management/risc",
         "/token-management/risc/verifications/{state}",
         "/token-management/tokens/refresh",

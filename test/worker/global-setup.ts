@@ -4,6 +4,7 @@ import { startNeonLocal } from "../../dev/neon-local/server";
 import { startOAuthServer } from "../../dev/oauth-server/server";
 import { startWebhookReceiver } from "../../dev/webhook-receiver/server";
 import { applyMigrations } from "../../scripts/migrate";
+import { startUpstream } from "./upstream";
 
 declare module "vitest" {
   export interface ProvidedContext {
@@ -14,6 +15,7 @@ declare module "vitest" {
     oauthIssuer: string;
     webhookReceiverUrl: string;
     accessJwksUrl: string;
+    upstreamUrl: string;
   }
 }
 
@@ -33,6 +35,8 @@ export default async function setup(project: TestProject) {
   const oauth = await startOAuthServer({ profile: "google" });
   const receiver = await startWebhookReceiver();
   const accessJwks = await startAccessJwksServer();
+  // A provider API stand-in for the proxy's tests (test/worker/upstream.ts).
+  const upstream = await startUpstream();
   console.log(
     `worker tests: database ${postgresUrl ? "PostgreSQL" : "PGlite (memory)"} at ${db.url}, OAuth server at ${oauth.url}`,
   );
@@ -44,8 +48,10 @@ export default async function setup(project: TestProject) {
   project.provide("oauthIssuer", oauth.issuer);
   project.provide("webhookReceiverUrl", receiver.url);
   project.provide("accessJwksUrl", accessJwks.url);
+  project.provide("upstreamUrl", upstream.url);
 
   return async () => {
+    await upstream.close();
     await accessJwks.close();
     await receiver.close();
     await oauth.close();
