@@ -133,6 +133,8 @@ export interface AuthorizationRequest {
   codeChallenge: string;
   /** OpenID Connect: the nonce the ID token must carry. */
   nonce?: string | undefined;
+  /** The account expected to sign in (OpenID Connect `login_hint`: an email or a `sub`). */
+  loginHint?: string | undefined;
   /** Ask the provider to show its consent screen again (`prompt=consent`). */
   forceConsent?: boolean;
 }
@@ -148,6 +150,7 @@ export function buildAuthorizationUrl(provider: Provider, request: Authorization
   url.searchParams.set("code_challenge", request.codeChallenge);
   url.searchParams.set("code_challenge_method", "S256");
   if (request.nonce !== undefined) url.searchParams.set("nonce", request.nonce);
+  if (request.loginHint !== undefined) url.searchParams.set("login_hint", request.loginHint);
   if (request.forceConsent) {
     const prompts = new Set((url.searchParams.get("prompt") ?? "").split(" ").filter(Boolean));
     prompts.add("consent");

@@ -255,7 +255,20 @@ const loginUrl = createRoute({
   middleware: [requireKey("admin")] as const,
   request: {
     params: IdParam,
-    query: z.object({ revoke_previous: z.enum(["true", "false"]).optional() }).strict(),
+    query: z
+      .object({
+        revoke_previous: z.enum(["true", "false"]).optional(),
+        account: z
+          .string()
+          .trim()
+          .min(1)
+          .max(320)
+          .optional()
+          .describe(
+            "Bind the link to the account expected to consent (its email or OpenID Connect sub): a consent by another account stores nothing. Sent to the provider as login_hint.",
+          ),
+      })
+      .strict(),
   },
   responses: {
     200: {
@@ -369,8 +382,9 @@ export function registerClientRoutes(app: App): void {
 
   app.openapi(loginUrl, async (c) => {
     const { id } = c.req.valid("param");
-    const revokePrevious = c.req.valid("query").revoke_previous === "true";
-    const link = await newLoginLink(operatorOf(c), id, revokePrevious, new Date());
+    const query = c.req.valid("query");
+    const revokePrevious = query.revoke_previous === "true";
+    const link = await newLoginLink(operatorOf(c), id, revokePrevious, new Date(), query.account);
     return c.json(
       {
         success: true as const,

@@ -31,6 +31,7 @@ const login = createRoute({
       issued: z.string().max(20).optional(),
       expires: z.string().max(20).optional(),
       signature: z.string().max(128).optional(),
+      account: z.string().max(320).optional(),
     }),
   },
   responses: {
@@ -78,7 +79,7 @@ export function registerOAuthRoutes(app: App): void {
         const { client_id: clientId } = c.req.valid("param");
         const link = c.req.valid("query");
         const now = new Date();
-        const linkIssuedAt = await authorizeLogin(c, clientId, link, now);
+        const { issuedAt: linkIssuedAt, account } = await authorizeLogin(c, clientId, link, now);
         const cookie = bindingCookie(c.var.baseUrl);
         const start = await startLogin(
           c.var.db,
@@ -88,6 +89,7 @@ export function registerOAuthRoutes(app: App): void {
           getCookie(c, cookie.name),
           now,
           linkIssuedAt,
+          account,
         );
         setCookie(c, cookie.name, start.bindingCookie, {
           httpOnly: true,
@@ -152,17 +154,25 @@ export function registerOAuthRoutes(app: App): void {
   );
 }
 
-/** The link's issue time, or null when the admin key opened the page; throws when neither is good. */
+/**
+ * The link's issue time and the account it is bound to, or a null issue time when the admin key
+ * opened the page; throws when neither is good.
+ */
 async function authorizeLogin(
   c: AppContext,
   clientId: number,
-  link: { issued?: string | undefined; expires?: string | undefined; signature?: string | undefined },
+  link: {
+    issued?: string | undefined;
+    expires?: string | undefined;
+    signature?: string | undefined;
+    account?: string | undefined;
+  },
   now: Date,
-): Promise<Date | null> {
+): Promise<{ issuedAt: Date | null; account: string | undefined }> {
   const bearer = /^Bearer\s+(\S+)$/i.exec(c.req.header("authorization") ?? "")?.[1];
-  if (bearer && (await matchesAny(bearer, c.var.config.ADMIN_API_KEY))) return null;
+  if (bearer && (await matchesAny(bearer, c.var.config.ADMIN_API_KEY))) return { issuedAt: null, account: undefined };
   const check = await checkLoginLink(c.var.keyring, clientId, link, now);
-  if (check.result === "valid") return check.issuedAt;
+  if (check.result === "valid") return { issuedAt: check.issuedAt, account: check.account };
   const detail = {
     missing: "This page needs a login link. Ask your administrator for one.",
     expired: "This login link has expired. Ask your administrator for a new one.",

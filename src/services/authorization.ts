@@ -79,6 +79,8 @@ interface StatePayload {
   p: boolean;
   /** OpenID Connect: the nonce the ID token must carry. */
   o?: string;
+  /** The account the login link was bound to (an email or a `sub`): another one stores nothing. */
+  x?: string;
 }
 
 export interface LoginStart {
@@ -98,6 +100,7 @@ export async function startLogin(
   existingBinding: string | undefined,
   now: Date,
   linkIssuedAt: Date | null,
+  expectedAccount?: string,
 ): Promise<LoginStart> {
   const [found] = await db
     .select({ client: clients, app: apps })
@@ -130,6 +133,7 @@ export async function startLogin(
     a: authority.getTime(),
     p: forceConsent || forcesConsent(provider.extraAuthorizationParams),
     ...(nonce === undefined ? {} : { o: nonce }),
+    ...(expectedAccount === undefined ? {} : { x: expectedAccount }),
   };
   const state = await seal(keyring, JSON.stringify(payload), "oauth.state");
   const url = buildAuthorizationUrl(provider, {
@@ -139,6 +143,7 @@ export async function startLogin(
     state,
     codeChallenge: pkce.challenge,
     nonce,
+    loginHint: expectedAccount,
     forceConsent,
   });
   return { redirectTo: url.toString(), bindingCookie: binding };
@@ -241,6 +246,16 @@ export async function completeLogin(
     // refresh token, or prompt=consent) the old and new tokens may be one grant: revoking either
     // would revoke both, so nothing is revoked. A grant of the same account is never revoked.
     const distinctGrant = issued.refreshToken !== undefined && !payload.p && joined === undefined;
+    if (payload.x !== undefined && issued.account && !sameAccount(payload.x, issued.account)) {
+      // Tokens of an account nobody asked for: revoked unless that account has a grant here (at
+      // Google, revoking any of its tokens would end that grant too).
+      if (joined === undefined) later(discardIssued(provider, credentials, issued, client.id));
+      throw new AppError(
+        "authorization_denied",
+        `This login link is for ${payload.x}, but ${issued.account.email ?? "another account"} signed in. Nothing was stored. Open the link again and sign in as ${payload.x}.`,
+        { fields: { expected_account: payload.x } },
+      );
+    }
     const holdsHealthyGrant = previous?.isValid === true && previous.status === "active";
 
     const missing = missingScopes(client.scopes ?? provider.defaultScopes, issued.scope);
@@ -305,6 +320,11 @@ export async function completeLogin(
   } finally {
     if (!defer) await Promise.all(background);
   }
+}
+
+/** The link's account (an email, compared without case, or a `sub`) is the one that signed in. */
+function sameAccount(expected: string, account: { subject: string; email: string | null }): boolean {
+  return expected === account.subject || expected.toLowerCase() === account.email?.toLowerCase();
 }
 
 async function opens(keyring: Keyring, sealed: string, owner: number): Promise<boolean> {

@@ -22,8 +22,9 @@ export interface LoginLink {
   expiresAt: Date;
 }
 
-const message = (clientId: number, issuedMs: number, expiresUnix: number) =>
-  `login:v2:${clientId}:${issuedMs}:${expiresUnix}`;
+/** What a link signs; a link bound to an account signs it too (`account`, an email or a `sub`). */
+const message = (clientId: number, issuedMs: number, expiresUnix: number, account?: string) =>
+  `login:v2:${clientId}:${issuedMs}:${expiresUnix}${account === undefined ? "" : `:account:${account}`}`;
 
 /**
  * A new link for the client, issued now (or at the client's `login_links_valid_after` if a clock
@@ -38,6 +39,7 @@ export async function issueLoginLink(
   now: Date,
   ttlSeconds: number,
   revokePrevious = false,
+  account?: string,
 ): Promise<LoginLink> {
   const [row] = revokePrevious
     ? await db
@@ -48,7 +50,7 @@ export async function issueLoginLink(
     : await db.select({ validAfter: clients.loginLinksValidAfter }).from(clients).where(eq(clients.id, clientId));
   if (!row) throw clientNotFound(clientId);
   const issuedAt = row.validAfter && row.validAfter > now ? row.validAfter : now;
-  return signLoginLink(keyring, baseUrl, clientId, issuedAt, ttlSeconds);
+  return signLoginLink(keyring, baseUrl, clientId, issuedAt, ttlSeconds, account);
 }
 
 /** Revokes every link issued so far (and consents begun with them but not finished). */
@@ -69,36 +71,45 @@ export async function signLoginLink(
   clientId: number,
   issuedAt: Date,
   ttlSeconds: number,
+  account?: string,
 ): Promise<LoginLink> {
   const issuedMs = issuedAt.getTime();
   const expiresUnix = Math.floor(issuedMs / 1000) + ttlSeconds;
   const url = new URL(`${baseUrl}/oauth/login/${clientId}`);
   url.searchParams.set("issued", String(issuedMs));
   url.searchParams.set("expires", String(expiresUnix));
-  url.searchParams.set("signature", await sign(keyring, message(clientId, issuedMs, expiresUnix)));
+  if (account !== undefined) url.searchParams.set("account", account);
+  url.searchParams.set("signature", await sign(keyring, message(clientId, issuedMs, expiresUnix, account)));
   return { url: url.toString(), issuedAt, expiresAt: new Date(expiresUnix * 1000) };
 }
 
 export type LinkCheck =
-  | { result: "valid"; issuedAt: Date }
+  | { result: "valid"; issuedAt: Date; account: string | undefined }
   | { result: "missing" | "expired" | "invalid" | "outdated" };
 
 /** Checks the signature and expiry; whether the link was used or revoked needs the client row. */
 export async function checkLoginLink(
   keyring: Keyring,
   clientId: number,
-  link: { issued?: string | undefined; expires?: string | undefined; signature?: string | undefined },
+  link: {
+    issued?: string | undefined;
+    expires?: string | undefined;
+    signature?: string | undefined;
+    account?: string | undefined;
+  },
   now: Date,
 ): Promise<LinkCheck> {
-  const { issued, expires, signature } = link;
+  const { issued, expires, signature, account } = link;
   if (!expires || !signature) return { result: "missing" };
   if (!issued) return { result: "outdated" };
   if (!/^\d{1,15}$/.test(issued) || !/^\d{1,12}$/.test(expires)) return { result: "invalid" };
   const issuedMs = Number(issued);
   const expiresUnix = Number(expires);
-  if (!(await verify(keyring, message(clientId, issuedMs, expiresUnix), signature))) return { result: "invalid" };
+  if (!(await verify(keyring, message(clientId, issuedMs, expiresUnix, account), signature))) {
+    return { result: "invalid" };
+  }
   if (expiresUnix * 1000 <= now.getTime()) return { result: "expired" };
-  return { result: "valid", issuedAt: new Date(issuedMs) };
+  return { result: "valid", issuedAt: new Date(issuedMs), account };
 }
 
 /** A link (or an admin-started consent) begun at `authorityAt` is still good for this client. */

@@ -205,8 +205,23 @@ export async function attachToGrant(op: Operator, id: number, grantId: number, n
 // Login links and consent.
 
 /** A new login link; with `revokePrevious`, every earlier one stops working. */
-export function newLoginLink(op: Operator, id: number, revokePrevious: boolean, now: Date): Promise<LoginLink> {
-  return issueLoginLink(op.db, op.keyring, op.baseUrl, id, now, op.config.LOGIN_LINK_TTL_SECONDS, revokePrevious);
+export function newLoginLink(
+  op: Operator,
+  id: number,
+  revokePrevious: boolean,
+  now: Date,
+  account?: string,
+): Promise<LoginLink> {
+  return issueLoginLink(
+    op.db,
+    op.keyring,
+    op.baseUrl,
+    id,
+    now,
+    op.config.LOGIN_LINK_TTL_SECONDS,
+    revokePrevious,
+    account,
+  );
 }
 
 /** Every link issued so far (and consents begun with one) stops working; returns the cut-off. */

@@ -212,3 +212,33 @@ describe("time-limited access", () => {
     expect((await appOf(old)).testing_suspected_at).not.toBeNull();
   });
 });
+
+describe("a login link bound to the account expected to consent", () => {
+  const boundLink = async (branch: RegisteredBranch, account: string) =>
+    (
+      await json<{ login_url: string }>(
+        await call(`/clients/${branch.clientId}/login-url?account=${encodeURIComponent(account)}`, { key: "admin" }),
+      )
+    ).login_url;
+
+  it("stores nothing when another account signs in, and connects the expected one (login_hint sent)", async () => {
+    const branch = await registerBranch();
+    const wrong = await runBrowserFlow(await boundLink(branch, "someone.else@example.com"));
+    expect(new URL(wrong.start.authorizeUrl).searchParams.get("login_hint")).toBe("someone.else@example.com");
+    expect(wrong.callback.status).toBe(400);
+    expect(await wrong.callback.text()).toContain("someone.else@example.com");
+    expect((await clientBody(branch.clientId)).grant_id).toBeNull();
+
+    const right = await runBrowserFlow(await boundLink(branch, "USER@example.com"));
+    expect(right.callback.status, await right.callback.clone().text()).toBe(200);
+    expect((await clientBody(branch.clientId)).grant_id).not.toBeNull();
+  });
+
+  it("a link whose account was changed is not valid", async () => {
+    const branch = await registerBranch();
+    const link = new URL(await boundLink(branch, "user@example.com"));
+    link.searchParams.set("account", "attacker@example.com");
+    const response = await call(link.toString());
+    expect(response.status).toBe(401);
+  });
+});
