@@ -1,4 +1,4 @@
-import { describe, expect, it } from "vitest";
+import { describe, expect, it, vi } from "vitest";
 import { editedResource, retryAfterSeconds } from "../../src/lib/proxy-rules";
 import { QUOTA_WINDOW_MS, QuotaLedger } from "../../src/proxy/ledger";
 import { expectProblem } from "./helpers";
@@ -191,6 +191,30 @@ describe("the quota object, through the proxy", () => {
     expect(retryAfter).toBeGreaterThanOrEqual(28);
     expect(retryAfter).toBeLessThanOrEqual(30);
     expect(await upstream.requests()).toHaveLength(1);
+  });
+
+  it("pauses the app for 1 s after an upstream 429 without Retry-After, and adds none", async () => {
+    const branch = await connectBranch();
+    const upstream = new Upstream();
+    await upstream.script({ responses: [{ status: 429 }] });
+    const overrides = { PROXY_QUOTA: isolatedQuota() };
+    const limited = await proxy(upstream, branch.branchId, "v1/accounts", { overrides });
+    expect(limited.status).toBe(429);
+    expect(limited.headers.get("retry-after")).toBeNull();
+    await limited.arrayBuffer();
+    const paused = await proxy(upstream, branch.branchId, "v1/accounts", { overrides });
+    await expectProblem(paused, 429, "quota_exceeded");
+    expect(paused.headers.get("retry-after")).toBe("1");
+    // The pause ends: the app's calls go out again (polled, nothing sleeps in the Worker).
+    await vi.waitFor(
+      async () => {
+        const again = await proxy(upstream, branch.branchId, "v1/accounts", { overrides });
+        await again.arrayBuffer();
+        expect(again.status).toBe(200);
+      },
+      { timeout: 3_000, interval: 250 },
+    );
+    expect(await upstream.requests()).toHaveLength(2);
   });
 
   it("clamps a huge Retry-After to PROXY_MAX_RETRY_AFTER_SECONDS and says so", async () => {
