@@ -125,6 +125,19 @@ export const tokens = pgTable(
     accessToken: text("access_token").notNull(),
     /** Sealed; null when the provider never issued one. */
     refreshToken: text("refresh_token"),
+    /**
+     * What a Cross-Account Protection token-revoked event names the refresh token by, never the token:
+     * base64 SHA-256 of its first 16 characters (`prefix`), and base64 SHA-512 of its SHA-512 (Google's
+     * `hash_base64_sha512_sha512`). Written with every refresh token; null for tokens stored before.
+     */
+    refreshTokenPrefixDigest: text("refresh_token_prefix_digest"),
+    refreshTokenDigest: text("refresh_token_digest"),
+    /**
+     * Google disabled the account for hijacking (Cross-Account Protection): reads answer 409
+     * account_disabled and refreshes pause until account-enabled clears it. The status stays as it was.
+     */
+    heldAt: timestamp("held_at", { withTimezone: true }),
+    heldReason: text("held_reason"),
     tokenType: text("token_type").notNull().default("Bearer"),
     scope: text("scope"),
     expiresAt: timestamp("expires_at", { withTimezone: true }).notNull(),
@@ -149,6 +162,12 @@ export const tokens = pgTable(
     index("tokens_client_id_id_idx").on(t.clientId, t.id),
     index("tokens_refresh_due_idx").on(t.expiresAt).where(sql`${t.isValid} and ${t.status} = 'active'`),
     uniqueIndex("tokens_app_subject_idx").on(t.appId, t.subject).where(sql`${t.subject} is not null`),
+    index("tokens_app_refresh_token_digest_idx")
+      .on(t.appId, t.refreshTokenDigest)
+      .where(sql`${t.refreshTokenDigest} is not null`),
+    index("tokens_app_refresh_token_prefix_digest_idx")
+      .on(t.appId, t.refreshTokenPrefixDigest)
+      .where(sql`${t.refreshTokenPrefixDigest} is not null`),
   ],
 );
 
@@ -160,6 +179,7 @@ export const EVENT_TYPES = [
   "connection.degraded",
   "connection.recovered",
   "connection.revoked",
+  "connection.account_disabled",
   "connection.deleted",
   "connection.expiring",
   "grant.token_limit_near",

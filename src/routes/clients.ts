@@ -67,7 +67,7 @@ export const ClientPatch = z
   .openapi("ClientChanges");
 
 const Connection = z.object({
-  status: z.enum(["never_connected", "connected", "needs_reauth", "revoked"]),
+  status: z.enum(["never_connected", "connected", "needs_reauth", "revoked", "account_disabled"]),
   expires_at: z.string().nullable(),
   last_refreshed_at: z.string().nullable(),
   last_error: z.string().nullable(),

@@ -2,12 +2,20 @@ import { createRoute, z } from "@hono/zod-openapi";
 import type { MiddlewareHandler } from "hono";
 import { bodyLimit } from "hono/body-limit";
 import type { App } from "../app";
-import type { AppEnv } from "../context";
+import { type AppEnv, operatorOf } from "../context";
 import { AppError } from "../errors";
 import { requireKey } from "../lib/api-key";
 import { logWarn } from "../lib/log";
 import { MAX_SET_BYTES, type SetErrorCode } from "../oauth/risc";
-import { RiscKeysUnavailable, receiveSecurityEvent, SetRejected, verificationReceivedAt } from "../services/risc";
+import { dropTokens } from "../services/operations";
+import {
+  type Receipt,
+  RiscKeysUnavailable,
+  receiveSecurityEvent,
+  SetRejected,
+  verificationReceivedAt,
+} from "../services/risc";
+import { requestGrantCheck } from "../services/scheduled";
 import { API_KEY_SECURITY, jsonContent, problem } from "./schemas";
 
 export const RISC_PATH = "/risc";
@@ -98,8 +106,10 @@ export function registerRiscRoutes(app: App): void {
       throw rejected("invalid_request", `Send the token as ${SET_CONTENT_TYPE}.`);
     }
     const jwt = (await c.req.text()).trim();
+    const now = new Date();
+    let receipt: Receipt;
     try {
-      await receiveSecurityEvent(c.var, jwt, new Date());
+      receipt = await receiveSecurityEvent(c.var, jwt, now);
     } catch (error) {
       if (error instanceof SetRejected) {
         logWarn("risc_event_rejected", { request_id: c.var.requestId, err: error.err, reason: error.description });
@@ -113,6 +123,9 @@ export function registerRiscRoutes(app: App): void {
       }
       throw error;
     }
+    // Every branch of a grant the events changed stops being served from this location's cache.
+    await dropTokens(operatorOf(c), receipt.branchIds);
+    await requestGrantCheck(c.env, c.var, receipt.grantsToCheck, now, (task) => c.executionCtx.waitUntil(task));
     return c.body(null, 202);
   });
 }

@@ -5,6 +5,7 @@ import { AppError, sqlState } from "../errors";
 import { CryptoError, type Keyring, open, seal } from "../lib/crypto";
 import { toBase64Url, utf8 } from "../lib/encoding";
 import { describeError, logInfo, logWarn } from "../lib/log";
+import { refreshTokenDigests } from "../lib/token-digest";
 import type { Providers } from "../oauth/profiles";
 import {
   buildAuthorizationUrl,
@@ -462,14 +463,17 @@ async function storeTokens(
       : seal(keyring, issued.refreshToken, { column: "tokens.refresh_token", clientId: owner }),
   ]);
   // A carried-over refresh token was sealed for the previous grant's owner: open and seal again.
-  const carried =
+  const carriedPlain =
     refreshToken === undefined && !joined && context.carried !== null && previous
-      ? await seal(
-          keyring,
-          await open(keyring, context.carried, { column: "tokens.refresh_token", clientId: previous.clientId }),
-          { column: "tokens.refresh_token", clientId: owner },
-        )
+      ? await open(keyring, context.carried, { column: "tokens.refresh_token", clientId: previous.clientId })
       : null;
+  const carried =
+    carriedPlain === null
+      ? null
+      : await seal(keyring, carriedPlain, { column: "tokens.refresh_token", clientId: owner });
+  // What a Cross-Account Protection token-revoked event can name the stored refresh token by.
+  const storedPlain = issued.refreshToken ?? carriedPlain;
+  const digests = storedPlain === null ? null : await refreshTokenDigests(storedPlain);
   const clientId = client.id;
   const authority = new Date(payload.a);
   const accepts = and(
@@ -506,7 +510,13 @@ async function storeTokens(
           .update(tokens)
           .set({
             accessToken,
-            ...(refreshToken === undefined ? {} : { refreshToken }),
+            ...(refreshToken === undefined || digests === null
+              ? {}
+              : {
+                  refreshToken,
+                  refreshTokenPrefixDigest: digests.prefixDigest,
+                  refreshTokenDigest: digests.digest,
+                }),
             tokenType: issued.tokenType,
             scope: issued.scope ?? null,
             expiresAt,
@@ -519,6 +529,9 @@ async function storeTokens(
             nextAttemptAt: null,
             leaseOwner: null,
             leaseExpiresAt: null,
+            // The account signed in again: Google let it, so a Cross-Account Protection hold ends.
+            heldAt: null,
+            heldReason: null,
             email: account?.email ?? joined.email,
             consentedAt: now,
             refreshTokenExpiresAt: accessEnds,
@@ -542,11 +555,12 @@ async function storeTokens(
       db.execute(sql`with inserted as (
           insert into ${tokens} (client_id, app_id, subject, email, consented_at, access_token, refresh_token,
             token_type, scope, expires_at, lifetime_seconds, last_refreshed_at, status, state_nonce,
-            refresh_token_expires_at, refresh_tokens_minted)
+            refresh_token_expires_at, refresh_tokens_minted, refresh_token_prefix_digest, refresh_token_digest)
           select ${clientId}, ${app.id}, ${account?.subject ?? null}, ${account?.email ?? null}, ${now.toISOString()}::timestamptz,
             ${accessToken}, ${refreshToken ?? carried}, ${issued.tokenType}, ${issued.scope ?? null},
             ${expiresAt.toISOString()}::timestamptz, ${lifetimeOf(issued)}, ${now.toISOString()}::timestamptz, 'active',
-            ${payload.n}, ${accessEnds?.toISOString() ?? null}::timestamptz, ${minted}
+            ${payload.n}, ${accessEnds?.toISOString() ?? null}::timestamptz, ${minted},
+            ${digests?.prefixDigest ?? null}, ${digests?.digest ?? null}
           where ${ours}
           returning id
         )

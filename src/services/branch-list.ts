@@ -14,6 +14,7 @@ import { connectionStatusSql, currentStatusSql } from "./events";
 export const BRANCH_STATUSES = [
   "needs_reauth",
   "credentials_rejected",
+  "account_disabled",
   "degraded",
   "revoked",
   "never_connected",
@@ -154,7 +155,7 @@ export async function listBranches(db: Db, query: BranchListQuery): Promise<Bran
         ${connectionStatusSql("t", "c")} as status
       from clients c
       left join lateral (
-        select t.id, t.status, t.is_valid, t.failure_count from tokens t
+        select t.id, t.status, t.is_valid, t.failure_count, t.held_at from tokens t
         where t.client_id = c.id order by t.id desc limit 1
       ) t on true
       where ${sql.join(matching, sql` and `)}

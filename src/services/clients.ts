@@ -39,7 +39,7 @@ export interface ClientChanges {
 /** A branch with its app's OAuth client id (branches registered before apps kept their own). */
 export type BranchRow = Omit<ClientRow, "clientId"> & { clientId: string };
 
-export type ConnectionStatus = "never_connected" | "connected" | "needs_reauth" | "revoked";
+export type ConnectionStatus = "never_connected" | "connected" | "needs_reauth" | "revoked" | "account_disabled";
 
 export interface ClientWithToken {
   client: BranchRow;
@@ -48,6 +48,8 @@ export interface ClientWithToken {
 
 export function connectionStatus(token: TokenRow | null): ConnectionStatus {
   if (!token) return "never_connected";
+  // Held by Cross-Account Protection (src/services/risc.ts): not served until Google enables the account.
+  if (token.heldAt && token.status !== "revoked") return "account_disabled";
   if (token.status === "active" && token.isValid) return "connected";
   return token.status === "revoked" ? "revoked" : "needs_reauth";
 }

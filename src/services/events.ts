@@ -37,14 +37,16 @@ export function eventContext(deliver: boolean): EventContext {
 /**
  * A connection's status as events name it, from a token row `t` (all columns null when the client
  * has none) and whether the client's credentials stand rejected (`rejected`, a boolean SQL
- * expression). In order of precedence: revoked (an operator's decision outranks the rest),
- * credentials_rejected (nothing works until the secret is fixed, not even a new consent),
- * never_connected, needs_reauth, degraded (DEGRADED_AFTER_FAILURES failed refreshes in a row),
+ * expression). In order of precedence: revoked (an operator's decision, or the user's at Google,
+ * outranks the rest), account_disabled (held: Google disabled the account for hijacking, see
+ * src/services/risc.ts), credentials_rejected (nothing works until the secret is fixed, not even a
+ * new consent), never_connected, needs_reauth, degraded (DEGRADED_AFTER_FAILURES failed refreshes in a row),
  * connected. Events also use deleted, active and inactive.
  */
 export function connectionStatusOf(t: string, rejected: string): SQL {
   return sql.raw(`(case
     when ${t}.status = 'revoked' then 'revoked'
+    when ${t}.held_at is not null then 'account_disabled'
     when ${rejected} then 'credentials_rejected'
     when ${t}.id is null then 'never_connected'
     when ${t}.status = 'needs_reauth' or not ${t}.is_valid then 'needs_reauth'
@@ -82,7 +84,8 @@ export function transitionTypeSql(before: SQL, after: SQL): SQL {
     when 'degraded' then 'connection.degraded'
     when 'credentials_rejected' then 'connection.credentials_rejected'
     when 'needs_reauth' then 'connection.needs_reauth'
-    when 'revoked' then 'connection.revoked' end) end)`;
+    when 'revoked' then 'connection.revoked'
+    when 'account_disabled' then 'connection.account_disabled' end) end)`;
 }
 
 const INSERT_COLUMNS = sql.raw(

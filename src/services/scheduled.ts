@@ -1,4 +1,4 @@
-import { and, asc, eq, gt, inArray, isNotNull, isNull, lte, or, sql } from "drizzle-orm";
+import { and, asc, eq, gt, inArray, isNotNull, isNull, lt, lte, or, sql } from "drizzle-orm";
 import { createServices, type Services } from "../context";
 import type { Db } from "../db/client";
 import { leaseIsFree } from "../db/queries";
@@ -21,6 +21,7 @@ import {
   PERSIST_ATTEMPTS,
   parkedStatements,
   persistInBackground,
+  REQUEST_BACKGROUND_BUDGET_MS,
   type ResultWrite,
   recordsDeadGrant,
   refreshedValues,
@@ -60,6 +61,11 @@ export interface RefreshMessage {
    * whatever their expiry, so the provider's token endpoint says whether the grant still lives.
    */
   check?: boolean;
+  /**
+   * A check (Cross-Account Protection's sessions-revoked, src/services/risc.ts): refresh these
+   * grants whatever their expiry, unless one was refreshed at or after this instant (ISO 8601).
+   */
+  checkSince?: string;
 }
 
 /** A check message refreshes its tokens if they expire within this window: any live token. */
@@ -163,9 +169,11 @@ export async function consumeRefreshBatch(env: Env, batch: MessageBatch<RefreshM
   const d = refreshDeps(await createServices(env), "queue");
   for (const message of batch.messages) {
     try {
-      const deps = message.body.check ? { ...d, windowSeconds: CHECK_WINDOW_SECONDS } : d;
-      const counts = await refreshTokens(deps, message.body.tokenIds, now);
-      logInfo("queued_refresh", { ...counts, tokens: message.body.tokenIds.length });
+      const { tokenIds, check, checkSince } = message.body;
+      const deps = check ? { ...d, windowSeconds: CHECK_WINDOW_SECONDS } : d;
+      const since = checkSince === undefined ? undefined : { refreshedBefore: new Date(checkSince) };
+      const counts = await refreshTokens(deps, tokenIds, now, since);
+      logInfo("queued_refresh", { ...counts, tokens: tokenIds.length, ...(check || since ? { check: true } : {}) });
       message.ack();
     } catch (error) {
       logError("queued_refresh_failed", { error: describeError(error) });
@@ -174,6 +182,41 @@ export async function consumeRefreshBatch(env: Env, batch: MessageBatch<RefreshM
   }
   // One line per invocation, so operators (and the scale bench) can count invocations.
   logInfo("queued_refresh_batch", { messages: batch.messages.length, duration_ms: Date.now() - started });
+}
+
+/**
+ * Cross-Account Protection's sessions-revoked: the grants are checked by a refresh (a dead one moves
+ * to needs_reauth as any failed refresh would; nothing is marked dead on the event alone). Through
+ * REFRESH_QUEUE when it is bound, else in the invocation's background (`defer`).
+ */
+export async function requestGrantCheck(
+  env: SchedulerEnv,
+  services: Services,
+  tokenIds: number[],
+  now: Date,
+  defer: (task: Promise<unknown>) => void,
+): Promise<void> {
+  if (tokenIds.length === 0) return;
+  const checkSince = now.toISOString();
+  if (env.REFRESH_QUEUE) {
+    for (const ids of chunk(tokenIds, QUEUE_MESSAGE_TOKENS))
+      await env.REFRESH_QUEUE.send({ tokenIds: ids, checkSince });
+    logInfo("grant_check_queued", { tokens: tokenIds.length });
+    return;
+  }
+  defer(
+    refreshTokens(
+      { ...refreshDeps(services, "request"), persistBudgetMs: REQUEST_BACKGROUND_BUDGET_MS },
+      tokenIds,
+      now,
+      {
+        refreshedBefore: now,
+      },
+    ).then(
+      (counts) => logInfo("grant_check", { ...counts, tokens: tokenIds.length }),
+      (error) => logError("grant_check_failed", { error: describeError(error) }),
+    ),
+  );
 }
 
 /** Ids of the tokens due for refresh, oldest expiry first. */
@@ -202,6 +245,8 @@ function eligible(now: Date) {
   return and(
     eq(tokens.isValid, true),
     eq(tokens.status, "active"),
+    // Held by Cross-Account Protection (the account was hijacked): refreshes pause until released.
+    isNull(tokens.heldAt),
     isNotNull(tokens.refreshToken),
     or(isNull(tokens.nextAttemptAt), lte(tokens.nextAttemptAt, now)),
     // Time-limited access that has ended is not refreshed (the sweep moves it to needs_reauth).
@@ -218,7 +263,16 @@ function eligible(now: Date) {
  * CLAIM_AHEAD_MS before a call starts (Claimer). Results are written in batches (group commit),
  * each write conditional on the lease.
  */
-export async function refreshTokens(d: RefreshDeps, ids: number[], now: Date): Promise<RefreshCounts> {
+export async function refreshTokens(
+  d: RefreshDeps,
+  ids: number[],
+  now: Date,
+  check?: { refreshedBefore: Date },
+): Promise<RefreshCounts> {
+  // Due by expiry, or (a check) not refreshed since it was asked for: a redelivered check refreshes nothing twice.
+  const wanted = check
+    ? or(isNull(tokens.lastRefreshedAt), lt(tokens.lastRefreshedAt, check.refreshedBefore))
+    : due(now, d.windowSeconds);
   const counts: RefreshCounts = { refreshed: 0, failed: 0, dead: 0, skipped: 0, dropped: 0, unsaved: 0 };
   const started = Date.now();
   const at = () => new Date(now.getTime() + (Date.now() - started));
@@ -229,7 +283,7 @@ export async function refreshTokens(d: RefreshDeps, ids: number[], now: Date): P
     (batch, ahead, renewOwn) =>
       claimLeases(
         d.db,
-        and(inArray(tokens.id, batch), eligible(now), due(now, d.windowSeconds)),
+        and(inArray(tokens.id, batch), eligible(now), wanted),
         owner,
         d.leaseMs + (ahead ? d.claimAheadMs : 0),
         { renewOwn },

@@ -6,6 +6,7 @@ import { type AppRow, apps, type ClientRow, clients, type TokenRow, tokens } fro
 import { AppError } from "../errors";
 import { type Keyring, open, type SealedValueError, seal } from "../lib/crypto";
 import { describeError, type LogFields, logError, logInfo, logWarn } from "../lib/log";
+import { refreshTokenDigests } from "../lib/token-digest";
 import type { Providers } from "../oauth/profiles";
 import { type IssuedTokens, ProviderError, refreshGrant } from "../oauth/provider";
 import { appCredentials, SEALED_VALUE_PARKED } from "./apps";
@@ -76,6 +77,7 @@ export type ReadToken = Pick<
   | "isValid"
   | "status"
   | "nextAttemptAt"
+  | "heldAt"
 >;
 
 export interface ServedToken {
@@ -195,7 +197,7 @@ export type ReadKey = { branchId: string } | { clientId: number };
 const READ_SELECT = `select json_build_array(
     c.id, c.branch_id, c.is_active, a.credentials_rejected_at,
     t.id, t.access_token, t.token_type, t.scope, t.expires_at, t.lifetime_seconds, t.is_valid, t.status, t.next_attempt_at,
-    t.client_id, t.refresh_token_expires_at, c.app_id, c.provider_resource
+    t.client_id, t.refresh_token_expires_at, c.app_id, c.provider_resource, t.held_at
   ) as row
   from clients c
   left join apps a on a.id = c.app_id
@@ -220,6 +222,7 @@ type ReadRow = [
   number | null,
   string | null,
   number | null,
+  string | null,
   string | null,
 ];
 
@@ -247,6 +250,7 @@ export async function findForRead(db: Db, key: ReadKey): Promise<Found> {
     accessEnds,
     appId,
     providerResource,
+    heldAt,
   ] = typeof raw === "string" ? (JSON.parse(raw) as ReadRow) : raw;
   const client: ReadClient = {
     id: clientId,
@@ -271,6 +275,7 @@ export async function findForRead(db: Db, key: ReadKey): Promise<Found> {
       isValid: isValid!,
       status: status!,
       nextAttemptAt: nextAttempt === null ? null : new Date(nextAttempt),
+      heldAt: heldAt === null ? null : new Date(heldAt),
     },
   };
 }
@@ -290,6 +295,13 @@ function requireGrant(found: Found, label: string): { client: ReadClient; token:
       "not_connected",
       `Branch ${client.branchId}'s token was revoked. Connect it again with a new login link.`,
       { fields: connectionHint(client) },
+    );
+  }
+  if (token.heldAt) {
+    throw new AppError(
+      "account_disabled",
+      `Google disabled the account behind branch ${client.branchId}'s grant (it may have been hijacked): its tokens are held until Google enables the account again.`,
+      { fields: { client_id: client.id, branch_id: client.branchId, held_since: token.heldAt.toISOString() } },
     );
   }
   if (token.status === "needs_reauth" || !token.isValid) throw reauthorizationRequired(client);
@@ -349,6 +361,7 @@ async function refreshOrServe(
         eq(tokens.id, current.id),
         eq(tokens.isValid, true),
         eq(tokens.status, "active"),
+        isNull(tokens.heldAt),
         // Nobody refreshed since we read it. The database keeps microseconds and JS dates keep
         // milliseconds, so compare against the next millisecond.
         lt(tokens.expiresAt, new Date(seen.expiresAt.getTime() + 1)),
@@ -363,7 +376,7 @@ async function refreshOrServe(
     for (;;) {
       await sleep(waitPollMs(polls++));
       const latest = await readForWait(deps.db, current.id);
-      if (latest?.token.status !== "active" || !latest.token.isValid) {
+      if (latest?.token.status !== "active" || !latest.token.isValid || latest.token.heldAt) {
         requireGrant({ client, token: latest?.token ?? null }, client.branchId);
         throw reauthorizationRequired(client);
       }
@@ -573,6 +586,9 @@ async function refreshHeld(
 export interface RefreshedValues {
   accessToken: string;
   refreshToken?: string;
+  /** With a rotated refresh token: what a token-revoked event names it by (src/lib/token-digest.ts). */
+  refreshTokenPrefixDigest?: string;
+  refreshTokenDigest?: string;
   tokenType: string;
   scope: string | null;
   expiresAt: Date;
@@ -600,7 +616,10 @@ export async function refreshedValues(
     // No refresh token in the answer: keep the one we have (the column is left out of the update).
     ...(issued.refreshToken === undefined
       ? {}
-      : { refreshToken: await seal(keyring, issued.refreshToken, { column: "tokens.refresh_token", clientId }) }),
+      : {
+          refreshToken: await seal(keyring, issued.refreshToken, { column: "tokens.refresh_token", clientId }),
+          ...(await digestColumns(issued.refreshToken)),
+        }),
     tokenType: issued.tokenType,
     scope: issued.scope ?? null,
     expiresAt: expiryOf(issued, sentAt),
@@ -614,6 +633,11 @@ export async function refreshedValues(
     lastError: null,
     nextAttemptAt: null,
   };
+}
+
+async function digestColumns(refreshToken: string) {
+  const { prefixDigest, digest } = await refreshTokenDigests(refreshToken);
+  return { refreshTokenPrefixDigest: prefixDigest, refreshTokenDigest: digest };
 }
 
 /**

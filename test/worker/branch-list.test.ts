@@ -157,6 +157,7 @@ describe("listBranches", () => {
     expect(counts).toEqual({
       needs_reauth: 2,
       credentials_rejected: 1,
+      account_disabled: 0,
       degraded: 1,
       revoked: 1,
       never_connected: 2,

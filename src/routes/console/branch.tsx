@@ -32,12 +32,29 @@ export function statusReason(details: Pick<BranchDetails, "status" | "token" | "
     case "credentials_rejected":
       return "The provider rejected this client's credentials (invalid_client): rotate the client secret.";
     case "needs_reauth":
-      return "The grant no longer works (the user revoked it or it expired at the provider): send a new login link.";
+      return byGoogle(token)
+        ? `Ended by Google: ${googleSaid(token)}. Send a new login link.`
+        : "The grant no longer works (the user revoked it or it expired at the provider): send a new login link.";
+    case "account_disabled":
+      return `Held by Google since ${token?.heldAt ? utc(token.heldAt) : "now"}: Google disabled the account behind the grant (Cross-Account Protection, reason ${token?.heldReason ?? "hijacking"}). Its token is neither served nor refreshed until Google enables the account again.`;
     case "revoked":
+      if (byGoogle(token)) {
+        return `Revoked by Google: ${googleSaid(token)}. Send a new login link to connect again.`;
+      }
       return client.isActive
         ? "An operator revoked the grant: send a new login link to connect again."
         : "An operator revoked the grant.";
   }
+}
+
+/** The grant's status was set by a Cross-Account Protection event (src/services/risc.ts riscReason). */
+function byGoogle(token: TokenRow | null): token is TokenRow & { lastError: string } {
+  return token?.lastError?.includes("(Cross-Account Protection, ") ?? false;
+}
+
+/** What Google said and when it arrived (the code before the colon is for machines). */
+function googleSaid(token: TokenRow & { lastError: string }): string {
+  return token.lastError.slice(token.lastError.indexOf(":") + 1).trim();
 }
 
 export function BranchView(props: {

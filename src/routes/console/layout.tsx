@@ -32,7 +32,7 @@ caption{text-align:left;font-weight:600;padding:.3rem 0}
 .status{display:inline-block;padding:0 .5rem;border-radius:1rem;border:1px solid;font-size:.85rem;white-space:nowrap}
 .status-connected{color:#0f5323;border-color:#1a7f37;background:#dafbe1}
 .status-degraded{color:#6c3b00;border-color:#9a6700;background:#fff8c5}
-.status-needs_reauth,.status-credentials_rejected{color:#82071e;border-color:#cf222e;background:#ffebe9}
+.status-needs_reauth,.status-credentials_rejected,.status-account_disabled{color:#82071e;border-color:#cf222e;background:#ffebe9}
 .status-revoked,.status-never_connected,.status-inactive{color:#424a53;border-color:#6e7781;background:#f6f8fa}
 .counts ul{list-style:none;display:flex;flex-wrap:wrap;gap:.5rem;padding:0;margin:0 0 1rem}
 .counts li a,.counts li span{display:block;padding:.35rem .7rem;background:#fff;border:1px solid #d0d7de;border-radius:6px}
@@ -153,6 +153,7 @@ export function Csrf({ token }: { token: string }) {
 const STATUS_WORDS: Record<string, string> = {
   needs_reauth: "Needs reconnection",
   credentials_rejected: "Credentials rejected",
+  account_disabled: "Account disabled",
   degraded: "Degraded",
   revoked: "Revoked",
   never_connected: "Never connected",
