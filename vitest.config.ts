@@ -52,6 +52,8 @@ export default defineConfig({
           OAUTH_REVOCATION_URL: `${inject<string>("oauthServerUrl")}/revoke`,
           // The local server's Google profile is also the RISC transmitter (dev/oauth-server/risc.ts).
           RISC_CONFIGURATION_URL: `${inject<string>("oauthServerUrl")}/.well-known/risc-configuration`,
+          // Its Business Profile API too (both of Google's hosts are this one server).
+          BUSINESS_PROFILE_API_BASE_URLS: `${inject<string>("oauthServerUrl")},${inject<string>("oauthServerUrl")}`,
         },
       },
     })),

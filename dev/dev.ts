@@ -68,6 +68,11 @@ export function localApiBaseUrl(port: number): string {
   return `http://127.0.0.1:${port}`;
 }
 
+/** The built-in OAuth server's Business Profile API, as both of Google's hosts. */
+export function localBusinessProfileUrls(port: number): string {
+  return `http://127.0.0.1:${port},http://127.0.0.1:${port}`;
+}
+
 /** The Worker's RISC receiver, where the built-in transmitter pushes ("Remove access" on its account page). */
 export function localRiscReceiverUrl(workerPort: number): string {
   return `http://127.0.0.1:${workerPort}/token-management/risc`;
@@ -144,6 +149,16 @@ export function devStack(vars: Record<string, string>, env: NodeJS.ProcessEnv = 
     configuredApi !== localApi
   ) {
     overrides.PROXY_BASE_URLS = localApi;
+  }
+  // Its Business Profile API likewise (an older .dev.vars without the variable included).
+  const localBusinessProfile = localBusinessProfileUrls(oauthServerPort ?? DEFAULT_OAUTH_PORT);
+  const configuredBusinessProfile = vars.BUSINESS_PROFILE_API_BASE_URLS;
+  if (
+    oauthServerPort !== undefined &&
+    (!configuredBusinessProfile || configuredBusinessProfile === localBusinessProfileUrls(DEFAULT_OAUTH_PORT)) &&
+    configuredBusinessProfile !== localBusinessProfile
+  ) {
+    overrides.BUSINESS_PROFILE_API_BASE_URLS = localBusinessProfile;
   }
   return { workerPort: portFromEnv(env, "PORT") ?? DEFAULT_WORKER_PORT, databasePort, oauthServerPort, overrides };
 }

@@ -42,6 +42,11 @@ const PROXY_MAX_BODY_BYTES_LIMIT = 100 * 1024 * 1024;
 export const DEFAULT_PROXY_TIMEOUT_MS = 30_000;
 /** An upstream 429 pauses the app's budget at most this long, whatever its Retry-After says. */
 export const DEFAULT_PROXY_MAX_RETRY_AFTER_SECONDS = 60;
+/** Google's Business Profile API hosts: Account Management, then Business Information. */
+const BUSINESS_PROFILE_DEFAULT_BASE_URLS = [
+  "https://mybusinessaccountmanagement.googleapis.com",
+  "https://mybusinessbusinessinformation.googleapis.com",
+];
 
 const ENCRYPTION_KEY_BYTES = 32;
 /**
@@ -161,6 +166,17 @@ const EnvFields = z.object({
    * says whose Security Event Tokens POST /risc accepts. Default Google's.
    */
   RISC_CONFIGURATION_URL: httpUrl.default(DEFAULT_RISC_CONFIGURATION_URL),
+  /**
+   * The Business Profile API the console lists a grant's locations from: the Account Management
+   * API's base URL, a comma, the Business Information API's. Default Google's two hosts.
+   */
+  BUSINESS_PROFILE_API_BASE_URLS: commaList
+    .pipe(z.array(httpUrl).length(2, "must be two URLs: account management, then business information"))
+    .default(BUSINESS_PROFILE_DEFAULT_BASE_URLS)
+    .transform(([accounts, locations]) => ({
+      accounts: accounts!.replace(/\/+$/, ""),
+      locations: locations!.replace(/\/+$/, ""),
+    })),
 
   LOGIN_LINK_TTL_SECONDS: seconds(LOGIN_LINK_TTL_DEFAULT_SECONDS).refine(
     (value) => value <= LOGIN_LINK_TTL_MAX_SECONDS,
@@ -255,6 +271,13 @@ const EnvSchema = EnvFields.superRefine((config, context) => {
           message: "must be https (plain http only with OAUTH_ALLOW_INSECURE_HTTP=true, for a local server)",
         });
       }
+    }
+    if (Object.values(config.BUSINESS_PROFILE_API_BASE_URLS).some((url) => url.startsWith("http:"))) {
+      context.addIssue({
+        code: "custom",
+        path: ["BUSINESS_PROFILE_API_BASE_URLS"],
+        message: "must be https (plain http only with OAUTH_ALLOW_INSECURE_HTTP=true, for a local server)",
+      });
     }
   }
   config.PROXY_BASE_URLS.forEach((url, index) => {

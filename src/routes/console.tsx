@@ -37,6 +37,7 @@ import {
 import { LIST_MAX_LIMIT, listEvents } from "../services/events";
 import { getGrant, listGrants } from "../services/grants";
 import { healthReport } from "../services/health-report";
+import { attachLocations, branchIdForLocation, grantLocations } from "../services/locations";
 import {
   addApp,
   attachToGrant,
@@ -55,7 +56,7 @@ import { webhookTarget } from "../services/webhooks";
 import { ClientBody, ClientPatch, clientChangesOf, newClientOf } from "./clients";
 import { type AppBranch, AppListView, AppView, NewAppView } from "./console/apps";
 import { type BranchDetails, BranchView } from "./console/branch";
-import { GrantListView, GrantPageView } from "./console/grants";
+import { GrantListView, GrantPageView, LocationsView } from "./console/grants";
 import { HealthView } from "./console/health";
 import { consolePath, expiryWords } from "./console/layout";
 import {
@@ -97,6 +98,8 @@ const BRANCH_PAGE_SIZE = 50;
 const APP_PAGE_ITEMS = 200;
 const EVENT_PAGE_SIZE = 50;
 const GRANT_PAGE_SIZE = 50;
+/** One Locations submission attaches at most this many (each is a few statements). */
+const MAX_LOCATIONS_PER_SUBMISSION = 200;
 const NONCE_BYTES = 16;
 const TOKEN_FINGERPRINT_HEX_CHARS = 8;
 /** One year: the usual HSTS lifetime. */
@@ -275,6 +278,59 @@ export function registerConsoleRoutes(app: App): void {
     const view = await getGrant(c.var.db, id);
     const isGoogle = view.grant.appId !== null && (await getApp(c.var.db, view.grant.appId)).app.profile === "google";
     return page(c, 200, <GrantPageView page={await pageContext(c)} view={view} isGoogle={isGoogle} now={new Date()} />);
+  });
+
+  ui.get("/grants/:id/locations", async (c) => {
+    const id = parseOr422(IdParam, c.req.param()).id;
+    const view = await getGrant(c.var.db, id);
+    let locations: Awaited<ReturnType<typeof grantLocations>>;
+    try {
+      locations = await grantLocations(operatorOf(c), id, new Date());
+    } catch (error) {
+      // The API's refusal (401, 403, 429, unreachable), a grant that cannot serve a token, a non-google
+      // app: said on the grant's page, never a 500.
+      const appError = toAppError(error);
+      if (appError.status === 500) throw error;
+      return redirectWithFlash(c, consolePath(`/grants/${id}`), {
+        tone: "error",
+        message: `The locations could not be listed: ${appError.detail}`,
+      });
+    }
+    return page(
+      c,
+      200,
+      <LocationsView
+        page={await pageContext(c)}
+        view={view}
+        locations={locations}
+        derivedBranchId={branchIdForLocation}
+      />,
+    );
+  });
+  ui.post("/grants/:id/locations", async (c) => {
+    const id = parseOr422(IdParam, c.req.param()).id;
+    const form = await formOf(c);
+    const names = Object.entries(form)
+      .filter(([name]) => /^location_\d{1,5}$/.test(name))
+      .map(([, value]) => value);
+    return formAction(c, consolePath(`/grants/${id}`), async (op, now) => {
+      if (names.length > MAX_LOCATIONS_PER_SUBMISSION) {
+        throw new AppError("validation_failed", `At most ${MAX_LOCATIONS_PER_SUBMISSION} locations at a time.`);
+      }
+      const outcome = await attachLocations(op, id, names, now);
+      const done = [
+        outcome.created.length > 0 ? `created and attached ${outcome.created.join(", ")}` : "",
+        outcome.attached.length > 0 ? `attached ${outcome.attached.join(", ")}` : "",
+      ].filter(Boolean);
+      const failed = outcome.failed.map((failure) => `${failure.location}: ${failure.reason}`).join("; ");
+      if (outcome.failed.length > 0) {
+        return {
+          tone: "error",
+          message: `${done.length > 0 ? `Grant ${id}: ${done.join("; ")}. ` : ""}Not attached: ${failed}`,
+        };
+      }
+      return `Grant ${id}, no consent: ${done.join("; ")}.`;
+    });
   });
 
   ui.post("/apps", registerAppForm);

@@ -2,10 +2,11 @@
 // or the local authorization server afterwards, never through the console's own page alone.
 import { beforeAll, describe, expect, it } from "vitest";
 import { ConsoleBrowser, flashOf, tableRows } from "./console-helpers";
-import { call, json, uniqueId } from "./helpers";
+import { call, json, testEnv, uniqueId } from "./helpers";
 import {
   appRowOf,
   connectBranch,
+  providerStats,
   registerBranch,
   registerProviderClient,
   sql,
@@ -339,5 +340,180 @@ describe("attach a branch to a grant", () => {
     const answer = await operator.follow(await operator.post(`${path}/grant`, { csrf, grant_id: String(grantId) }));
     expect(flashOf(answer.html)?.text).toMatch(new RegExp(`^Grant ${grantId} is not connected \\(revoked\\)`));
     expect(await grantOf(second.clientId)).toBeNull();
+  });
+});
+
+// ---------- Locations: the Business Profile API of the local server ----------
+
+async function apiAdmin(path: string, init: RequestInit = {}): Promise<Response> {
+  return fetch(`${testEnv.OAUTH_SERVER_URL}${path}`, {
+    ...init,
+    headers: { "content-type": "application/json", ...init.headers },
+  });
+}
+
+/** The next Business Profile API call answers `status` (once). */
+async function failNextApiCall(status: number, retryAfter?: number): Promise<void> {
+  const response = await apiAdmin("/admin/api-behavior", {
+    method: "PUT",
+    body: JSON.stringify({ failNext: { status, count: 1, ...(retryAfter ? { retryAfter } : {}) } }),
+  });
+  expect(response.ok, await response.text()).toBe(true);
+}
+
+/** A branch connected by a Google account of its own (so its Business Profile data is its own). */
+async function connectedAccount() {
+  const account = `${uniqueId("chain")}@example.com`;
+  const first = await connectBranch({ providerBehavior: { account } });
+  const grantId = (await grantOf(first.clientId))!;
+  return { account, first, grantId };
+}
+
+/** The locations page's checkboxes: input name -> location name. */
+function checkboxes(html: string): Map<string, string> {
+  return new Map(
+    [...html.matchAll(/<input type="checkbox" id="location-\d+" name="(location_\d+)" value="([^"]+)"/g)].map(
+      (match) => [match[1]!, match[2]!],
+    ),
+  );
+}
+
+describe("locations of a google grant", () => {
+  it("lists every location of the account's accounts, every page, asking with the grant's token", async () => {
+    const { grantId } = await connectedAccount();
+    await apiAdmin("/admin/api-stats", { method: "DELETE" });
+    const page = await operator.get(`/grants/${grantId}/locations`);
+    expect(page.status, page.html).toBe(200);
+    // The local server's data: a personal account with 1 location, a location group with 25.
+    expect(page.html).toContain("<caption>26 location(s)</caption>");
+    const boxes = [...checkboxes(page.html).values()];
+    expect(boxes).toHaveLength(26);
+    for (const name of boxes) expect(name).toMatch(/^accounts\/\d+\/locations\/\d+$/);
+    const [, account, location] = /^accounts\/(\d+)\/locations\/(\d+)$/.exec(boxes[0]!)!;
+    expect(page.html).toContain(`new: gbp-${account}-${location}`);
+    const stats = (await (await apiAdmin("/admin/api-stats")).json()) as {
+      byPath: Record<string, number>;
+      lastAuthorization: string | null;
+      lastPath: string;
+    };
+    expect(stats.lastAuthorization).toBe("Bearer …");
+    expect(stats.byPath["/v1/accounts"]).toBe(1);
+    expect(stats.lastPath).toContain("readMask=name%2Ctitle%2CstorefrontAddress");
+  });
+
+  it("creates or attaches one branch per ticked location on the grant, with no consent", async () => {
+    const { first, grantId } = await connectedAccount();
+    const page = await operator.get(`/grants/${grantId}/locations`);
+    const boxes = [...checkboxes(page.html)];
+    const [a, b, c] = boxes;
+    // A branch of the app already stands for the third location: it is attached, not duplicated.
+    const existing = await registerBranch({
+      oauthClientId: first.oauthClientId,
+      clientSecret: first.clientSecret,
+      atProvider: false,
+      providerResource: c![1],
+    });
+    const before = await providerStats(first.oauthClientId);
+    const derived = (name: string) => name.replace(/^accounts\/(\d+)\/locations\/(\d+)$/, "gbp-$1-$2");
+    const answer = await submitAndFollow(
+      `/grants/${grantId}/locations`,
+      `/grants/${grantId}/locations`,
+      { [a![0]]: a![1], [b![0]]: b![1], [c![0]]: c![1] },
+      `/grants/${grantId}`,
+    );
+    expect(flashOf(answer.html)).toEqual({
+      tone: "ok",
+      text: `Grant ${grantId}, no consent: created and attached ${derived(a![1])}, ${derived(b![1])}; attached ${existing.branchId}.`,
+    });
+    const grantView = await json<{ branches: { client_id: number; branch_id: string }[] }>(
+      await call(`/grants/${grantId}`, { key: "admin" }),
+    );
+    expect(grantView.branches.map((branch) => branch.branch_id).sort()).toEqual(
+      [first.branchId, derived(a![1]), derived(b![1]), existing.branchId].sort(),
+    );
+    // The new branch stands for its location and is served the grant's token at once.
+    const read = await call(`/tokens/${derived(a![1])}`, { key: "service" });
+    const body = await json<{ access_token: string; provider_resource: string }>(read);
+    expect(body.provider_resource).toBe(a![1]);
+    expect(body.access_token).toBe((await tokenRead(first.branchId)).accessToken);
+    const after = await providerStats(first.oauthClientId);
+    expect(after.authorizationCodeGrants).toBe(before.authorizationCodeGrants);
+
+    // Ticking one again attaches the branch made the first time; nothing is duplicated.
+    const again = await submitAndFollow(
+      `/grants/${grantId}/locations`,
+      `/grants/${grantId}/locations`,
+      { location_1: a![1] },
+      `/grants/${grantId}`,
+    );
+    expect(flashOf(again.html)?.text).toBe(`Grant ${grantId}, no consent: attached ${derived(a![1])}.`);
+    const [[count]] = (await sql("select count(*) from clients where provider_resource = $1", [a![1]])) as [[string]];
+    expect(count).toBe("1");
+    // The page now shows them as served from this grant.
+    const shown = await operator.get(`/grants/${grantId}/locations`);
+    expect(shown.html).toContain(`${derived(a![1])}</a> (served from this grant)`);
+  });
+
+  it("no location ticked, a location of another account, or no CSRF token: refused, nothing created", async () => {
+    const { grantId } = await connectedAccount();
+    const foreign = `accounts/0/locations/${Date.now()}`;
+    const none = await submitAndFollow(
+      `/grants/${grantId}/locations`,
+      `/grants/${grantId}/locations`,
+      {},
+      `/grants/${grantId}`,
+    );
+    expect(flashOf(none.html)).toEqual({ tone: "error", text: "Tick at least one location." });
+    const forged = await submitAndFollow(
+      `/grants/${grantId}/locations`,
+      `/grants/${grantId}/locations`,
+      { location_0: foreign },
+      `/grants/${grantId}`,
+    );
+    expect(flashOf(forged.html)).toEqual({
+      tone: "error",
+      text: `Not a location of this grant's account: ${foreign}.`,
+    });
+    expect((await sql("select 1 from clients where provider_resource = $1", [foreign])).length).toBe(0);
+    const csrfless = await operator.post(`/grants/${grantId}/locations`, { location_0: foreign });
+    expect(csrfless.status).toBe(403);
+  });
+
+  it("the API's 401, 403 and 429 and an unreachable API are an error message on the grant's page, never a 500", async () => {
+    const { grantId, first } = await connectedAccount();
+    const path = `/grants/${grantId}/locations`;
+    const expectFlash = async (pattern: RegExp, options = {}) => {
+      const answer = await operator.get(path, options);
+      expect(answer.status, answer.html).toBe(303);
+      expect(answer.response.headers.get("location")).toBe(`/token-management/console/grants/${grantId}`);
+      const page = await operator.follow(answer);
+      const flash = flashOf(page.html);
+      expect(flash?.tone).toBe("error");
+      expect(flash?.text).toMatch(pattern);
+      const { accessToken } = await tokenRead(first.branchId);
+      expect(page.html).not.toContain(accessToken);
+    };
+    await failNextApiCall(429, 30);
+    await expectFlash(
+      /^The locations could not be listed: .*rate limiting this project \(429 RESOURCE_EXHAUSTED.*try again in 30 s\.$/,
+    );
+    await failNextApiCall(403);
+    await expectFlash(/refused access \(403 PERMISSION_DENIED.*business\.manage/);
+    await failNextApiCall(401);
+    await expectFlash(/refused the grant's access token \(401 UNAUTHENTICATED/);
+    await expectFlash(/could not be reached/, {
+      envOverrides: { BUSINESS_PROFILE_API_BASE_URLS: "http://127.0.0.1:9,http://127.0.0.1:9" },
+    });
+    // And the page works again once the API does.
+    expect((await operator.get(path)).status).toBe(200);
+  });
+
+  it("a grant no branch is served from says so instead of asking the API", async () => {
+    const { first, grantId } = await connectedAccount();
+    await sql("update clients set grant_id = null where id = $1", [first.clientId]);
+    await sql("update tokens set subject = coalesce(subject, 'x') where id = $1", [grantId]);
+    const answer = await operator.get(`/grants/${grantId}/locations`);
+    expect(answer.status).toBe(303);
+    expect(flashOf((await operator.follow(answer)).html)?.text).toMatch(/No branch is served from grant/);
   });
 });

@@ -116,6 +116,7 @@ describe("plain http", () => {
     OAUTH_REVOCATION_URL: "",
     // Its default (Google's, https): the tests' local stand-in is plain http.
     RISC_CONFIGURATION_URL: "",
+    BUSINESS_PROFILE_API_BASE_URLS: "",
   };
 
   it("on a non-loopback host is refused with a page saying the console needs https, before any key is read", async () => {
@@ -576,6 +577,7 @@ describe("Cloudflare Access", () => {
       OAUTH_TOKEN_URL: "https://issuer.example/token",
       OAUTH_REVOCATION_URL: "",
       RISC_CONFIGURATION_URL: "",
+      BUSINESS_PROFILE_API_BASE_URLS: "",
       CF_ACCESS_TEAM_DOMAIN: teamDomain,
       CF_ACCESS_AUD: audience,
     };

@@ -108,6 +108,7 @@ describe("environment validation", () => {
       "OAUTH_TOKEN_URL",
       "OAUTH_REVOCATION_URL",
       "RISC_CONFIGURATION_URL",
+      "BUSINESS_PROFILE_API_BASE_URLS",
     ]) {
       expect(body.detail).toContain(`${name}: must be https`);
     }
@@ -121,8 +122,17 @@ describe("environment validation", () => {
       OAUTH_TOKEN_URL: "https://issuer.example/token",
       OAUTH_REVOCATION_URL: "",
       RISC_CONFIGURATION_URL: "https://issuer.example/.well-known/risc-configuration",
+      BUSINESS_PROFILE_API_BASE_URLS: "",
     };
     expect(parseEnv(https).OAUTH_TOKEN_URL).toBe("https://issuer.example/token");
+    // The console's Business Profile API: Google's two hosts unless configured; two URLs or nothing.
+    expect(parseEnv(https).BUSINESS_PROFILE_API_BASE_URLS).toEqual({
+      accounts: "https://mybusinessaccountmanagement.googleapis.com",
+      locations: "https://mybusinessbusinessinformation.googleapis.com",
+    });
+    expect(() => parseEnv({ ...https, BUSINESS_PROFILE_API_BASE_URLS: "https://bp.example" })).toThrow(
+      /BUSINESS_PROFILE_API_BASE_URLS: must be two URLs/,
+    );
     expect(() => parseEnv({ ...https, OAUTH_ISSUER: "http://issuer.example" })).toThrow(/OAUTH_ISSUER: must be https/);
     // With the flag (local development and these tests), http is accepted.
     expect(parseEnv({ ...testEnv, OAUTH_ALLOW_INSECURE_HTTP: "true" }).OAUTH_TOKEN_URL).toMatch(/^http:/);

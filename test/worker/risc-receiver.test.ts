@@ -367,6 +367,7 @@ describe("the transmitter's keys", () => {
       OAUTH_AUTHORIZATION_URL: "https://accounts.google.com/o/oauth2/v2/auth",
       OAUTH_TOKEN_URL: "https://oauth2.googleapis.com/token",
       OAUTH_REVOCATION_URL: "https://oauth2.googleapis.com/revoke",
+      BUSINESS_PROFILE_API_BASE_URLS: "",
     };
     expect(parseEnv({ ...https, RISC_CONFIGURATION_URL: "" }).RISC_CONFIGURATION_URL).toBe(
       "https://accounts.google.com/.well-known/risc-configuration",

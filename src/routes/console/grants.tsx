@@ -1,4 +1,5 @@
 import { GOOGLE_REFRESH_TOKEN_LIMIT, type GrantView, TOKEN_LIMIT_WARNING_AT } from "../../services/grants";
+import type { LocationChoice } from "../../services/locations";
 import { accountWords, GrantsTable } from "./apps";
 import { Csrf, consolePath, duration, expiryWords, Layout, StatusBadge, utc, When } from "./layout";
 import { NextPage, type PageContext } from "./pages";
@@ -120,14 +121,6 @@ export function GrantPageView(props: { page: PageContext; view: GrantView; isGoo
   );
 }
 
-/** A location of the Business Profile API, and the branch of the app that already stands for it. */
-export interface LocationChoice {
-  name: string;
-  title: string;
-  address: string | null;
-  branch: { id: number; branchId: string; grantId: number | null } | null;
-}
-
 export function LocationsView(props: {
   page: PageContext;
   view: GrantView;
@@ -173,7 +166,7 @@ export function LocationsView(props: {
                       <input
                         type="checkbox"
                         id={`location-${index}`}
-                        name="location"
+                        name={`location_${index}`}
                         value={location.name}
                         disabled={served}
                         checked={served}
