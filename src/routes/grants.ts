@@ -131,6 +131,7 @@ export function grantView({ grant, appName, status, branches }: Grant) {
     access_ends_at: grant.refreshTokenExpiresAt?.toISOString() ?? null,
     refresh_tokens_minted: grant.refreshTokensMinted,
     token_limit_near: grant.refreshTokensMinted >= TOKEN_LIMIT_WARNING_AT,
+    held_since: grant.heldAt?.toISOString() ?? null,
     branches: branches.map((branch) => ({ client_id: branch.id, branch_id: branch.branchId })),
   };
 }

@@ -128,6 +128,10 @@ export const GrantView = z
     access_ends_at: z.string().nullable().describe("Time-limited access: when the refresh token stops working."),
     refresh_tokens_minted: z.number().int(),
     token_limit_near: z.boolean().describe("At or past the warning mark of Google's 100 tokens per account and app."),
+    held_since: z
+      .string()
+      .nullable()
+      .describe("Cross-Account Protection: Google disabled the account (hijacking); not served until it is enabled."),
     branches: z.array(z.object({ client_id: z.number().int(), branch_id: z.string() })),
   })
   .openapi("Grant");

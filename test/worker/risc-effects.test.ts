@@ -220,6 +220,21 @@ describe("tokens-revoked (the user removed access at Google)", () => {
     expect(await inbox.deliveries()).toHaveLength(2);
   });
 
+  it("two concurrent deliveries of one token act once", async () => {
+    const first = await connectAccount(`${uniqueId("racing")}@example.com`);
+    const second = await sibling(first, first.grantId);
+    const jwt = await signSet(signer, {
+      iss: issuer,
+      aud: first.oauthClientId,
+      events: tokensRevoked(issuer, await subjectOf(first.grantId)),
+    });
+    const answers = await Promise.all([deliver(jwt), deliver(jwt), deliver(jwt)]);
+    expect(answers.map((answer) => answer.status)).toEqual([202, 202, 202]);
+    for (const branch of [first, second]) {
+      expect((await eventsOf(branch.clientId)).filter((e) => e.type === "connection.revoked")).toHaveLength(1);
+    }
+  });
+
   it("touches only that account's grants on the addressed app", async () => {
     const account = `${uniqueId("owner")}@example.com`;
     const target = await connectAccount(account);
@@ -397,6 +412,10 @@ describe("account-disabled, account-enabled, account-credential-change-required"
         status_after: "account_disabled",
       });
     }
+    const grantView = await json<{ status: string; held_since: string | null }>(
+      await call(`/grants/${first.grantId}`, { key: "admin" }),
+    );
+    expect(grantView).toMatchObject({ status: "account_disabled", held_since: held.held_at && expect.any(String) });
     const view = await json<{ connection: { status: string } }>(
       await call(`/clients/${first.clientId}`, { key: "admin" }),
     );
@@ -408,6 +427,10 @@ describe("account-disabled, account-enabled, account-credential-change-required"
     const enabled = await send(first.oauthClientId, accountEvent(RISC_EVENT_TYPES.accountEnabled, sub));
     expect(enabled.response.status).toBe(202);
     expect(await grantRow(first.grantId)).toMatchObject({ held_at: null, held_reason: null, status: "active" });
+    expect(await json(await call(`/grants/${first.grantId}`, { key: "admin" }))).toMatchObject({
+      status: "connected",
+      held_since: null,
+    });
     expect(await selectDue(services.db, new Date(), 300, 100_000)).toContain(first.grantId);
     for (const branch of [first, second]) {
       expect((await eventsOf(branch.clientId)).at(-1)).toMatchObject({
