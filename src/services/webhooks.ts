@@ -341,6 +341,8 @@ export function attemptMetric(
     latencyMs,
     // The claim counted this attempt already.
     attempt: event.attempts,
+    // The grant the change happened to, when it was one (the sampling index).
+    grant: event.grantId ?? undefined,
   };
 }
 
