@@ -11,7 +11,8 @@ import { providerStats, registerAtProvider, type Stack, startStack } from "./sta
  * The operator console in headless Chromium (the system's, through playwright-core), end to end
  * against a stack of its own: sign in with the admin key, register a branch, copy its login link,
  * complete the consent at the local authorization server in another browser, see it connected,
- * refresh now, revoke the grant, read the event history, use it without JavaScript, delete the
+ * refresh now, see its app and grant and attach two of the account's locations to the grant, revoke
+ * the grant, read the event history, use it without JavaScript, delete the
  * branch, sign out. Every console page
  * (and our own callback page) is checked with axe-core: zero serious or critical violations; all
  * violations are printed. Screenshots of each page go to test-artifacts/ (not committed).
@@ -255,6 +256,46 @@ describe("the operator console in a real browser", () => {
     expect(await page.content()).not.toContain(tokenAfter!);
     expect(await textOf(statusBadge(page))).toBe("Connected");
     await audit(page, "refreshed");
+  });
+
+  it("shows apps and grants, and attaches two of the account's locations to its grant with no consent", async () => {
+    await page.getByRole("navigation", { name: "Console" }).getByRole("link", { name: "Apps" }).click();
+    await page.waitForURL(`${stack.base}/console/apps`);
+    await audit(page, "apps");
+    await page.getByRole("link", { name: "Register an app" }).click();
+    await audit(page, "register-app");
+    await page.goto(`${stack.base}/console/apps`);
+    await page.locator("#apps").getByRole("link").first().click();
+    await expect.poll(() => page.locator("#app-branches").textContent()).toContain(branch.branchId);
+    await audit(page, "app");
+    await page.getByRole("navigation", { name: "Console" }).getByRole("link", { name: "Grants" }).click();
+    await audit(page, "grants");
+    await page
+      .locator("#grants")
+      .getByRole("link", { name: /^grant / })
+      .first()
+      .click();
+    await expect.poll(() => page.locator("#grant-branches").textContent()).toContain(branch.branchId);
+    await audit(page, "grant");
+    const grantUrl = page.url();
+    const before = await providerStats(stack.oauth, branch.clientId);
+    await page.getByRole("link", { name: "Choose this account's locations" }).click();
+    await expect.poll(() => page.locator('#locations input[type="checkbox"]').count()).toBe(26);
+    await audit(page, "locations");
+    const boxes = page.locator('#locations input[type="checkbox"]');
+    await boxes.nth(0).check();
+    await boxes.nth(1).check();
+    await page.getByRole("button", { name: "Attach the ticked locations" }).click();
+    await page.waitForURL(grantUrl);
+    await expect.poll(() => flash(page).count()).toBe(1);
+    expect(await textOf(flash(page))).toMatch(
+      /^Grant \d+, no consent: created and attached gbp-\d+-\d+, gbp-\d+-\d+\.$/,
+    );
+    expect(await page.locator("#grant-branches tbody tr").count()).toBe(3);
+    const after = await providerStats(stack.oauth, branch.clientId);
+    expect(after.authorizationCodeGrants).toBe(before.authorizationCodeGrants);
+    await audit(page, "grant-locations-attached");
+    await page.goto(branchUrl);
   });
 
   it("revokes the grant: revoked at the provider, the branch shows revoked and serves nothing", async () => {

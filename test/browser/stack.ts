@@ -47,7 +47,12 @@ export async function startStack(): Promise<Stack> {
     worker = await local.startWorker({
       name: "token-management",
       bundle: await bundle,
-      bindings: { ...vars, ...local.localBindings(db, oauth, { adminKey, serviceKey }) },
+      bindings: {
+        ...vars,
+        ...local.localBindings(db, oauth, { adminKey, serviceKey }),
+        // The console's Locations ask the local server's Business Profile API.
+        BUSINESS_PROFILE_API_BASE_URLS: `${oauth.url},${oauth.url}`,
+      },
     });
     return { base: `${worker.url}${local.BASE_PATH}`, adminKey, serviceKey, oauth, db, close };
   } catch (error) {
