@@ -141,11 +141,10 @@ export async function attachLocations(
           providerResource: name,
         });
         branch = { id: created.id, branchId: created.branchId, grantId: null };
-        outcome.created.push(created.branchId);
-      } else {
-        outcome.attached.push(branch.branchId);
       }
       await attachToGrant(op, branch.id, grantId, now);
+      // Counted once attached: a branch created but refused by the attach is listed as a failure only.
+      (choice.branch === null ? outcome.created : outcome.attached).push(branch.branchId);
     } catch (error) {
       if (!(error instanceof AppError) || error.status >= 500) throw error;
       outcome.failed.push({ location: name, reason: error.detail });

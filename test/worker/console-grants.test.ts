@@ -478,6 +478,27 @@ describe("locations of a google grant", () => {
     expect(csrfless.status).toBe(403);
   });
 
+  it("a location whose derived branch id another app's branch holds fails alone; the others stand", async () => {
+    const { grantId } = await connectedAccount();
+    const boxes = [...checkboxes((await operator.get(`/grants/${grantId}/locations`)).html)];
+    const [a, b] = boxes;
+    const derivedA = a![1].replace(/^accounts\/(\d+)\/locations\/(\d+)$/, "gbp-$1-$2");
+    const derivedB = b![1].replace(/^accounts\/(\d+)\/locations\/(\d+)$/, "gbp-$1-$2");
+    const squatter = await registerBranch({ atProvider: false, branchId: derivedA });
+    const page = await submitAndFollow(
+      `/grants/${grantId}/locations`,
+      `/grants/${grantId}/locations`,
+      { [a![0]]: a![1], [b![0]]: b![1] },
+      `/grants/${grantId}`,
+    );
+    expect(flashOf(page.html)).toEqual({
+      tone: "error",
+      text: `Grant ${grantId}: created and attached ${derivedB}. Not attached: ${a![1]}: A client is already registered for this branch_id.`,
+    });
+    expect(await grantOf(squatter.clientId)).toBeNull();
+    expect(tableRows(page.html, "grant-branches").map(([cell]) => cell)).toContain(derivedB);
+  });
+
   it("the API's 401, 403 and 429 and an unreachable API are an error message on the grant's page, never a 500", async () => {
     const { grantId, first } = await connectedAccount();
     const path = `/grants/${grantId}/locations`;
