@@ -26,6 +26,10 @@ export const OAuth2Settings = z.strictObject({
   openid: z.boolean().default(false),
   /** Other values the provider's ID tokens may carry as `iss` for the issuer above. */
   issuer_aliases: z.array(z.string().min(1).max(300)).max(5).default([]),
+  /** The proxy's allowlist for this app's API (the first is the default); none: no proxying. */
+  api_base_urls: z.array(url).max(10).default([]),
+  /** The proxy's budget for this app (default PROXY_QUOTA_PER_MINUTE). */
+  requests_per_minute: z.number().int().positive().max(1_000_000).optional(),
 });
 export type OAuth2Settings = z.infer<typeof OAuth2Settings>;
 
@@ -100,9 +104,12 @@ function parseStoredSettings(app: AppProfileRef): OAuth2Settings {
  */
 export function insecureUrls(settings: OAuth2Settings, config: Pick<Config, "OAUTH_ALLOW_INSECURE_HTTP">): string[] {
   if (config.OAUTH_ALLOW_INSECURE_HTTP) return [];
-  return (["issuer", "authorization_url", "token_url", "revocation_url"] as const).filter(
-    (field) => settings[field] !== undefined && new URL(settings[field]!).protocol !== "https:",
-  );
+  return [
+    ...(["issuer", "authorization_url", "token_url", "revocation_url"] as const).filter(
+      (field) => settings[field] !== undefined && new URL(settings[field]!).protocol !== "https:",
+    ),
+    ...settings.api_base_urls.filter((base) => new URL(base).protocol !== "https:").map(() => "api_base_urls"),
+  ];
 }
 
 /**
@@ -111,7 +118,12 @@ export function insecureUrls(settings: OAuth2Settings, config: Pick<Config, "OAU
  */
 export async function discoverSettings(
   discoveryUrl: string,
-  overrides: { scopes: string; extra_authorization_params?: string | undefined },
+  overrides: {
+    scopes: string;
+    extra_authorization_params?: string | undefined;
+    api_base_urls?: string[] | undefined;
+    requests_per_minute?: number | undefined;
+  },
   config: Config,
   fetchImpl: typeof fetch = fetch,
 ): Promise<OAuth2Settings> {
@@ -136,5 +148,7 @@ export async function discoverSettings(
         : "client_secret_post"
       : "client_secret_basic",
     openid: Array.isArray(doc.id_token_signing_alg_values_supported),
+    ...(overrides.api_base_urls === undefined ? {} : { api_base_urls: overrides.api_base_urls }),
+    ...(overrides.requests_per_minute === undefined ? {} : { requests_per_minute: overrides.requests_per_minute }),
   });
 }

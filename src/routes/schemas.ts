@@ -55,6 +55,12 @@ export const OAuth2SettingsBody = z
     client_auth_method: z.enum(["client_secret_basic", "client_secret_post"]).optional(),
     openid: z.boolean().optional(),
     issuer_aliases: z.array(appText(300)).max(5).optional(),
+    api_base_urls: z
+      .array(httpsUrl)
+      .max(10)
+      .optional()
+      .describe("The proxy's allowed API base URLs for this app (the first is the default)."),
+    requests_per_minute: z.number().int().positive().max(1_000_000).optional(),
   })
   .strict()
   .refine(

@@ -124,6 +124,8 @@ export interface SettingsInput {
   client_auth_method?: "client_secret_basic" | "client_secret_post" | undefined;
   openid?: boolean | undefined;
   issuer_aliases?: string[] | undefined;
+  api_base_urls?: string[] | undefined;
+  requests_per_minute?: number | undefined;
 }
 
 /** POST /apps: an `oauth2` app's settings are checked (and read from discovery) before it is stored. */

@@ -1,4 +1,6 @@
+import { eq } from "drizzle-orm";
 import type { Services } from "../context";
+import { apps } from "../db/schema";
 import type { Config } from "../env";
 import { AppError, toAppError } from "../errors";
 import { describeError, logInfo, logWarn } from "../lib/log";
@@ -15,6 +17,7 @@ import {
   upstreamRequestHeaders,
   upstreamUrl,
 } from "../lib/proxy-rules";
+import { OAuth2Settings } from "../oauth/profiles";
 import type { QuotaAsk } from "../proxy/ledger";
 import type { ProxyQuota } from "../proxy/quota";
 import { cacheDepsOf, type Operator, readToken, tokenDepsOf } from "./operations";
@@ -29,8 +32,10 @@ import { forceRefresh, type ServedToken } from "./tokens";
  * answered with one forced refresh and one retry; nothing here ever sleeps.
  */
 
-/** The app configured by the OAUTH_* variables (the only one until apps are stored). */
+/** A branch without an app (none are: kept for entries cached before apps). */
 export const DEFAULT_APP_KEY = "default";
+/** How long an isolate keeps an app's proxy settings before reading them again. */
+export const APP_SETTINGS_TTL_MS = 60_000;
 /** Google Business Profile: 10 edits per minute per location, which cannot be raised. */
 export const GOOGLE_EDITS_PER_MINUTE_PER_LOCATION = 10;
 /**
@@ -56,22 +61,46 @@ export interface ProxyTarget {
 }
 
 const parsedBases = new WeakMap<Config, readonly BaseUrl[]>();
+const appSettings = new Map<number, { profile: string; settings: unknown; loadedAt: number }>();
 
 /**
- * The branch's app's proxy settings. Today every branch belongs to the app the OAUTH_* variables
- * configure (Google Business Profile), allowed PROXY_BASE_URLS; the one place to make it per app.
+ * The branch's app's proxy settings, each app its own quota object. A `google` app (the OAUTH_*
+ * variables' provider) is allowed PROXY_BASE_URLS (Google's Business Profile hosts by default) and
+ * PROXY_QUOTA_PER_MINUTE; an `oauth2` app its settings' `api_base_urls` and `requests_per_minute`.
+ * An isolate reads an app's row at most once a minute, so a warm call still reads nothing.
  */
-export function proxyTargetOf(services: Pick<Services, "config">, _branchId: string): ProxyTarget {
+export async function proxyTargetOf(
+  services: Pick<Services, "config" | "db">,
+  appId: number | null,
+): Promise<ProxyTarget> {
   const { config } = services;
-  let baseUrls = parsedBases.get(config);
-  if (!baseUrls) {
-    baseUrls = config.PROXY_BASE_URLS.map(parseBaseUrl);
-    parsedBases.set(config, baseUrls);
+  let envBases = parsedBases.get(config);
+  if (!envBases) {
+    envBases = config.PROXY_BASE_URLS.map(parseBaseUrl);
+    parsedBases.set(config, envBases);
   }
-  return {
-    appKey: DEFAULT_APP_KEY,
-    baseUrls,
+  const google: ProxyTarget = {
+    appKey: appId === null ? DEFAULT_APP_KEY : `app:${appId}`,
+    baseUrls: envBases,
     quotaPerMinute: config.PROXY_QUOTA_PER_MINUTE,
+    editsPerMinutePerResource: GOOGLE_EDITS_PER_MINUTE_PER_LOCATION,
+  };
+  if (appId === null) return google;
+  let app = appSettings.get(appId);
+  if (!app || Date.now() - app.loadedAt > APP_SETTINGS_TTL_MS) {
+    const [row] = await services.db
+      .select({ profile: apps.profile, settings: apps.settings })
+      .from(apps)
+      .where(eq(apps.id, appId));
+    app = { profile: row?.profile ?? "google", settings: row?.settings ?? null, loadedAt: Date.now() };
+    appSettings.set(appId, app);
+  }
+  if (app.profile !== "oauth2") return google;
+  const settings = OAuth2Settings.safeParse(app.settings);
+  return {
+    appKey: google.appKey,
+    baseUrls: settings.success ? settings.data.api_base_urls.map(parseBaseUrl) : [],
+    quotaPerMinute: (settings.success && settings.data.requests_per_minute) || config.PROXY_QUOTA_PER_MINUTE,
     editsPerMinutePerResource: GOOGLE_EDITS_PER_MINUTE_PER_LOCATION,
   };
 }
@@ -109,10 +138,9 @@ export async function proxyRequest(
   request: Request,
 ): Promise<Response> {
   const started = Date.now();
-  const target = proxyTargetOf(deps.op, branchId);
   const record: CallRecord = {
     branch: branchId,
-    app: target.appKey,
+    app: "",
     upstream_host: "",
     method: request.method,
     status: 0,
@@ -120,7 +148,7 @@ export async function proxyRequest(
     retried: false,
   };
   try {
-    const response = await forward(deps, target, branchId, rawPath, request, record);
+    const response = await forward(deps, branchId, rawPath, request, record);
     record.status = response.status;
     return response;
   } catch (error) {
@@ -137,13 +165,17 @@ export async function proxyRequest(
 
 async function forward(
   deps: ProxyDeps,
-  target: ProxyTarget,
   branchId: string,
   rawPath: string,
   request: Request,
   record: CallRecord,
 ): Promise<Response> {
   const { op } = deps;
+  // The branch's token (edge cache first) names its app, whose allowlist and budget apply.
+  const read = await readToken(op, branchId, new Date());
+  record.refreshed = read.token.refreshed;
+  const target = await proxyTargetOf(op, read.token.appId);
+  record.app = target.appKey;
   const base = chooseBaseUrl(request.headers.get(BASE_URL_HEADER), target.baseUrls);
   if (!base) {
     throw new AppError(
@@ -159,8 +191,6 @@ async function forward(
   record.upstream_host = url.host;
 
   const body = await requestBody(request, op.config.PROXY_MAX_BODY_BYTES);
-  const read = await readToken(op, branchId, new Date());
-  record.refreshed = read.token.refreshed;
   const headers = upstreamRequestHeaders(request.headers);
   const ask: QuotaAsk = {
     limits: { requestsPerMinute: target.quotaPerMinute, editsPerMinutePerResource: target.editsPerMinutePerResource },

@@ -38,6 +38,8 @@ export interface CachedToken {
   refreshed: boolean;
   /** What the branch stands for at the provider (e.g. a Business Profile location). */
   providerResource: string | null;
+  /** The branch's app (the proxy's allowlist and quota are the app's). */
+  appId: number | null;
 }
 
 export function cachedTokenOf(served: ServedToken): CachedToken {
@@ -51,6 +53,7 @@ export function cachedTokenOf(served: ServedToken): CachedToken {
     lifetimeSeconds: served.token.lifetimeSeconds,
     refreshed: served.refreshed,
     providerResource: served.client.providerResource,
+    appId: served.client.appId,
   };
 }
 
@@ -541,6 +544,7 @@ interface SealedPayload {
   clientId: number;
   /** Absent in entries written before apps and grants. */
   providerResource?: string | null;
+  appId?: number | null;
 }
 
 function binding(branchId: string, entry: Pick<CacheEntry, "readAtMs" | "expiresAtMs" | "lifetimeSeconds">): string {
@@ -575,6 +579,7 @@ async function sealEntry(keyring: Keyring, token: CachedToken, readAtMs: number)
     scope: token.scope,
     clientId: token.clientId,
     providerResource: token.providerResource,
+    appId: token.appId,
   };
   const sealed = await seal(keyring, JSON.stringify(payload), { tokenCache: binding(token.branchId, clear) });
   return { v: ENTRY_VERSION, ...clear, sealed };
@@ -596,6 +601,7 @@ async function openEntry(keyring: Keyring, branchId: string, entry: CacheEntry):
       lifetimeSeconds: entry.lifetimeSeconds,
       refreshed: false,
       providerResource: payload.providerResource ?? null,
+      appId: payload.appId ?? null,
     };
   } catch (error) {
     logWarn("token_cache_entry_unreadable", { error: describeError(error) });

@@ -1,6 +1,6 @@
 import { afterEach, describe, expect, it, vi } from "vitest";
 import { call, expectProblem, json, recordingDataset, testEnv, uniqueId } from "./helpers";
-import { connectBranch, currentTokens, registerBranch, sql } from "./oauth-helpers";
+import { appRowOf, connectBranch, currentTokens, registerBranch, sql } from "./oauth-helpers";
 import { generatedBytes, proxy, sha256Hex, Upstream } from "./proxy-helpers";
 
 /**
@@ -126,7 +126,7 @@ describe("forwarding", () => {
     expect(lines[0]).toMatchObject({
       event: "proxy_call",
       branch: branch.branchId,
-      app: "default",
+      app: `app:${(await appRowOf(branch.clientId))?.id}`,
       upstream_host: new URL(upstream.base).host,
       method: "PUT",
       status: 201,
@@ -236,6 +236,42 @@ describe("forwarding", () => {
 });
 
 describe("allowed upstreams", () => {
+  it("each app has its own allowlist: an oauth2 app's api_base_urls, not PROXY_BASE_URLS", async () => {
+    const upstream = new Upstream();
+    await upstream.script({ responses: [{ status: 200 }] });
+    const oauthClientId = uniqueId("oc-proxy");
+    const secret = uniqueId("secret");
+    const created = await call("/apps", {
+      key: "admin",
+      method: "POST",
+      headers: { "content-type": "application/json" },
+      body: JSON.stringify({
+        name: "Other API",
+        profile: "oauth2",
+        client_id: oauthClientId,
+        client_secret: secret,
+        settings: {
+          discovery_url: `${testEnv.OAUTH_SERVER_URL}/.well-known/oauth-authorization-server`,
+          scopes: "https://www.googleapis.com/auth/business.manage",
+          extra_authorization_params: "access_type=offline",
+          api_base_urls: [upstream.base],
+        },
+      }),
+    });
+    expect(created.status, await created.clone().text()).toBe(201);
+    const branch = await connectBranch({ oauthClientId, clientSecret: secret });
+    const other = new Upstream();
+    // PROXY_BASE_URLS names another upstream: the app's own allowlist is used.
+    const response = await proxy(other, branch.branchId, "v1/accounts");
+    expect(response.status, await response.clone().text()).toBe(200);
+    expect(await upstream.requests()).toHaveLength(1);
+    expect(await other.requests()).toHaveLength(0);
+    // PROXY_BASE_URLS is not this app's: naming it is a 400, nothing sent.
+    const refused = await proxy(other, branch.branchId, "v1/accounts", { headers: { "Proxy-Base-Url": other.base } });
+    await expectProblem(refused, 400, "bad_request");
+    expect(await other.requests()).toHaveLength(0);
+  });
+
   it("uses the first allowed base, or the one Proxy-Base-Url names", async () => {
     const branch = await connectBranch();
     const first = new Upstream();
@@ -512,9 +548,10 @@ describe("metrics", () => {
       expect(response.status).toBe(expected);
       await response.arrayBuffer();
     }
+    const app = `app:${(await appRowOf(branch.clientId))?.id}`;
     expect(points.map((p) => p.blobs)).toEqual([
-      ["proxy", "ok", "", "default", "request"],
-      ["proxy", "failed", "server_error", "default", "request"],
+      ["proxy", "ok", "", app, "request"],
+      ["proxy", "failed", "server_error", app, "request"],
     ]);
     expect(points.map((p) => p.doubles?.[1])).toEqual([1, 1]);
   });
