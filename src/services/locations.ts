@@ -162,17 +162,35 @@ async function fetchLocations(op: Operator, view: GrantView, now: Date): Promise
       `Locations come from Google's Business Profile API; app ${app.name} is not a google app.`,
     );
   }
-  const branch = view.branches[0];
-  if (!branch) {
+  const accessToken = await grantAccessToken(op, view, now);
+  return listBusinessLocations(
+    { ...op.config.BUSINESS_PROFILE_API_BASE_URLS, timeoutMs: op.config.OAUTH_TIMEOUT_MS },
+    accessToken,
+  );
+}
+
+/** Branches tried for the grant's token: a deactivated one is not served, so the next is asked. */
+const TOKEN_READ_ATTEMPTS = 5;
+
+/** The grant's current access token, read (and refreshed when due) through an active branch served from it. */
+async function grantAccessToken(op: Operator, view: GrantView, now: Date): Promise<string> {
+  if (view.branches.length === 0) {
     throw new AppError(
       "conflict",
       `No branch is served from grant ${view.grant.id}, so there is no token to ask the Business Profile API with: attach a branch first.`,
     );
   }
-  const { token } = await readToken(op, branch.branchId, now);
-  return listBusinessLocations(
-    { ...op.config.BUSINESS_PROFILE_API_BASE_URLS, timeoutMs: op.config.OAUTH_TIMEOUT_MS },
-    token.accessToken,
+  for (const branch of view.branches.slice(0, TOKEN_READ_ATTEMPTS)) {
+    try {
+      return (await readToken(op, branch.branchId, now)).token.accessToken;
+    } catch (error) {
+      // not_found: the branch is deactivated (its token is not served); any other refusal is the grant's.
+      if (!(error instanceof AppError && error.code === "not_found")) throw error;
+    }
+  }
+  throw new AppError(
+    "conflict",
+    `No active branch is served from grant ${view.grant.id}, so there is no token to ask the Business Profile API with: activate one first.`,
   );
 }
 

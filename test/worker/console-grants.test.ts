@@ -528,6 +528,34 @@ describe("locations of a google grant", () => {
     expect((await operator.get(path)).status).toBe(200);
   });
 
+  it("asks with the token of an active branch of the grant; with none active, says so", async () => {
+    const { first, grantId } = await connectedAccount();
+    const second = await registerBranch({
+      oauthClientId: first.oauthClientId,
+      clientSecret: first.clientSecret,
+      atProvider: false,
+    });
+    const path = `/grants/${grantId}/locations`;
+    await sql("update clients set grant_id = $1 where id = $2", [grantId, second.clientId]);
+    const deactivate = (clientId: number) =>
+      submitAndFollow(
+        `/branches/${clientId}`,
+        `/branches/${clientId}/active`,
+        { is_active: "false" },
+        `/branches/${clientId}`,
+      );
+    await deactivate(first.clientId);
+    const listed = await operator.get(path);
+    expect(listed.status, listed.html).toBe(200);
+    expect(listed.html).toContain("<caption>26 location(s)</caption>");
+    await deactivate(second.clientId);
+    const answer = await operator.get(path);
+    expect(answer.status).toBe(303);
+    expect(flashOf((await operator.follow(answer)).html)?.text).toBe(
+      `The locations could not be listed: No active branch is served from grant ${grantId}, so there is no token to ask the Business Profile API with: activate one first.`,
+    );
+  });
+
   it("a grant no branch is served from says so instead of asking the API", async () => {
     const { first, grantId } = await connectedAccount();
     await sql("update clients set grant_id = null where id = $1", [first.clientId]);
