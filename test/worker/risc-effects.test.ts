@@ -13,6 +13,7 @@ import {
   currentTokens,
   providerStats,
   type RegisteredBranch,
+  reconnectBranch,
   registerBranch,
   runBrowserFlow,
   setProviderBehavior,
@@ -441,6 +442,17 @@ describe("account-disabled, account-enabled, account-credential-change-required"
       // Served again (the expired token is refreshed on the way).
       expect((await readToken(branch.branchId)).status).toBe(200);
     }
+  });
+
+  it("a new consent of the held account ends the hold (Google let it sign in again)", async () => {
+    const branch = await connectAccount(`${uniqueId("reconsent")}@example.com`);
+    const sub = await subjectOf(branch.grantId);
+    await send(branch.oauthClientId, accountEvent(RISC_EVENT_TYPES.accountDisabled, sub, { reason: "hijacking" }));
+    await expectProblem(await readToken(branch.branchId), 409, "account_disabled");
+    await reconnectBranch(branch);
+    expect(await grantOf(branch.clientId)).toBe(branch.grantId);
+    expect(await grantRow(branch.grantId)).toMatchObject({ held_at: null, held_reason: null, status: "active" });
+    expect((await readToken(branch.branchId)).status).toBe(200);
   });
 
   it("account-enabled for an account that is not held changes nothing", async () => {
