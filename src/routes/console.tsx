@@ -1,4 +1,3 @@
-import { asc, eq } from "drizzle-orm";
 import { type Context, Hono, type Next } from "hono";
 import { deleteCookie, getCookie, setCookie } from "hono/cookie";
 import { csrf as sameOriginCheck } from "hono/csrf";
@@ -7,13 +6,13 @@ import type { ContentfulStatusCode } from "hono/utils/http-status";
 import { z } from "zod";
 import type { App } from "../app";
 import { type AppEnv, operatorOf } from "../context";
-import { clients, EVENT_TYPES, type EventRow, type TokenRow } from "../db/schema";
+import { EVENT_TYPES, type EventRow, type TokenRow } from "../db/schema";
 import { AppError, toAppError } from "../errors";
 import { type Keyring, open } from "../lib/crypto";
 import { toBase64Url } from "../lib/encoding";
 import { describeError, logError } from "../lib/log";
 import { AUTH_FAILURE_PERIOD_SECONDS, addressBlocked, clientAddress, recordFailure } from "../lib/rate-limit";
-import { getApp, listApps } from "../services/apps";
+import { getApp, listAppBranches, listApps } from "../services/apps";
 import { BRANCH_STATUSES, type BranchListQuery, branchStatus, listBranches } from "../services/branch-list";
 import { getClient } from "../services/clients";
 import {
@@ -230,18 +229,7 @@ export function registerConsoleRoutes(app: App): void {
     const [summary, grants, branches] = await Promise.all([
       getApp(db, id),
       listGrants(db, { appId: id, limit: APP_PAGE_ITEMS }),
-      db
-        .select({
-          id: clients.id,
-          branchId: clients.branchId,
-          grantId: clients.grantId,
-          providerResource: clients.providerResource,
-          isActive: clients.isActive,
-        })
-        .from(clients)
-        .where(eq(clients.appId, id))
-        .orderBy(asc(clients.id))
-        .limit(APP_PAGE_ITEMS + 1),
+      listAppBranches(db, id, APP_PAGE_ITEMS + 1),
     ]);
     return page(
       c,

@@ -106,6 +106,22 @@ export async function listApps(db: Db): Promise<AppSummary[]> {
   return db.select(SUMMARY).from(apps).orderBy(asc(apps.id));
 }
 
+/** The branches using an app, oldest first, at most `limit` (the console's app page). */
+export async function listAppBranches(db: Db, appId: number, limit: number) {
+  return db
+    .select({
+      id: clients.id,
+      branchId: clients.branchId,
+      grantId: clients.grantId,
+      providerResource: clients.providerResource,
+      isActive: clients.isActive,
+    })
+    .from(clients)
+    .where(eq(clients.appId, appId))
+    .orderBy(asc(clients.id))
+    .limit(limit);
+}
+
 export async function getApp(db: Db, id: number): Promise<AppSummary> {
   const [row] = await db.select(SUMMARY).from(apps).where(eq(apps.id, id));
   if (!row) throw appNotFound(id);
