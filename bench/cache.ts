@@ -165,6 +165,7 @@ async function memoryRun(count: number) {
       expiresAt,
       lifetimeSeconds: 3599,
       providerResource: null,
+      appId: null,
       refreshed: false,
     }));
     if (background.length >= 1000) await Promise.all(background.splice(0));
