@@ -17,7 +17,14 @@ import {
   verifySecurityEventToken,
 } from "../oauth/risc";
 import { type RiscKeyStore, RiscKeysUnavailable, riscKeyStore } from "../oauth/risc-keys";
-import { type EventContext, noteEvents, tokenChangeReturning, tokenChangeWithEvents, writtenEventIds } from "./events";
+import {
+  changedRows,
+  type EventContext,
+  noteEvents,
+  tokenChangeReturning,
+  tokenChangeWithEvents,
+  writtenEventIds,
+} from "./events";
 
 /**
  * The Cross-Account Protection receiver: a Security Event Token pushed by Google is validated
@@ -127,7 +134,7 @@ async function record(deps: RiscDeps, received: Received, now: Date): Promise<Ac
     if (effect === undefined) return undefined;
     const result = results[next++];
     noteEvents(deps.events, result);
-    return Number((result as { rows?: { changed?: unknown }[] }).rows?.[0]?.changed ?? 0);
+    return changedRows(result);
   });
   const eventIds = results.flatMap(writtenEventIds);
   return {
@@ -381,8 +388,11 @@ function logEvent(received: Received, event: RiscEvent, changed: number | undefi
     kind: event.kind,
     ...(changed === undefined ? {} : { grants: changed }),
   });
-  // An account (or a token) this service does not know, or grants already in the event's state.
-  if (changed === 0) logInfo("risc_event_changed_nothing", { ...fields, kind: event.kind });
+  // An account (or a token) this service does not know, or grants already in the event's state; a
+  // token-revoked event about an access token, or with a hash that is no SHA-512 digest, matches nothing.
+  if (changed === 0 || (changed === undefined && event.kind === "token-revoked")) {
+    logInfo("risc_event_changed_nothing", { ...fields, kind: event.kind });
+  }
 }
 
 export { RiscKeysUnavailable, SetRejected };
