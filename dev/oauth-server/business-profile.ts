@@ -110,6 +110,8 @@ const ApiBehaviorInput = z.strictObject({
       retryAfter: z.int().min(0).optional(),
       /** How many calls fail; without it, every call until cleared. */
       count: z.int().min(1).optional(),
+      /** Only calls with a token of this account fail; without it, every call. */
+      account: z.string().min(1).max(320).optional(),
     })
     .nullable()
     .optional(),
@@ -137,6 +139,8 @@ export interface ApiFailNext {
   status: number;
   retryAfter?: number;
   count?: number;
+  /** Only calls made with a token of this account fail (tests running side by side stay apart). */
+  account?: string;
 }
 
 export interface ApiStats {
@@ -313,8 +317,17 @@ export function createBusinessProfileApi(host: BusinessProfileHost): BusinessPro
     stats.lastPath = url.pathname + url.search;
   }
 
-  function takeFailNext(): ApiFailNext | null {
+  function takeFailNext(req: IncomingMessage): ApiFailNext | null {
     const f = failNext;
+    if (f?.account !== undefined) {
+      let caller: string | undefined;
+      try {
+        caller = authorize(req);
+      } catch {
+        caller = undefined;
+      }
+      if (caller !== f.account) return null;
+    }
     if (f?.count !== undefined) failNext = f.count > 1 ? { ...f, count: f.count - 1 } : null;
     return f;
   }
@@ -575,7 +588,7 @@ export function createBusinessProfileApi(host: BusinessProfileHost): BusinessPro
   async function handleApi(req: IncomingMessage, res: ServerResponse, url: URL): Promise<void> {
     const method = req.method ?? "GET";
     const path = url.pathname;
-    const fail = takeFailNext();
+    const fail = takeFailNext(req);
     if (fail) {
       const headers: Record<string, string> = {};
       if (fail.retryAfter !== undefined) headers["retry-after"] = String(fail.retryAfter);

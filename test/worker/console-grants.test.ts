@@ -351,11 +351,14 @@ async function apiAdmin(path: string, init: RequestInit = {}): Promise<Response>
   });
 }
 
-/** The next Business Profile API call answers `status` (once). */
-async function failNextApiCall(status: number, retryAfter?: number): Promise<void> {
+/**
+ * The next Business Profile API call made with `account`'s token answers `status` (once): scoped to
+ * the account, so another test file calling the API at the same time is not the one that fails.
+ */
+async function failNextApiCall(account: string, status: number, retryAfter?: number): Promise<void> {
   const response = await apiAdmin("/admin/api-behavior", {
     method: "PUT",
-    body: JSON.stringify({ failNext: { status, count: 1, ...(retryAfter ? { retryAfter } : {}) } }),
+    body: JSON.stringify({ failNext: { status, count: 1, account, ...(retryAfter ? { retryAfter } : {}) } }),
   });
   expect(response.ok, await response.text()).toBe(true);
 }
@@ -500,7 +503,7 @@ describe("locations of a google grant", () => {
   });
 
   it("the API's 401, 403 and 429 and an unreachable API are an error message on the grant's page, never a 500", async () => {
-    const { grantId, first } = await connectedAccount();
+    const { grantId, first, account } = await connectedAccount();
     const path = `/grants/${grantId}/locations`;
     const expectFlash = async (pattern: RegExp, options = {}) => {
       const answer = await operator.get(path, options);
@@ -513,13 +516,13 @@ describe("locations of a google grant", () => {
       const { accessToken } = await tokenRead(first.branchId);
       expect(page.html).not.toContain(accessToken);
     };
-    await failNextApiCall(429, 30);
+    await failNextApiCall(account, 429, 30);
     await expectFlash(
       /^The locations could not be listed: .*rate limiting this project \(429 RESOURCE_EXHAUSTED.*try again in 30 s\.$/,
     );
-    await failNextApiCall(403);
+    await failNextApiCall(account, 403);
     await expectFlash(/refused access \(403 PERMISSION_DENIED.*business\.manage/);
-    await failNextApiCall(401);
+    await failNextApiCall(account, 401);
     await expectFlash(/refused the grant's access token \(401 UNAUTHENTICATED/);
     await expectFlash(/could not be reached/, {
       envOverrides: { BUSINESS_PROFILE_API_BASE_URLS: "http://127.0.0.1:9,http://127.0.0.1:9" },
