@@ -199,10 +199,17 @@ export async function requestGrantCheck(
   if (tokenIds.length === 0) return;
   const checkSince = now.toISOString();
   if (env.REFRESH_QUEUE) {
-    for (const ids of chunk(tokenIds, QUEUE_MESSAGE_TOKENS))
-      await env.REFRESH_QUEUE.send({ tokenIds: ids, checkSince });
-    logInfo("grant_check_queued", { tokens: tokenIds.length });
-    return;
+    try {
+      for (const ids of chunk(tokenIds, QUEUE_MESSAGE_TOKENS)) {
+        await env.REFRESH_QUEUE.send({ tokenIds: ids, checkSince });
+      }
+      logInfo("grant_check_queued", { tokens: tokenIds.length });
+      return;
+    } catch (error) {
+      // The event is recorded (a redelivery will not ask again): check here rather than not at all.
+      // A message sent before the failure makes no second refresh (checkSince).
+      logWarn("grant_check_queue_failed", { tokens: tokenIds.length, error: describeError(error) });
+    }
   }
   defer(
     refreshTokens(

@@ -340,6 +340,20 @@ describe("sessions-revoked", () => {
     expect((await readToken(branch.branchId)).status).toBe(200);
   });
 
+  it("a queue that refuses the message: still 202, and the check runs in the background", async () => {
+    const branch = await connectAccount(`${uniqueId("sessions")}@example.com`);
+    const before = await providerStats(branch.oauthClientId);
+    const broken = {
+      send: async () => {
+        throw new Error("queue unavailable");
+      },
+    };
+    const overrides = { REFRESH_QUEUE: broken } as unknown as Overrides;
+    const { response } = await send(branch.oauthClientId, sessionsRevoked(await subjectOf(branch.grantId)), overrides);
+    expect(response.status).toBe(202);
+    expect((await providerStats(branch.oauthClientId)).refreshGrants).toBe(before.refreshGrants + 1);
+  });
+
   it("without a queue, checks in the background; a grant Google no longer honours moves to needs_reauth by its refresh", async () => {
     const branch = await connectAccount(`${uniqueId("sessions")}@example.com`);
     const sub = await subjectOf(branch.grantId);
