@@ -101,7 +101,8 @@ export async function healthReport(db: Db, now: Date, dueWindowSeconds: number):
   if (dueId !== undefined) {
     const result = await db.execute(sql`select t.id, t.client_id, c.branch_id, t.expires_at, t.last_refreshed_at,
         t.failure_count, t.last_error, t.next_attempt_at
-      from tokens t join clients c on c.id = t.client_id where t.id = ${dueId}`);
+      from tokens t join lateral (select * from clients c where c.grant_id = t.id order by c.id limit 1) c on true
+      where t.id = ${dueId}`);
     const row = result.rows[0] as Record<string, unknown> | undefined;
     if (row) {
       oldestDue = {

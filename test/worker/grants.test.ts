@@ -1,7 +1,9 @@
 // Apps, grants and branches: many branches on one app, served from one grant.
 import { describe, expect, it, vi } from "vitest";
+import { createServices } from "../../src/context";
+import { listBranches } from "../../src/services/branch-list";
 import { eventsOf } from "./event-helpers";
-import { call, expectProblem, json, uniqueId } from "./helpers";
+import { call, expectProblem, json, type TestEnv, testEnv, uniqueId } from "./helpers";
 import {
   appRowOf,
   connectBranch,
@@ -263,6 +265,13 @@ describe("grants", () => {
       body: JSON.stringify({ grant_id: "x" }),
     });
     await expectProblem(bad, 422, "validation_failed");
+  });
+
+  it("the console's branch list shows an attached branch with its grant's status", async () => {
+    const { second } = await twoBranchesOneGrant();
+    const services = await createServices(testEnv as TestEnv);
+    const page = await listBranches(services.db, { search: second.branchId, limit: 10 });
+    expect(page.rows.map((row) => [row.branchId, row.status])).toEqual([[second.branchId, "connected"]]);
   });
 
   it("the token read returns the branch's provider resource", async () => {
