@@ -2,9 +2,9 @@ import { createRoute, z } from "@hono/zod-openapi";
 import type { App } from "../app";
 import { operatorOf } from "../context";
 import type { AppRow } from "../db/schema";
-import { requireKey } from "../lib/api-key";
 import { type AppSummary, getApp, listApps } from "../services/apps";
 import { addApp, changeApp } from "../services/operations";
+import { requireKey } from "./api-key";
 import { API_KEY_SECURITY, AppBody, AppPatch, AppView, IdParam, jsonContent as json, problem } from "./schemas";
 
 /** Apps: the OAuth clients at providers that branches use (src/services/apps.ts). Admin key only. */

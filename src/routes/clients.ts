@@ -2,7 +2,6 @@ import { createRoute, z } from "@hono/zod-openapi";
 import type { App } from "../app";
 import { operatorOf } from "../context";
 import type { TokenRow } from "../db/schema";
-import { requireKey } from "../lib/api-key";
 import {
   type BranchRow,
   type ClientChanges,
@@ -13,6 +12,7 @@ import {
   type NewClient,
 } from "../services/clients";
 import { changeClient, newLoginLink, registerBranch, removeClient, revokeLoginLinks } from "../services/operations";
+import { requireKey } from "./api-key";
 import { API_KEY_SECURITY, jsonContent as json, problem } from "./schemas";
 
 const LIMITS = {

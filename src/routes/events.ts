@@ -2,10 +2,10 @@ import { createRoute, z } from "@hono/zod-openapi";
 import type { App } from "../app";
 import { operatorOf } from "../context";
 import { DELIVERY_STATES, EVENT_TYPES, type EventRow } from "../db/schema";
-import { requireKey } from "../lib/api-key";
 import { LIST_MAX_LIMIT, listEvents } from "../services/events";
 import { queueRedelivery } from "../services/operations";
 import { webhookId } from "../services/webhooks";
+import { requireKey } from "./api-key";
 import { API_KEY_SECURITY, jsonContent as json, problem } from "./schemas";
 
 const MAX_EVENT_ID = Number.MAX_SAFE_INTEGER;

@@ -1,9 +1,9 @@
 import { createRoute, z } from "@hono/zod-openapi";
 import type { App } from "../app";
 import { operatorOf } from "../context";
-import { requireKey } from "../lib/api-key";
 import { type GrantView as Grant, getGrant, listGrants, TOKEN_LIMIT_WARNING_AT } from "../services/grants";
 import { attachToGrant } from "../services/operations";
+import { requireKey } from "./api-key";
 import { API_KEY_SECURITY, AttachBody, GrantView, IdParam, jsonContent as json, problem } from "./schemas";
 
 /** Grants: a provider account's authorization on an app, shared by its branches. Admin key only. */

@@ -2,11 +2,11 @@ import { z } from "@hono/zod-openapi";
 import type { App } from "../app";
 import { operatorOf } from "../context";
 import { AppError } from "../errors";
-import { requireKey } from "../lib/api-key";
 import { BASE_URL_HEADER } from "../lib/proxy-rules";
 import type { ProxyQuota } from "../proxy/quota";
 import { proxyRequest } from "../services/proxy";
 import type { RefreshMessage } from "../services/scheduled";
+import { requireKey } from "./api-key";
 import { API_KEY_SECURITY, problem } from "./schemas";
 
 export const PROXY_PATH = "/proxy";

@@ -4,7 +4,6 @@ import { bodyLimit } from "hono/body-limit";
 import type { App } from "../app";
 import { type AppEnv, operatorOf } from "../context";
 import { AppError } from "../errors";
-import { requireKey } from "../lib/api-key";
 import { logWarn } from "../lib/log";
 import { MAX_SET_BYTES, type SetErrorCode } from "../oauth/risc";
 import { dropTokens } from "../services/operations";
@@ -16,6 +15,7 @@ import {
   verificationReceivedAt,
 } from "../services/risc";
 import { requestGrantCheck } from "../services/scheduled";
+import { requireKey } from "./api-key";
 import { API_KEY_SECURITY, jsonContent, problem } from "./schemas";
 
 export const RISC_PATH = "/risc";

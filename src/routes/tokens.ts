@@ -1,10 +1,10 @@
 import { createRoute, z } from "@hono/zod-openapi";
 import type { App } from "../app";
 import { operatorOf } from "../context";
-import { requireKey } from "../lib/api-key";
 import { logInfo, sampled } from "../lib/log";
 import { readToken, refreshNow, revokeToken } from "../services/operations";
 import type { CachedToken } from "../services/token-cache";
+import { requireKey } from "./api-key";
 import { API_KEY_SECURITY, jsonContent as json, problem } from "./schemas";
 
 const BranchParam = z.object({
