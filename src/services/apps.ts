@@ -154,7 +154,8 @@ export async function updateApp(
     if (!row) throw appNotFound(id);
     return row;
   }
-  const [recovered, , updated] = await db.batch([
+  const [, recovered, , updated] = await db.batch([
+    lockApp(db, id),
     secretRecoveryEvents(db, events, id, now),
     unparkGrants(db, id),
     update,
@@ -185,6 +186,16 @@ export function secretRecoveryEvents(db: Db, events: EventContext, appId: number
     now,
     "returned",
   );
+}
+
+/**
+ * The first statement of a batch that changes an app's secret: concurrent changes of one app then
+ * run one after the other (each statement after the lock sees what the previous change committed),
+ * so of six simultaneous rotations of a rejected app one writes the recovery events, and none
+ * deadlocks on the branch rows the events bump.
+ */
+export function lockApp(db: Db, appId: number) {
+  return db.execute(sql`select id from ${apps} where id = ${appId} for update`);
 }
 
 /**

@@ -7,7 +7,7 @@ import { type Keyring, open, seal } from "../lib/crypto";
 import { describeError, logWarn } from "../lib/log";
 import type { Providers } from "../oauth/profiles";
 import { type ClientCredentials, type Provider, revokeToken } from "../oauth/provider";
-import { appCredentials, appForRegistration, secretRecoveryEvents, unparkGrants } from "./apps";
+import { appCredentials, appForRegistration, lockApp, secretRecoveryEvents, unparkGrants } from "./apps";
 import { clientEvent, currentStatusSql, type EventContext, noteEvents, withEvents } from "./events";
 
 /**
@@ -131,6 +131,7 @@ export async function updateClient(
     appId === undefined
       ? []
       : [
+          lockApp(db, appId),
           secretRecoveryEvents(db, events, appId, now),
           unparkGrants(db, appId),
           db
@@ -149,8 +150,9 @@ export async function updateClient(
   try {
     let row: ClientRow | undefined;
     const [first, ...more] = [
-      ...(changes.isActive === undefined ? [] : [activationEvent(db, events, id, changes.isActive, now)]),
+      // The app's lock first, as every change of an app's secret takes it: no deadlock with them.
       ...secretWrites,
+      ...(changes.isActive === undefined ? [] : [activationEvent(db, events, id, changes.isActive, now)]),
     ];
     if (!first) [row] = await update;
     else {
