@@ -13,7 +13,7 @@ import {
 } from "../services/clients";
 import { changeClient, newLoginLink, registerBranch, removeClient, revokeLoginLinks } from "../services/operations";
 import { requireKey } from "./api-key";
-import { API_KEY_SECURITY, jsonContent as json, problem } from "./schemas";
+import { API_KEY_SECURITY, IdParam, jsonContent as json, problem } from "./schemas";
 
 const LIMITS = {
   id: 255,
@@ -103,15 +103,6 @@ const ClientView = z
     connection: Connection,
   })
   .openapi("Client");
-
-const IdParam = z.object({
-  id: z.coerce
-    .number()
-    .int()
-    .positive()
-    .max(2_147_483_647)
-    .openapi({ param: { name: "id", in: "path" }, example: 1 }),
-});
 
 const security = API_KEY_SECURITY;
 const errors = {

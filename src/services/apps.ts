@@ -144,24 +144,18 @@ export async function updateApp(
   const values: Partial<typeof apps.$inferInsert> = { updatedAt: now };
   if (changes.name !== undefined) values.name = changes.name;
   if (changes.settings !== undefined) values.settings = changes.settings;
-  if (changes.clientSecret !== undefined) {
-    values.clientSecret = await sealSecret(keyring, id, changes.clientSecret);
-    values.credentialsRejectedAt = null;
-  }
   const update = db.update(apps).set(values).where(eq(apps.id, id)).returning();
   if (changes.clientSecret === undefined) {
     const [row] = await update;
     if (!row) throw appNotFound(id);
     return row;
   }
-  const [, recovered, , updated] = await db.batch([
-    lockApp(db, id),
-    secretRecoveryEvents(db, events, id, now),
-    unparkGrants(db, id),
+  const results = await db.batch([
+    ...(await secretRotation(db, keyring, events, id, changes.clientSecret, now)),
     update,
   ]);
-  noteEvents(events, recovered);
-  const [row] = updated as AppRow[];
+  for (const result of results.slice(0, -1)) if (!Array.isArray(result)) noteEvents(events, result);
+  const [row] = results.at(-1) as AppRow[];
   if (!row) throw appNotFound(id);
   return row;
 }
@@ -186,6 +180,31 @@ export function secretRecoveryEvents(db: Db, events: EventContext, appId: number
     now,
     "returned",
   );
+}
+
+/**
+ * The statements that give an app a new secret, to run first in one batch (PATCH /apps/{id}, and
+ * PATCH /clients/{id} of any of its branches): the app's lock, connection.recovered for each branch
+ * that stood credentials_rejected, its parked grants back in the schedule, the sealed secret with
+ * the provider's rejection of the old one cleared.
+ */
+export async function secretRotation(
+  db: Db,
+  keyring: Keyring,
+  events: EventContext,
+  appId: number,
+  secret: string,
+  now: Date,
+) {
+  return [
+    lockApp(db, appId),
+    secretRecoveryEvents(db, events, appId, now),
+    unparkGrants(db, appId),
+    db
+      .update(apps)
+      .set({ clientSecret: await sealSecret(keyring, appId, secret), credentialsRejectedAt: null, updatedAt: now })
+      .where(eq(apps.id, appId)),
+  ] as const;
 }
 
 /**

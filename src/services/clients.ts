@@ -3,11 +3,11 @@ import type { Db } from "../db/client";
 import { allTokenColumns, latestTokenOfClient } from "../db/queries";
 import { apps, type ClientRow, clients, type EventType, type TokenRow, tokens } from "../db/schema";
 import { AppError, constraintName, sqlState } from "../errors";
-import { type Keyring, open, seal } from "../lib/crypto";
+import { type Keyring, open } from "../lib/crypto";
 import { describeError, logWarn } from "../lib/log";
 import type { Providers } from "../oauth/profiles";
 import { type ClientCredentials, type Provider, revokeToken } from "../oauth/provider";
-import { appCredentials, appForRegistration, lockApp, secretRecoveryEvents, unparkGrants } from "./apps";
+import { appCredentials, appForRegistration, secretRotation } from "./apps";
 import { clientEvent, currentStatusSql, type EventContext, noteEvents, withEvents } from "./events";
 
 /**
@@ -128,25 +128,7 @@ export async function updateClient(
   // (what PATCH /apps/{id} does), in the same transaction as the branch's other changes.
   const appId = changes.clientSecret === undefined ? undefined : await appIdOf(db, id);
   const secretWrites =
-    appId === undefined
-      ? []
-      : [
-          lockApp(db, appId),
-          secretRecoveryEvents(db, events, appId, now),
-          unparkGrants(db, appId),
-          db
-            .update(apps)
-            .set({
-              clientSecret: await seal(keyring, changes.clientSecret!, {
-                column: "clients.client_secret",
-                clientId: appId,
-              }),
-              // New credentials: whatever the provider said about the old ones no longer applies.
-              credentialsRejectedAt: null,
-              updatedAt: now,
-            })
-            .where(eq(apps.id, appId)),
-        ];
+    appId === undefined ? [] : await secretRotation(db, keyring, events, appId, changes.clientSecret!, now);
   try {
     let row: ClientRow | undefined;
     const [first, ...more] = [
