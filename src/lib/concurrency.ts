@@ -13,3 +13,10 @@ export async function forEachBounded<T>(
   };
   await Promise.all(Array.from({ length: Math.min(concurrency, items.length) }, lane));
 }
+
+/** Runs `lanes` copies of `run` to the end, all of them, even when one fails; then rethrows the first failure. */
+export async function forEachLane(lanes: number, run: () => Promise<void>): Promise<void> {
+  const settled = await Promise.allSettled(Array.from({ length: lanes }, run));
+  const failed = settled.find((result) => result.status === "rejected");
+  if (failed) throw failed.reason;
+}

@@ -376,21 +376,31 @@ export interface DeliveryOutcome {
   nextAttemptAt: Date | null;
 }
 
-/** Records a page of attempts in one batch (one round trip). */
+/**
+ * Records attempts in one statement (one round trip, one plan, however many outcomes: a batch of
+ * one UPDATE per event cost the database a statement each).
+ */
 export async function recordDeliveries(db: Db, outcomes: DeliveryOutcome[]): Promise<void> {
-  const [first, ...rest] = outcomes.map((outcome) =>
-    db
-      .update(events)
-      .set({
-        deliveryState: outcome.state,
-        nextAttemptAt: outcome.nextAttemptAt,
-        lastError: outcome.error,
-        ...(outcome.state === "delivered" ? { deliveredAt: outcome.attemptedAt } : {}),
-      })
-      // A redelivery requested meanwhile (attempts back to 0) wins over this older attempt's outcome.
-      .where(and(eq(events.id, outcome.id), eq(events.deliveryState, "pending"), gt(events.attempts, 0))),
+  if (outcomes.length === 0) return;
+  const rows = JSON.stringify(
+    outcomes.map((outcome) => ({
+      id: outcome.id,
+      state: outcome.state,
+      next_attempt_at: outcome.nextAttemptAt?.toISOString() ?? null,
+      last_error: outcome.error,
+      delivered_at: outcome.state === "delivered" ? outcome.attemptedAt.toISOString() : null,
+    })),
   );
-  if (first) await db.batch([first, ...rest]);
+  await db.execute(sql`
+    update ${events} set
+      delivery_state = v.state,
+      next_attempt_at = v.next_attempt_at,
+      last_error = v.last_error,
+      delivered_at = coalesce(v.delivered_at, ${events.deliveredAt})
+    from json_to_recordset(${rows}::json)
+      as v(id bigint, state text, next_attempt_at timestamptz, last_error text, delivered_at timestamptz)
+    -- A redelivery requested meanwhile (attempts back to 0) wins over this older attempt's outcome.
+    where ${events.id} = v.id and ${events.deliveryState} = 'pending' and ${events.attempts} > 0`);
 }
 
 /** After a 410 Gone: nothing else pending goes to that receiver. */

@@ -3,7 +3,7 @@ import { createServices, type Services } from "../context";
 import type { Db } from "../db/client";
 import { leaseIsFree } from "../db/queries";
 import { apps, clients, tokens } from "../db/schema";
-import { MAX_OUTBOUND_CONNECTIONS } from "../lib/concurrency";
+import { forEachLane, MAX_OUTBOUND_CONNECTIONS } from "../lib/concurrency";
 import { open, SealedValueError } from "../lib/crypto";
 import { describeError, logError, logInfo, logWarn } from "../lib/log";
 import { type MetricSource, type RefreshRecorder, refreshRecorder } from "../lib/metrics";
@@ -162,22 +162,36 @@ export async function runScheduledRefresh(env: SchedulerEnv, now: Date): Promise
 /**
  * The queue consumer: the same refresh code, for the ids a cron run handed over. The claim
  * re-checks each token (still due, not leased, not refreshed meanwhile), so a message delivered
- * twice refreshes nothing twice.
+ * twice refreshes nothing twice. Messages that ask the same thing (due refreshes, or checks since
+ * the same instant) share one run of the lanes: a batch of ten 50-token messages is one pool of 500,
+ * not ten pools that each ramp up and drain. A run that fails retries its messages; the others are acked.
  */
 export async function consumeRefreshBatch(env: Env, batch: MessageBatch<RefreshMessage>, now: Date): Promise<void> {
   const started = Date.now();
   const d = refreshDeps(await createServices(env), "queue");
+  const runs = new Map<string, Message<RefreshMessage>[]>();
   for (const message of batch.messages) {
+    const { check, checkSince } = message.body;
+    const kind = `${check === true}|${checkSince ?? ""}`;
+    runs.set(kind, [...(runs.get(kind) ?? []), message]);
+  }
+  for (const messages of runs.values()) {
+    const { check, checkSince } = messages[0]!.body;
+    const tokenIds = [...new Set(messages.flatMap((message) => message.body.tokenIds))];
     try {
-      const { tokenIds, check, checkSince } = message.body;
       const deps = check ? { ...d, windowSeconds: CHECK_WINDOW_SECONDS } : d;
       const since = checkSince === undefined ? undefined : { refreshedBefore: new Date(checkSince) };
       const counts = await refreshTokens(deps, tokenIds, now, since);
-      logInfo("queued_refresh", { ...counts, tokens: tokenIds.length, ...(check || since ? { check: true } : {}) });
-      message.ack();
+      logInfo("queued_refresh", {
+        ...counts,
+        tokens: tokenIds.length,
+        messages: messages.length,
+        ...(check || since ? { check: true } : {}),
+      });
+      for (const message of messages) message.ack();
     } catch (error) {
-      logError("queued_refresh_failed", { error: describeError(error) });
-      message.retry({ delaySeconds: 30 });
+      logError("queued_refresh_failed", { messages: messages.length, error: describeError(error) });
+      for (const message of messages) message.retry({ delaySeconds: 30 });
     }
   }
   // One line per invocation, so operators (and the scale bench) can count invocations.
@@ -553,13 +567,6 @@ class BatchWriter {
       reason: "superseded",
     });
   }
-}
-
-/** Runs `lanes` copies of `run` to the end, all of them, even when one fails; then rethrows the first failure. */
-async function forEachLane(lanes: number, run: () => Promise<void>): Promise<void> {
-  const settled = await Promise.allSettled(Array.from({ length: lanes }, run));
-  const failed = settled.find((result) => result.status === "rejected");
-  if (failed) throw failed.reason;
 }
 
 function chunk<T>(items: T[], size: number): T[][] {

@@ -2,7 +2,7 @@ import type { Services } from "../context";
 import type { Db } from "../db/client";
 import type { EventRow } from "../db/schema";
 import { type Config, WEBHOOK_SECRET_PREFIX } from "../env";
-import { forEachBounded, MAX_OUTBOUND_CONNECTIONS } from "../lib/concurrency";
+import { forEachLane, MAX_OUTBOUND_CONNECTIONS } from "../lib/concurrency";
 import type { Keyring } from "../lib/crypto";
 import { fromBase64, utf8 } from "../lib/encoding";
 import { describeError, logInfo, logWarn } from "../lib/log";
@@ -270,10 +270,12 @@ export function deliveryClaimMs(pageSize: number, timeoutMs: number): number {
 }
 
 /**
- * Delivers what is due: claims pending events a page at a time (each claim holds the page for as
- * long as it can take, so a concurrent pass cannot send its events too), posts them with bounded concurrency
- * and records the outcomes in one batch per page. `onlyIds` limits the pass to the events a change
- * just wrote (the first attempt, from waitUntil).
+ * Delivers what is due as one stream: DELIVERY_CONCURRENCY lanes post events while the next page
+ * is claimed ahead of them (each claim holds its events for as long as everything ahead of them
+ * and the page itself can take, so a concurrent pass cannot send them too), and outcomes are
+ * recorded a page at a time in the background. No lane waits for a page boundary. `onlyIds` limits
+ * the pass to the events a change just wrote (the first attempt, from waitUntil). A failed claim or
+ * record stops new sends; what was sent is still recorded before the failure is rethrown.
  */
 export async function deliverDueEvents(
   deps: DeliveryDeps,
@@ -284,46 +286,115 @@ export async function deliverDueEvents(
   const started = Date.now();
   const at = () => new Date(now.getTime() + (Date.now() - started));
   const max = options.max ?? DELIVERY_MAX_PER_RUN;
+  const ready: { event: EventRow; awaitingConsent: boolean }[] = [];
+  let claimedAll = false;
+  let claiming: Promise<void> | undefined;
+  let failure: { error: unknown } | undefined;
   let gone = false;
-  while (summary.attempted < max && !gone) {
+  const recorder = new OutcomeRecorder(deps.db);
+
+  const claimPage = async () => {
     const limit = Math.min(DELIVERY_PAGE_SIZE, max - summary.attempted);
-    const claimUntil = new Date(at().getTime() + deliveryClaimMs(limit, deps.target.timeoutMs));
+    // The events already waiting go out before this page does: the claim covers them too.
+    const claimUntil = new Date(at().getTime() + deliveryClaimMs(ready.length + limit, deps.target.timeoutMs));
     const page = await claimDueEvents(deps.db, at(), claimUntil, limit, options.onlyIds);
-    if (page.length === 0) break;
     summary.attempted += page.length;
+    if (page.length < limit || options.onlyIds || summary.attempted >= max) claimedAll = true;
     const awaiting = await clientsAwaitingConsent(
       deps.db,
       page.filter((event) => event.type === "connection.needs_reauth").map((event) => event.clientId),
     );
-    const outcomes: DeliveryOutcome[] = [];
-    await forEachBounded(page, DELIVERY_CONCURRENCY, async (event) => {
+    for (const event of page) ready.push({ event, awaitingConsent: awaiting.has(event.clientId) });
+  };
+  const next = async () => {
+    for (;;) {
+      if (gone || failure) return undefined;
+      // Claim ahead while half a page is still waiting, so lanes rarely wait on the database.
+      if (!claiming && !claimedAll && ready.length < DELIVERY_PAGE_SIZE / 2) {
+        claiming = claimPage()
+          .catch((error) => {
+            failure ??= { error };
+          })
+          .finally(() => {
+            claiming = undefined;
+          });
+      }
+      const item = ready.shift();
+      if (item) return item;
+      if (!claiming) return undefined;
+      await claiming;
+    }
+  };
+  const lanes = forEachLane(DELIVERY_CONCURRENCY, async () => {
+    for (let item = await next(); item; item = await next()) {
+      const { event, awaitingConsent } = item;
       const attemptAt = at();
-      const body = JSON.stringify(await buildPayload(deps, event, awaiting.has(event.clientId), attemptAt));
+      const body = JSON.stringify(await buildPayload(deps, event, awaitingConsent, attemptAt));
       const sentAt = Date.now();
       const result = await sendWebhook(deps.target, webhookId(event.id), body, attemptAt, deps.fetcher);
       deps.metrics?.record(attemptMetric(event, result, Date.now() - sentAt, deps.source));
-      outcomes.push(outcomeOf(event, result, at()));
-    });
-    for (const outcome of outcomes) {
+      const outcome = outcomeOf(event, result, at());
       if (outcome.state === "delivered") summary.delivered++;
-      else if (outcome.state === "stopped") summary.stopped++;
-      else {
+      else if (outcome.state === "stopped") {
+        summary.stopped++;
+        // 410 Gone: the receiver asked for no more; no lane starts another attempt.
+        gone = true;
+      } else {
         summary.failed++;
         if (outcome.state === "failed") summary.exhausted++;
       }
+      recorder.push(outcome);
     }
-    await recordDeliveries(deps.db, outcomes);
-    if (outcomes.some((outcome) => outcome.state === "stopped")) {
-      // 410 Gone: the receiver asked for no more. Every event waiting for this URL stops too;
-      // they stay in the log and can be redelivered once the receiver wants them again.
-      summary.stopped += await stopPendingDeliveries(deps.db, "the receiver answered 410 Gone");
-      logWarn("webhook_gone", { url_host: new URL(deps.target.url).host });
-      gone = true;
-    }
-    if (options.onlyIds) break;
+  }).catch((error) => {
+    failure ??= { error };
+  });
+  await lanes;
+  await claiming;
+  const recorded = await recorder.drain();
+  if (gone) {
+    // Every event waiting for this URL stops too (those claimed here and not sent included); they
+    // stay in the log and can be redelivered once the receiver wants them again.
+    summary.stopped += await stopPendingDeliveries(deps.db, "the receiver answered 410 Gone");
+    logWarn("webhook_gone", { url_host: new URL(deps.target.url).host });
   }
   if (summary.attempted > 0) logInfo("webhook_delivery", { ...summary, duration_ms: Date.now() - started });
+  if (failure) throw failure.error;
+  if (recorded) throw recorded.error;
   return summary;
+}
+
+/**
+ * Writes outcomes a page at a time, one write after the other, while the lanes go on sending. The
+ * first failure is kept for the caller (the events stay claimed until their claim ends, then the
+ * cron sends them again: at least once).
+ */
+class OutcomeRecorder {
+  private pending: DeliveryOutcome[] = [];
+  private chain: Promise<void> = Promise.resolve();
+  private failure: { error: unknown } | undefined;
+
+  constructor(private readonly db: Db) {}
+
+  push(outcome: DeliveryOutcome): void {
+    this.pending.push(outcome);
+    if (this.pending.length >= DELIVERY_PAGE_SIZE) this.flush();
+  }
+
+  async drain(): Promise<{ error: unknown } | undefined> {
+    this.flush();
+    await this.chain;
+    return this.failure;
+  }
+
+  private flush(): void {
+    const outcomes = this.pending.splice(0);
+    if (outcomes.length === 0) return;
+    this.chain = this.chain.then(() =>
+      recordDeliveries(this.db, outcomes).catch((error) => {
+        this.failure ??= { error };
+      }),
+    );
+  }
 }
 
 /** The data point of one attempt (event.attempts counts the attempts before this one). */

@@ -441,6 +441,29 @@ describe("claims for several lanes (the cron and the queue)", () => {
     for (const b of branches) expect(await leaseOf(b.clientId)).toEqual({ owner: null, remainingMs: null });
   });
 
+  it("runs a queue batch's messages as one pool of lanes: six 2-token messages in a handful of round trips", async () => {
+    const branches = await Promise.all(Array.from({ length: 12 }, () => connectBranch()));
+    await Promise.all(branches.map((b) => setProviderBehavior(b.oauthClientId, { tokenDelayMs: 40 })));
+    for (const b of branches) await expireIn(b.clientId, 60);
+    const ids = await Promise.all(branches.map(async (b) => (await currentTokens(b.clientId)).row.id));
+    // Six messages of two tokens; the last one repeats a token of the first (a redelivered id).
+    const messages = Array.from({ length: 6 }, (_, i) => ({
+      id: `pool-${i}`,
+      timestamp: new Date(),
+      attempts: 1,
+      body: { tokenIds: i === 5 ? [ids[10]!, ids[11]!, ids[0]!] : [ids[2 * i]!, ids[2 * i + 1]!] },
+    }));
+    const counted = countedEnv();
+    const batch = createMessageBatch("token-refresh", messages);
+    const ctx = createExecutionContext();
+    await worker.queue(batch, { ...counted.env, REFRESH_QUEUE: undefined } as SchedulerEnv);
+
+    expect((await getQueueResult(batch, ctx)).explicitAcks).toEqual(messages.map((m) => m.id));
+    for (const b of branches) expect((await providerStats(b.oauthClientId)).refreshGrants).toBe(1);
+    // One message after the other took a claim and a write each at least (12 and more here).
+    expect(await counted.requests()).toBeLessThanOrEqual(6);
+  });
+
   it("claims a token waiting past the window again before its call, so the call starts with a full lease", async () => {
     const claimAheadMs = 150;
     const d = { ...refreshDeps(await createServices(testEnv)), claimAheadMs };
