@@ -31,10 +31,11 @@ type Step = () => Promise<unknown>;
 
 export default {
   async fetch(request: Request, env: Env, ctx: ExecutionContext): Promise<Response> {
-    const { branchId, serviceKey, iterations } = (await request.json()) as {
+    const { branchId, serviceKey, iterations, only } = (await request.json()) as {
       branchId: string;
       serviceKey: string;
       iterations: number;
+      only?: string;
     };
     const headers = { authorization: `Bearer ${serviceKey}` };
     const services = await createServices(env);
@@ -76,6 +77,7 @@ export default {
       "log-line": async () =>
         logInfo("token_served", { request_id: "r", client: 1, tier: "memory", refreshed: false, revalidating: false }),
     };
+    if (only) for (const name of Object.keys(steps)) if (!only.split(",").includes(name)) delete steps[name];
     // Warm: the branch's entry in the memory tier (the app's own read fills it), JITs warmed.
     for (let i = 0; i < 50; i++) await appRead(true);
     for (const step of Object.values(steps)) for (let i = 0; i < 100; i++) await step();

@@ -57,7 +57,7 @@ export function createApp(): App {
     c.set("providers", services.providers);
     c.set("events", services.events);
     c.set("metrics", services.metrics);
-    const baseUrl = `${new URL(c.req.url).origin}${BASE_PATH}`;
+    const baseUrl = `${originOf(c.req.url)}${BASE_PATH}`;
     c.set("baseUrl", baseUrl);
     await next();
     // A change that wrote events (even one that then answered an error): first delivery attempt
@@ -104,6 +104,12 @@ export function createApp(): App {
   );
   app.onError((error, c) => handleError(error, c.get("requestId")));
   return app;
+}
+
+/** The origin of an absolute URL as the runtime hands it over (scheme://host[:port]), without parsing it. */
+function originOf(url: string): string {
+  const end = url.indexOf("/", url.indexOf("//") + 2);
+  return end === -1 ? url : url.slice(0, end);
 }
 
 /**

@@ -1,5 +1,5 @@
 import type { Context } from "hono";
-import { createDb, type Db } from "./db/client";
+import { createDb, type Db, useDatabaseEndpoint } from "./db/client";
 import { type Config, parseEnv } from "./env";
 import { type Keyring, loadKeyring } from "./lib/crypto";
 import { type Metrics, metricsOf } from "./lib/metrics";
@@ -20,8 +20,30 @@ export interface Services {
   metrics: Metrics;
 }
 
-/** Parses the environment (once per env object) and builds this invocation's services. */
+/** What an invocation's services share with every other invocation on the same environment. */
+type Shared = Omit<Services, "events">;
+const sharedByEnv = new WeakMap<Env, Promise<Shared>>();
+
+/**
+ * This invocation's services. What depends only on the environment (parsed configuration, database
+ * handle, keyring, providers, metrics) is built once per env object and isolate: neon-http holds no
+ * connection and none of it holds request state. Only the event context is per invocation.
+ */
 export async function createServices(env: Env): Promise<Services> {
+  let shared = sharedByEnv.get(env);
+  if (!shared) {
+    shared = buildShared(env);
+    sharedByEnv.set(env, shared);
+    // A broken configuration is reported again to the next invocation, not cached.
+    shared.catch(() => sharedByEnv.delete(env));
+  }
+  const services = await shared;
+  // The driver reads its endpoint from a global at query time: set it for this invocation's env.
+  useDatabaseEndpoint(services.config.NEON_LOCAL_FETCH_ENDPOINT);
+  return { ...services, events: eventContext(services.config.WEBHOOK_URL !== undefined) };
+}
+
+async function buildShared(env: Env): Promise<Shared> {
   const config = parseEnv(env);
   return {
     config,
@@ -33,7 +55,6 @@ export async function createServices(env: Env): Promise<Services> {
       acceptV1: config.TOKEN_ENCRYPTION_ACCEPT_V1,
     }),
     providers: providersOf(config),
-    events: eventContext(config.WEBHOOK_URL !== undefined),
     // Optional binding: absent in the tests and wherever wrangler.toml leaves it out.
     metrics: metricsOf(env.METRICS as AnalyticsEngineDataset | undefined),
   };

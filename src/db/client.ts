@@ -10,16 +10,22 @@ export interface DbConfig {
 }
 
 /**
- * One database handle per invocation: neon-http holds no connection, so this is cheap,
- * and nothing database-related lives at module scope.
+ * A database handle: neon-http holds no connection (each query is one HTTP request), so one handle
+ * serves every invocation on the same environment (src/context.ts).
  */
 export function createDb(config: DbConfig) {
-  // The driver reads this global at query time. Production leaves it unset (the default
-  // `https://api.<host>/sql`); locally it points at the program that speaks the same protocol.
-  neonConfig.fetchEndpoint = config.localFetchEndpoint ?? defaultFetchEndpoint;
+  useDatabaseEndpoint(config.localFetchEndpoint);
   // No `schema`: nothing uses drizzle's relational queries, and building their metadata from the
   // schema took more CPU per request than a token read from the edge cache does.
   return drizzle({ client: neon(config.databaseUrl) });
 }
 
 const defaultFetchEndpoint = neonConfig.fetchEndpoint;
+
+/**
+ * The driver reads this global at query time. Production leaves it unset (the default
+ * `https://api.<host>/sql`); locally it points at the program that speaks the same protocol.
+ */
+export function useDatabaseEndpoint(localFetchEndpoint: string | undefined): void {
+  neonConfig.fetchEndpoint = localFetchEndpoint ?? defaultFetchEndpoint;
+}

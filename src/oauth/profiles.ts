@@ -47,23 +47,30 @@ export interface Providers {
   of(app: AppProfileRef): Provider;
 }
 
-/** Built once per invocation; providers of `oauth2` apps are built on first use. */
+/**
+ * Built once per isolate and configuration (src/context.ts); the provider of an `oauth2` app is
+ * built on first use and again whenever its stored settings change (PATCH /apps).
+ */
 export function providersOf(config: Config, fetchImpl: typeof fetch = fetch): Providers {
   const google = providerFromConfig(config, fetchImpl);
-  const built = new Map<number, Provider>();
+  const built = new Map<number, { settings: string; provider: Provider }>();
   return {
     google,
     of(app) {
       if (app.profile === "google") return google;
-      let provider = built.get(app.id);
-      if (!provider) {
-        provider = oauth2Provider(parseStoredSettings(app), config, fetchImpl);
-        built.set(app.id, provider);
-      }
+      const settings = JSON.stringify(app.settings);
+      const known = built.get(app.id);
+      if (known?.settings === settings) return known.provider;
+      const provider = oauth2Provider(parseStoredSettings(app), config, fetchImpl);
+      if (built.size >= MAX_BUILT_PROVIDERS) built.clear();
+      built.set(app.id, { settings, provider });
       return provider;
     },
   };
 }
+
+/** oauth2 providers kept per isolate before the cache starts over (each is a few small objects). */
+const MAX_BUILT_PROVIDERS = 1_000;
 
 export function oauth2Provider(settings: OAuth2Settings, config: Config, fetchImpl: typeof fetch = fetch): Provider {
   return {

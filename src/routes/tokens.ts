@@ -1,4 +1,5 @@
 import { createRoute, z } from "@hono/zod-openapi";
+import type { TypedResponse } from "hono";
 import type { App } from "../app";
 import { operatorOf } from "../context";
 import { logInfo, sampled } from "../lib/log";
@@ -129,7 +130,7 @@ export function registerTokenRoutes(app: App): void {
         sample_rate: c.var.config.LOG_TOKEN_READS,
       });
     }
-    return c.json(tokenView(read.token, new Date()), 200, { "Cache-Status": read.cacheStatus });
+    return jsonOk(tokenView(read.token, new Date()), read.cacheStatus);
   });
 
   app.openapi(refresh, async (c) => {
@@ -137,9 +138,7 @@ export function registerTokenRoutes(app: App): void {
     const target = "client_id" in body ? { clientId: body.client_id } : { branchId: body.branch_id };
     const token = await refreshNow(operatorOf(c), target, new Date());
     logInfo("token_served", { request_id: c.var.requestId, client: token.clientId, tier: "database", refreshed: true });
-    return c.json(tokenView(token, new Date()), 200, {
-      "Cache-Status": "token-management; fwd=request; stored; detail=database",
-    });
+    return jsonOk(tokenView(token, new Date()), "token-management; fwd=request; stored; detail=database");
   });
 
   app.openapi(revoke, async (c) => {
@@ -164,7 +163,18 @@ export function registerTokenRoutes(app: App): void {
   });
 }
 
-function tokenView(token: CachedToken, now: Date) {
+/**
+ * The token read's response, built in one step: the hottest response of the service, and c.json's
+ * header merging (a runtime call per header) cost more than the rest of a memory hit. The same
+ * body, status and headers c.json sends, no-store included; typed as c.json's.
+ */
+function jsonOk<T>(body: T, cacheStatus: string): TypedResponse<T, 200, "json"> {
+  return new Response(JSON.stringify(body), {
+    headers: { "Content-Type": "application/json", "Cache-Control": "no-store", "Cache-Status": cacheStatus },
+  }) as unknown as TypedResponse<T, 200, "json">;
+}
+
+function tokenView(token: CachedToken, now: Date): z.infer<typeof TokenView> {
   const expiresIn = Math.max(0, Math.floor((token.expiresAt.getTime() - now.getTime()) / 1000));
   return {
     success: true as const,
