@@ -1,5 +1,6 @@
 import { createMiddleware } from "hono/factory";
 import type { AppEnv } from "../context";
+import type { Config } from "../env";
 import { AppError } from "../errors";
 import { matchesEach } from "../lib/crypto";
 import { AUTH_FAILURE_PERIOD_SECONDS, addressBlocked, clientAddress, recordFailure } from "../lib/rate-limit";
@@ -23,8 +24,7 @@ export function requireKey(role: KeyRole) {
     }
     const address = clientAddress(c.req.raw);
     if (addressBlocked(address, Date.now())) throw tooManyFailures();
-    const { ADMIN_API_KEY, SERVICE_API_KEY } = c.get("config");
-    const [admin, service] = await matchesEach(presented, ADMIN_API_KEY, SERVICE_API_KEY);
+    const [admin, service] = await keyRoles(c.get("config"), presented);
     if (admin) return next();
     if (service) {
       if (role === "service") return next();
@@ -36,6 +36,34 @@ export function requireKey(role: KeyRole) {
     });
   });
 }
+
+/**
+ * Whether a presented key is an admin key and a service key. A key is checked against the configured
+ * ones by constant-time comparison of SHA-256 digests (src/lib/crypto.ts); once it has matched, the
+ * isolate remembers it for that configuration, so the hot path (a service reading tokens with the same
+ * key) pays the digest once per isolate, not per request. Only keys that matched are remembered (at
+ * most MAX_REMEMBERED_KEYS, dropped with the configuration): a wrong key is always digested, counted
+ * and rate limited.
+ */
+async function keyRoles(config: Config, presented: string): Promise<readonly [boolean, boolean]> {
+  let remembered = rememberedKeys.get(config);
+  const known = remembered?.get(presented);
+  if (known) return known;
+  const [admin = false, service = false] = await matchesEach(presented, config.ADMIN_API_KEY, config.SERVICE_API_KEY);
+  if (admin || service) {
+    if (!remembered) {
+      remembered = new Map();
+      rememberedKeys.set(config, remembered);
+    }
+    if (remembered.size >= MAX_REMEMBERED_KEYS) remembered.clear();
+    remembered.set(presented, [admin, service]);
+  }
+  return [admin, service];
+}
+
+/** Configured keys seen valid, per configuration object (one per environment and isolate). */
+const rememberedKeys = new WeakMap<Config, Map<string, readonly [boolean, boolean]>>();
+const MAX_REMEMBERED_KEYS = 16;
 
 function tooManyFailures(): AppError {
   return new AppError(

@@ -1,5 +1,7 @@
+import { createExecutionContext } from "cloudflare:test";
 import { describe, expect, it } from "vitest";
-import { call, expectProblem, json, testEnv, uniqueId } from "./helpers";
+import worker from "../../src/index";
+import { BASE, call, expectProblem, json, testEnv, uniqueId } from "./helpers";
 import {
   connectBranch,
   currentTokens,
@@ -69,6 +71,27 @@ describe("GET /tokens/{branch_id}", () => {
     await expectProblem(missing, 401, "unauthorized");
     expect(missing.headers.get("www-authenticate")).toContain("Bearer");
     await expectProblem(await call(`/tokens/${branch.branchId}`, { key: "not-a-real-key-at-all-000" }), 401);
+  });
+
+  it("remembers a key only while it is configured: a key taken out of SERVICE_API_KEY is refused at once", async () => {
+    const branch = await connectBranch();
+    const env = { ...testEnv, SERVICE_API_KEY: "rotating-service-key-0000000001,rotating-service-key-0000000002" };
+    // One env object per configuration, as the runtime hands an isolate (call() makes a new one each time).
+    const read = (key: string, environment: typeof testEnv) =>
+      worker.fetch(
+        new Request(`${BASE}/tokens/${branch.branchId}`, { headers: { authorization: `Bearer ${key}` } }),
+        environment,
+        createExecutionContext(),
+      );
+    // Used twice: the second check is the isolate's remembered one.
+    expect((await read("rotating-service-key-0000000001", env)).status).toBe(200);
+    expect((await read("rotating-service-key-0000000001", env)).status).toBe(200);
+    // A wrong key after a valid one is still refused.
+    await expectProblem(await read("rotating-service-key-0000000003", env), 401, "unauthorized");
+    // The rotation ends: the first key is taken out.
+    const rotated = { ...env, SERVICE_API_KEY: "rotating-service-key-0000000002" };
+    await expectProblem(await read("rotating-service-key-0000000001", rotated), 401, "unauthorized");
+    expect((await read("rotating-service-key-0000000002", rotated)).status).toBe(200);
   });
 
   it("refreshes first when the token expires within REFRESH_AHEAD_SECONDS", async () => {
