@@ -12,7 +12,7 @@ import { type ChildProcess, execFile, execFileSync, spawn } from "node:child_pro
 import { randomBytes } from "node:crypto";
 import { mkdtempSync, readdirSync, readFileSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
-import { basename, delimiter, dirname, join, relative, resolve } from "node:path";
+import { basename, delimiter, dirname, isAbsolute, join, relative, resolve } from "node:path";
 import { fileURLToPath } from "node:url";
 import { promisify } from "node:util";
 import { convertV4MiniflareOptions, Miniflare, type WorkerdStructuredLog } from "miniflare";
@@ -310,9 +310,9 @@ export function benchKnob(name: string, full: number, smoke: number): number {
 
 let smokeResultsDir: string | undefined;
 
-/** Where a bench writes `file` (a path in the repository), or under BENCH_SMOKE=1 a temporary file. */
+/** Where a bench writes `file` (a path in the repository, or an absolute one), or under BENCH_SMOKE=1 a temporary file. */
 export function resultsPath(file: string): string {
-  if (!BENCH_SMOKE) return join(ROOT, file);
+  if (!BENCH_SMOKE) return isAbsolute(file) ? file : join(ROOT, file);
   smokeResultsDir ??= process.env.BENCH_RESULTS_DIR || mkdtempSync(join(tmpdir(), "tm-bench-smoke-"));
   return join(smokeResultsDir, basename(file));
 }
