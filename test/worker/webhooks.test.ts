@@ -16,6 +16,7 @@ import {
   eventsOf,
   type Inbox,
   makeDue,
+  neonFault,
   newInbox,
   type RawEvent,
   runEventCron,
@@ -191,6 +192,29 @@ describe("delivery", () => {
       failureClass: "http_5xx",
     });
     expect((await inbox.deliveries()).map((d) => d.answered)).toEqual([500]);
+  });
+
+  it("when the outcomes cannot be written, the pass fails after sending and the event stays pending, claimed", async () => {
+    const inbox = await newInbox();
+    const bindings = webhookBindings(inbox.url);
+    await inbox.set("fail", { status: 500 });
+    const { eventId } = await deactivate(bindings);
+    await inbox.set("ok");
+    await makeDue([eventId]);
+    // Only the statement recording this event's outcome fails (its id is in the JSON parameter).
+    await neonFault({ mode: "down", match: ["json_to_recordset", `"id":${eventId},`] });
+    try {
+      await expect(runEventCron(bindings)).rejects.toThrow();
+    } finally {
+      await neonFault({ mode: "ok" });
+    }
+    // Sent once and accepted; not recorded, so it stays pending under its claim and a later pass
+    // sends it again (at least once; receivers deduplicate by webhook-id).
+    const answers = (await inbox.deliveries()).filter((d) => d.id === `evt_${eventId}`).map((d) => d.answered);
+    expect(answers).toEqual([500, 204]);
+    const stored = await eventById(eventId);
+    expect(stored).toMatchObject({ delivery_state: "pending", attempts: 2 });
+    expect(Date.parse(stored!.next_attempt_at!)).toBeGreaterThan(Date.now());
   });
 
   it("a claim outlasts the longest page a pass can take, so a second pass cannot send the same event", async () => {
