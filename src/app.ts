@@ -2,12 +2,13 @@ import { OpenAPIHono } from "@hono/zod-openapi";
 import { bodyLimit } from "hono/body-limit";
 import { HTTPException } from "hono/http-exception";
 import type { ZodError } from "zod";
-import { type AppEnv, createServices, type Services } from "./context";
+import { type AppContext, type AppEnv, createServices, operatorFrom, type Services } from "./context";
 import { parseApiKeys } from "./env";
 import { AppError, problemResponse, toAppError, validationFailed } from "./errors";
 import { matchesAny } from "./lib/crypto";
 import { describeError, logError } from "./lib/log";
-import { presentedKey } from "./routes/api-key";
+import { addressBlocked, clientAddress } from "./lib/rate-limit";
+import { knownKeyAllows, presentedKey } from "./routes/api-key";
 import { registerAppRoutes } from "./routes/apps";
 import { registerClientRoutes } from "./routes/clients";
 import { registerConsoleRoutes } from "./routes/console";
@@ -18,7 +19,8 @@ import { registerHealthRoutes } from "./routes/health";
 import { registerOAuthRoutes } from "./routes/oauth";
 import { PROXY_PATH, registerProxyRoutes } from "./routes/proxy";
 import { RISC_PATH, registerRiscRoutes } from "./routes/risc";
-import { registerTokenRoutes } from "./routes/tokens";
+import { BranchParam } from "./routes/schemas";
+import { registerTokenRoutes, serveTokenRead, TOKEN_READ_ROLE } from "./routes/tokens";
 import { deliverAfterChange } from "./services/webhooks";
 
 export const BASE_PATH = "/token-management";
@@ -30,21 +32,16 @@ export type App = OpenAPIHono<AppEnv>;
 export function createApp(): App {
   const app = new OpenAPIHono<AppEnv>({ defaultHook: throwValidationError }).basePath(BASE_PATH);
 
-  // Nothing an API answers may be cached: tokens, login links and client data are capabilities or
-  // secrets. One header for every response (errors set it too, in problemResponse).
-  app.use(async (c, next) => {
-    await next();
-    if (c.res.headers.get("Cache-Control") === "no-store") return;
-    try {
-      c.res.headers.set("Cache-Control", "no-store");
-    } catch {
-      // Immutable headers (a response read from the Cache API): set it on a copy.
-      c.res = new Response(c.res.body, c.res);
-      c.res.headers.set("Cache-Control", "no-store");
-    }
+  const limitBody = bodyLimit({
+    maxSize: MAX_BODY_BYTES,
+    onError: () => {
+      throw new AppError("payload_too_large", `Request bodies are limited to ${MAX_BODY_BYTES} bytes.`);
+    },
   });
+  // One middleware for every request (each layer costs the token read, the hottest route, a dispatch):
+  // services, the body limit, no-store on the way out, then the first delivery of events written.
   app.use(async (c, next) => {
-    c.set("requestId", c.req.header("cf-ray") ?? crypto.randomUUID());
+    c.set("requestId", requestIdOf(c.req.raw));
     let services: Services;
     try {
       services = await createServices(c.env);
@@ -57,26 +54,24 @@ export function createApp(): App {
     c.set("providers", services.providers);
     c.set("events", services.events);
     c.set("metrics", services.metrics);
-    const baseUrl = `${originOf(c.req.url)}${BASE_PATH}`;
+    const baseUrl = baseUrlOf(c.req.raw);
     c.set("baseUrl", baseUrl);
-    await next();
-    // A change that wrote events (even one that then answered an error): first delivery attempt
-    // after the response, so a slow or failing receiver never delays or fails this request.
-    if (services.events.written.length > 0) c.executionCtx.waitUntil(deliverAfterChange(services, new Date(), baseUrl));
+    // The RISC receiver has its own, smaller limit, answered with a 400 as RFC 8935 wants; the proxy
+    // streams bodies up to PROXY_MAX_BODY_BYTES and counts them itself (nothing may buffer them here).
+    if (
+      c.req.raw.body === null ||
+      c.req.path === `${BASE_PATH}${RISC_PATH}` ||
+      c.req.path.startsWith(`${BASE_PATH}${PROXY_PATH}/`)
+    ) {
+      await next();
+    } else {
+      await limitBody(c, next);
+    }
+    // Nothing an API answers may be cached: tokens, login links and client data are capabilities or
+    // secrets. One header for every response (errors set it too, in problemResponse).
+    noStore(c);
+    deliverWrittenEvents(services, baseUrl, (task) => c.executionCtx.waitUntil(task));
   });
-  const limitBody = bodyLimit({
-    maxSize: MAX_BODY_BYTES,
-    onError: () => {
-      throw new AppError("payload_too_large", `Request bodies are limited to ${MAX_BODY_BYTES} bytes.`);
-    },
-  });
-  // The RISC receiver has its own, smaller limit, answered with a 400 as RFC 8935 wants; the proxy
-  // streams bodies up to PROXY_MAX_BODY_BYTES and counts them itself (nothing may buffer them here).
-  app.use((c, next) =>
-    c.req.path === `${BASE_PATH}${RISC_PATH}` || c.req.path.startsWith(`${BASE_PATH}${PROXY_PATH}/`)
-      ? next()
-      : limitBody(c, next),
-  );
 
   registerHealthRoutes(app);
   registerAppRoutes(app);
@@ -104,6 +99,83 @@ export function createApp(): App {
   );
   app.onError((error, c) => handleError(error, c.get("requestId")));
   return app;
+}
+
+/**
+ * The warm token read, the service's hottest request, answered without the router: only when the
+ * request is plainly one (`GET {BASE_PATH}/tokens/{branch_id}` with a valid id, no body, an API key
+ * this isolate has already seen valid, an address not held back). It then runs what the app would:
+ * the same services, the same handler (serveTokenRead), the same errors (handleError) and the same
+ * first delivery of events. Anything else (no key, a key not yet checked here, a query or percent
+ * sign in the id, a configuration that does not load) returns undefined, and the app answers it.
+ * Hono's dispatch was a third of a memory hit's CPU in workerd (BENCHMARKS.md, issue 20).
+ */
+export async function fastTokenRead(request: Request, env: Env, ctx: ExecutionContext): Promise<Response | undefined> {
+  if (request.method !== "GET" || request.body !== null) return undefined;
+  const branchId = tokenReadTarget(request.url);
+  if (branchId === undefined) return undefined;
+  const presented = presentedKey(request);
+  if (presented === undefined || addressBlocked(clientAddress(request), Date.now())) return undefined;
+  let services: Services;
+  try {
+    services = await createServices(env);
+  } catch {
+    return undefined;
+  }
+  if (!knownKeyAllows(services.config, presented, TOKEN_READ_ROLE)) return undefined;
+  const requestId = requestIdOf(request);
+  const baseUrl = baseUrlOf(request);
+  try {
+    return await serveTokenRead(
+      operatorFrom(services, baseUrl, (task) => ctx.waitUntil(task)),
+      branchId,
+      requestId,
+    );
+  } catch (error) {
+    return handleError(error, requestId);
+  } finally {
+    deliverWrittenEvents(services, baseUrl, (task) => ctx.waitUntil(task));
+  }
+}
+
+const TOKEN_READ_PREFIX = `${BASE_PATH}/tokens/`;
+
+/** The branch id of a `GET /tokens/{branch_id}` URL the route's schema accepts, without decoding. */
+function tokenReadTarget(url: string): string | undefined {
+  const path = url.indexOf("/", url.indexOf("//") + 2);
+  if (path === -1 || !url.startsWith(TOKEN_READ_PREFIX, path)) return undefined;
+  const id = url.slice(path + TOKEN_READ_PREFIX.length);
+  if (/[/?#%]/.test(id) || !BranchParam.safeParse({ branch_id: id }).success) return undefined;
+  return id;
+}
+
+/** The request's id: Cloudflare's ray id where there is one. */
+function requestIdOf(request: Request): string {
+  return request.headers.get("cf-ray") ?? crypto.randomUUID();
+}
+
+/** Absolute URL of the API root, for links we hand out. */
+function baseUrlOf(request: Request): string {
+  return `${originOf(request.url)}${BASE_PATH}`;
+}
+
+/**
+ * A change that wrote events (even one that then answered an error): first delivery attempt after
+ * the response, so a slow or failing receiver never delays or fails this request.
+ */
+function deliverWrittenEvents(services: Services, baseUrl: string, defer: (task: Promise<unknown>) => void): void {
+  if (services.events.written.length > 0) defer(deliverAfterChange(services, new Date(), baseUrl));
+}
+
+function noStore(c: AppContext): void {
+  if (c.res.headers.get("Cache-Control") === "no-store") return;
+  try {
+    c.res.headers.set("Cache-Control", "no-store");
+  } catch {
+    // Immutable headers (a response read from the Cache API): set it on a copy.
+    c.res = new Response(c.res.body, c.res);
+    c.res.headers.set("Cache-Control", "no-store");
+  }
 }
 
 /** The origin of an absolute URL as the runtime hands it over (scheme://host[:port]), without parsing it. */

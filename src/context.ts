@@ -73,15 +73,19 @@ export type AppContext = Context<AppEnv>;
 
 /** The request's services as src/services/operations.ts takes them. */
 export function operatorOf(c: AppContext): Operator {
-  const { config, db, keyring, providers, events, metrics, baseUrl } = c.var;
-  return {
-    config,
-    db,
-    keyring,
-    providers,
-    events,
-    metrics,
-    baseUrl,
-    defer: (task) => c.executionCtx.waitUntil(task),
+  // c.get, not c.var: Hono builds c.var as a new object on every access.
+  const services: Services = {
+    config: c.get("config"),
+    db: c.get("db"),
+    keyring: c.get("keyring"),
+    providers: c.get("providers"),
+    events: c.get("events"),
+    metrics: c.get("metrics"),
   };
+  return operatorFrom(services, c.get("baseUrl"), (task) => c.executionCtx.waitUntil(task));
+}
+
+/** An invocation's services as an Operator: links rooted at baseUrl, background work to defer. */
+export function operatorFrom(services: Services, baseUrl: string, defer: Operator["defer"]): Operator {
+  return { ...services, baseUrl, defer };
 }

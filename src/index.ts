@@ -1,4 +1,4 @@
-import { createApp, handleError } from "./app";
+import { createApp, fastTokenRead, handleError } from "./app";
 import { createServices } from "./context";
 import { describeError, logError } from "./lib/log";
 import { consumeRefreshBatch, type RefreshMessage, runScheduledRefresh, type SchedulerEnv } from "./services/scheduled";
@@ -12,7 +12,8 @@ const app = createApp();
 export default {
   async fetch(request, env, ctx) {
     try {
-      return await app.fetch(request, env, ctx);
+      // The warm token read when it is plainly one (src/app.ts); everything else goes through the app.
+      return (await fastTokenRead(request, env, ctx)) ?? (await app.fetch(request, env, ctx));
     } catch (error) {
       // Only reached when Hono itself fails outside a route (its onError handles the rest).
       return handleError(error, undefined);

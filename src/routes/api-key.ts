@@ -24,10 +24,9 @@ export function requireKey(role: KeyRole) {
     }
     const address = clientAddress(c.req.raw);
     if (addressBlocked(address, Date.now())) throw tooManyFailures();
-    const [admin, service] = await keyRoles(c.get("config"), presented);
-    if (admin) return next();
-    if (service) {
-      if (role === "service") return next();
+    const roles = await keyRoles(c.get("config"), presented);
+    if (allows(roles, role)) return next();
+    if (roles[1]) {
       throw new AppError("forbidden", "This route needs the admin API key; the service key cannot use it.");
     }
     if (await recordFailure(c.env.AUTH_FAILURES, address, Date.now())) throw tooManyFailures();
@@ -45,12 +44,12 @@ export function requireKey(role: KeyRole) {
  * most MAX_REMEMBERED_KEYS, dropped with the configuration): a wrong key is always digested, counted
  * and rate limited.
  */
-async function keyRoles(config: Config, presented: string): Promise<readonly [boolean, boolean]> {
-  let remembered = rememberedKeys.get(config);
-  const known = remembered?.get(presented);
+async function keyRoles(config: Config, presented: string): Promise<KeyRoles> {
+  const known = rememberedKeys.get(config)?.get(presented);
   if (known) return known;
   const [admin = false, service = false] = await matchesEach(presented, config.ADMIN_API_KEY, config.SERVICE_API_KEY);
   if (admin || service) {
+    let remembered = rememberedKeys.get(config);
     if (!remembered) {
       remembered = new Map();
       rememberedKeys.set(config, remembered);
@@ -61,9 +60,26 @@ async function keyRoles(config: Config, presented: string): Promise<readonly [bo
   return [admin, service];
 }
 
+/** Whether a presented key is an admin key and whether it is a service key. */
+type KeyRoles = readonly [admin: boolean, service: boolean];
+
 /** Configured keys seen valid, per configuration object (one per environment and isolate). */
-const rememberedKeys = new WeakMap<Config, Map<string, readonly [boolean, boolean]>>();
+const rememberedKeys = new WeakMap<Config, Map<string, KeyRoles>>();
 const MAX_REMEMBERED_KEYS = 16;
+
+/** The admin key opens every route; the service key only service routes. */
+function allows([admin, service]: KeyRoles, role: KeyRole): boolean {
+  return admin || (service && role === "service");
+}
+
+/**
+ * Whether a key this isolate has already seen valid for this configuration opens a route of `role`,
+ * without digesting it: false for a key not (yet) remembered, which then takes requireKey's full check.
+ */
+export function knownKeyAllows(config: Config, presented: string, role: KeyRole): boolean {
+  const known = rememberedKeys.get(config)?.get(presented);
+  return known !== undefined && allows(known, role);
+}
 
 function tooManyFailures(): AppError {
   return new AppError(

@@ -35,6 +35,15 @@ export const IdParam = z.object({
     .openapi({ param: { name: "id", in: "path" }, example: 1 }),
 });
 
+/** A branch id in a path (`/tokens/{branch_id}`). */
+export const BranchParam = z.object({
+  branch_id: z
+    .string()
+    .min(1)
+    .max(128)
+    .openapi({ param: { name: "branch_id", in: "path" }, example: "branch-001" }),
+});
+
 const appText = (max: number) =>
   z.string().trim().min(1, "must not be empty").max(max, `must be at most ${max} characters`);
 

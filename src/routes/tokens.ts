@@ -3,18 +3,10 @@ import type { TypedResponse } from "hono";
 import type { App } from "../app";
 import { operatorOf } from "../context";
 import { logInfo, sampled } from "../lib/log";
-import { readToken, refreshNow, revokeToken } from "../services/operations";
+import { type Operator, readToken, refreshNow, revokeToken } from "../services/operations";
 import type { CachedToken } from "../services/token-cache";
-import { requireKey } from "./api-key";
-import { API_KEY_SECURITY, jsonContent as json, problem } from "./schemas";
-
-const BranchParam = z.object({
-  branch_id: z
-    .string()
-    .min(1)
-    .max(128)
-    .openapi({ param: { name: "branch_id", in: "path" }, example: "branch-001" }),
-});
+import { type KeyRole, requireKey } from "./api-key";
+import { API_KEY_SECURITY, BranchParam, jsonContent as json, problem } from "./schemas";
 
 const TokenView = z
   .object({
@@ -55,13 +47,16 @@ const tokenErrors = {
   503: problem("The provider or database is unavailable (see Retry-After)"),
 };
 
+/** Who may read a token: the service key (and the admin key, which opens every route). */
+export const TOKEN_READ_ROLE: KeyRole = "service";
+
 const get = createRoute({
   method: "get",
   path: "/tokens/{branch_id}",
   tags: ["tokens"],
   summary: "A valid access token for the branch, refreshed first when close to expiry",
   security,
-  middleware: [requireKey("service")] as const,
+  middleware: [requireKey(TOKEN_READ_ROLE)] as const,
   request: { params: BranchParam },
   responses: {
     200: { description: "The token", content: json(TokenView), headers: z.object(cacheStatusHeader) },
@@ -116,22 +111,9 @@ const revoke = createRoute({
 });
 
 export function registerTokenRoutes(app: App): void {
-  app.openapi(get, async (c) => {
-    const { branch_id: branchId } = c.req.valid("param");
-    const read = await readToken(operatorOf(c), branchId, new Date());
-    // A success line per read is sampled (LOG_TOKEN_READS); refreshes and failures log their own.
-    if (sampled(c.var.config.LOG_TOKEN_READS)) {
-      logInfo("token_served", {
-        request_id: c.var.requestId,
-        client: read.token.clientId,
-        tier: read.tier,
-        refreshed: read.token.refreshed,
-        revalidating: read.revalidating,
-        sample_rate: c.var.config.LOG_TOKEN_READS,
-      });
-    }
-    return jsonOk(tokenView(read.token, new Date()), read.cacheStatus);
-  });
+  // A plain read with a key already seen valid is served by fastTokenRead (src/app.ts), which calls
+  // serveTokenRead too; this route answers the rest and documents both.
+  app.openapi(get, (c) => serveTokenRead(operatorOf(c), c.req.valid("param").branch_id, c.get("requestId")));
 
   app.openapi(refresh, async (c) => {
     const body = c.req.valid("json");
@@ -163,15 +145,32 @@ export function registerTokenRoutes(app: App): void {
   });
 }
 
+/** GET /tokens/{branch_id}: the branch's token, from the cache tiers or the database. */
+export async function serveTokenRead(op: Operator, branchId: string, requestId: string) {
+  const read = await readToken(op, branchId, new Date());
+  // A success line per read is sampled (LOG_TOKEN_READS); refreshes and failures log their own.
+  if (sampled(op.config.LOG_TOKEN_READS)) {
+    logInfo("token_served", {
+      request_id: requestId,
+      client: read.token.clientId,
+      tier: read.tier,
+      refreshed: read.token.refreshed,
+      revalidating: read.revalidating,
+      sample_rate: op.config.LOG_TOKEN_READS,
+    });
+  }
+  return jsonOk(tokenView(read.token, new Date()), read.cacheStatus);
+}
+
 /**
  * The token read's response, built in one step: the hottest response of the service, and c.json's
  * header merging (a runtime call per header) cost more than the rest of a memory hit. The same
  * body, status and headers c.json sends, no-store included; typed as c.json's.
  */
-function jsonOk<T>(body: T, cacheStatus: string): TypedResponse<T, 200, "json"> {
+function jsonOk<T>(body: T, cacheStatus: string): Response & TypedResponse<T, 200, "json"> {
   return new Response(JSON.stringify(body), {
     headers: { "Content-Type": "application/json", "Cache-Control": "no-store", "Cache-Status": cacheStatus },
-  }) as unknown as TypedResponse<T, 200, "json">;
+  }) as Response & TypedResponse<T, 200, "json">;
 }
 
 function tokenView(token: CachedToken, now: Date): z.infer<typeof TokenView> {
