@@ -251,9 +251,9 @@ export async function finishConsent(
 
 /** A valid access token for the branch, through the edge cache (refreshed first when due). */
 export function readToken(op: Operator, branchId: string, now: Date): Promise<CacheRead> {
-  const deps = tokenDepsOf(op);
+  // The database path's dependencies are built only when a tier misses.
   return readThrough(cacheDepsOf(op), branchId, now, async () =>
-    cachedTokenOf(await getBranchToken(deps, branchId, new Date())),
+    cachedTokenOf(await getBranchToken(tokenDepsOf(op), branchId, new Date())),
   );
 }
 
