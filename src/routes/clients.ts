@@ -2,69 +2,19 @@ import { createRoute, z } from "@hono/zod-openapi";
 import type { App } from "../app";
 import { operatorOf } from "../context";
 import type { TokenRow } from "../db/schema";
-import {
-  type BranchRow,
-  type ClientChanges,
-  type ClientWithToken,
-  connectionStatus,
-  getClient,
-  listClients,
-  type NewClient,
-} from "../services/clients";
+import { type BranchRow, type ClientWithToken, connectionStatus, getClient, listClients } from "../services/clients";
 import { changeClient, newLoginLink, registerBranch, removeClient, revokeLoginLinks } from "../services/operations";
 import { requireKey } from "./api-key";
-import { API_KEY_SECURITY, IdParam, jsonContent as json, problem } from "./schemas";
-
-const LIMITS = {
-  id: 255,
-  secret: 1024,
-  url: 2048,
-  branch: 128,
-  email: 320,
-  name: 255,
-  scopes: 2048,
-  resource: 512,
-} as const;
-
-const text = (max: number) =>
-  z.string().trim().min(1, "must not be empty").max(max, `must be at most ${max} characters`);
-
-const redirectUri = z
-  .string()
-  .max(LIMITS.url)
-  .refine(isAllowedRedirectUri, "must be an https URL (http is allowed only for localhost and 127.0.0.1)");
-
-/** POST /clients' body; the console's register form validates with this same schema. */
-export const ClientBody = z
-  .object({
-    client_id: text(LIMITS.id),
-    client_secret: text(LIMITS.secret),
-    redirect_uri: redirectUri,
-    branch_id: text(LIMITS.branch),
-    workspace_email: z.email("must be an email address").max(LIMITS.email),
-    workspace_name: text(LIMITS.name),
-    scopes: text(LIMITS.scopes).optional(),
-    provider_resource: text(LIMITS.resource)
-      .optional()
-      .describe("What the branch stands for at the provider (Google Business Profile: accounts/…/locations/…)."),
-  })
-  .strict()
-  .openapi("NewClient");
-
-export const ClientPatch = z
-  .object({
-    client_secret: text(LIMITS.secret),
-    redirect_uri: redirectUri,
-    workspace_email: z.email("must be an email address").max(LIMITS.email),
-    workspace_name: text(LIMITS.name),
-    scopes: text(LIMITS.scopes).nullable(),
-    is_active: z.boolean(),
-    provider_resource: text(LIMITS.resource).nullable(),
-  })
-  .partial()
-  .strict()
-  .refine((body) => Object.keys(body).length > 0, "give at least one field to change")
-  .openapi("ClientChanges");
+import {
+  API_KEY_SECURITY,
+  ClientBody,
+  ClientPatch,
+  clientChangesOf,
+  IdParam,
+  jsonContent as json,
+  newClientOf,
+  problem,
+} from "./schemas";
 
 const Connection = z.object({
   status: z.enum(["never_connected", "connected", "needs_reauth", "revoked", "account_disabled"]),
@@ -403,33 +353,6 @@ export function registerClientRoutes(app: App): void {
   });
 }
 
-/** POST /clients' body as the registry takes it (the console's register form parses the same schema). */
-export function newClientOf(body: z.infer<typeof ClientBody>): NewClient {
-  return {
-    clientId: body.client_id,
-    clientSecret: body.client_secret,
-    redirectUri: body.redirect_uri,
-    branchId: body.branch_id,
-    workspaceEmail: body.workspace_email,
-    workspaceName: body.workspace_name,
-    scopes: body.scopes,
-    providerResource: body.provider_resource,
-  };
-}
-
-/** PATCH /clients/{id}'s body as the registry takes it. */
-export function clientChangesOf(body: z.infer<typeof ClientPatch>): ClientChanges {
-  return {
-    clientSecret: body.client_secret,
-    redirectUri: body.redirect_uri,
-    workspaceEmail: body.workspace_email,
-    workspaceName: body.workspace_name,
-    scopes: body.scopes,
-    isActive: body.is_active,
-    providerResource: body.provider_resource,
-  };
-}
-
 export function clientView({ client, token }: { client: BranchRow; token: TokenRow | null }) {
   return {
     client_id: client.id,
@@ -462,18 +385,6 @@ export function clientView({ client, token }: { client: BranchRow; token: TokenR
           : null,
     },
   };
-}
-
-function isAllowedRedirectUri(value: string): boolean {
-  let url: URL;
-  try {
-    url = new URL(value);
-  } catch {
-    return false;
-  }
-  if (url.hash || url.username || url.password) return false;
-  if (url.protocol === "https:") return true;
-  return url.protocol === "http:" && ["localhost", "127.0.0.1", "[::1]"].includes(url.hostname);
 }
 
 export type { ClientWithToken };

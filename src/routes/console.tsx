@@ -52,7 +52,6 @@ import {
   revokeToken,
 } from "../services/operations";
 import { webhookTarget } from "../services/webhooks";
-import { ClientBody, ClientPatch, clientChangesOf, newClientOf } from "./clients";
 import { type AppBranch, AppListView, AppView, NewAppView } from "./console/apps";
 import { type BranchDetails, BranchView } from "./console/branch";
 import { GrantListView, GrantPageView, LocationsView } from "./console/grants";
@@ -68,7 +67,7 @@ import {
   type PageContext,
   SignInPage,
 } from "./console/pages";
-import { AppBody, AppPatch } from "./schemas";
+import { AppBody, AppPatch, ClientBody, ClientPatch, clientChangesOf, newClientOf } from "./schemas";
 
 /**
  * The operator console: server-rendered pages under /console (hono/jsx, no client framework, no

@@ -1,4 +1,5 @@
 import { z } from "@hono/zod-openapi";
+import type { ClientChanges, NewClient } from "../services/clients";
 
 /** RFC 9457 problem details, plus `success`/`message` for callers of the old service. */
 export const ProblemSchema = z
@@ -44,8 +45,96 @@ export const BranchParam = z.object({
     .openapi({ param: { name: "branch_id", in: "path" }, example: "branch-001" }),
 });
 
-const appText = (max: number) =>
+/** Text a caller types: trimmed, not empty, at most `max` characters. */
+const text = (max: number) =>
   z.string().trim().min(1, "must not be empty").max(max, `must be at most ${max} characters`);
+
+const CLIENT_LIMITS = {
+  id: 255,
+  secret: 1024,
+  url: 2048,
+  branch: 128,
+  email: 320,
+  name: 255,
+  scopes: 2048,
+  resource: 512,
+} as const;
+
+const redirectUri = z
+  .string()
+  .max(CLIENT_LIMITS.url)
+  .refine(isAllowedRedirectUri, "must be an https URL (http is allowed only for localhost and 127.0.0.1)");
+
+/** POST /clients' body; the console's register form validates with this same schema. */
+export const ClientBody = z
+  .object({
+    client_id: text(CLIENT_LIMITS.id),
+    client_secret: text(CLIENT_LIMITS.secret),
+    redirect_uri: redirectUri,
+    branch_id: text(CLIENT_LIMITS.branch),
+    workspace_email: z.email("must be an email address").max(CLIENT_LIMITS.email),
+    workspace_name: text(CLIENT_LIMITS.name),
+    scopes: text(CLIENT_LIMITS.scopes).optional(),
+    provider_resource: text(CLIENT_LIMITS.resource)
+      .optional()
+      .describe("What the branch stands for at the provider (Google Business Profile: accounts/…/locations/…)."),
+  })
+  .strict()
+  .openapi("NewClient");
+
+export const ClientPatch = z
+  .object({
+    client_secret: text(CLIENT_LIMITS.secret),
+    redirect_uri: redirectUri,
+    workspace_email: z.email("must be an email address").max(CLIENT_LIMITS.email),
+    workspace_name: text(CLIENT_LIMITS.name),
+    scopes: text(CLIENT_LIMITS.scopes).nullable(),
+    is_active: z.boolean(),
+    provider_resource: text(CLIENT_LIMITS.resource).nullable(),
+  })
+  .partial()
+  .strict()
+  .refine((body) => Object.keys(body).length > 0, "give at least one field to change")
+  .openapi("ClientChanges");
+
+/** POST /clients' body as the registry takes it (the console's register form parses the same schema). */
+export function newClientOf(body: z.infer<typeof ClientBody>): NewClient {
+  return {
+    clientId: body.client_id,
+    clientSecret: body.client_secret,
+    redirectUri: body.redirect_uri,
+    branchId: body.branch_id,
+    workspaceEmail: body.workspace_email,
+    workspaceName: body.workspace_name,
+    scopes: body.scopes,
+    providerResource: body.provider_resource,
+  };
+}
+
+/** PATCH /clients/{id}'s body as the registry takes it. */
+export function clientChangesOf(body: z.infer<typeof ClientPatch>): ClientChanges {
+  return {
+    clientSecret: body.client_secret,
+    redirectUri: body.redirect_uri,
+    workspaceEmail: body.workspace_email,
+    workspaceName: body.workspace_name,
+    scopes: body.scopes,
+    isActive: body.is_active,
+    providerResource: body.provider_resource,
+  };
+}
+
+function isAllowedRedirectUri(value: string): boolean {
+  let url: URL;
+  try {
+    url = new URL(value);
+  } catch {
+    return false;
+  }
+  if (url.hash || url.username || url.password) return false;
+  if (url.protocol === "https:") return true;
+  return url.protocol === "http:" && ["localhost", "127.0.0.1", "[::1]"].includes(url.hostname);
+}
 
 const httpsUrl = z.url({ protocol: /^https?$/ }).max(2048);
 
@@ -59,11 +148,11 @@ export const OAuth2SettingsBody = z
     discovery_url: httpsUrl
       .optional()
       .describe("An OpenID Connect discovery document (or RFC 8414 metadata): the URLs are read from it."),
-    scopes: appText(2000),
+    scopes: text(2000),
     extra_authorization_params: z.string().max(2000).optional(),
     client_auth_method: z.enum(["client_secret_basic", "client_secret_post"]).optional(),
     openid: z.boolean().optional(),
-    issuer_aliases: z.array(appText(300)).max(5).optional(),
+    issuer_aliases: z.array(text(300)).max(5).optional(),
     api_base_urls: z
       .array(httpsUrl)
       .max(10)
@@ -81,10 +170,10 @@ export const OAuth2SettingsBody = z
 /** POST /apps' body. */
 export const AppBody = z
   .object({
-    name: appText(255),
+    name: text(255),
     profile: z.enum(["google", "oauth2"]).default("google"),
-    client_id: appText(255),
-    client_secret: appText(1024),
+    client_id: text(255),
+    client_secret: text(1024),
     settings: OAuth2SettingsBody.optional().describe("Required for the oauth2 profile; not allowed for google."),
   })
   .strict()
@@ -97,8 +186,8 @@ export const AppBody = z
 /** PATCH /apps/{id}'s body. */
 export const AppPatch = z
   .object({
-    name: appText(255),
-    client_secret: appText(1024),
+    name: text(255),
+    client_secret: text(1024),
     settings: OAuth2SettingsBody,
   })
   .partial()
