@@ -15,7 +15,8 @@ export default {
       // The warm token read when it is plainly one (src/app.ts); everything else goes through the app.
       return (await fastTokenRead(request, env, ctx)) ?? (await app.fetch(request, env, ctx));
     } catch (error) {
-      // Only reached when Hono itself fails outside a route (its onError handles the rest).
+      // Only reached when Hono itself, or fastTokenRead before its own error handling, fails outside
+      // a route (Hono's onError and fastTokenRead's handleError answer the rest).
       return handleError(error, undefined);
     }
   },

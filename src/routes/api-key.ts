@@ -16,6 +16,8 @@ const CHALLENGE = { "WWW-Authenticate": 'Bearer realm="token-management"' };
  */
 export function requireKey(role: KeyRole) {
   return createMiddleware<AppEnv>(async (c, next) => {
+    // The common case, and all that fastTokenRead (src/app.ts) lets through on its own.
+    if (knownKeyAdmits(c.req.raw, c.get("config"), role)) return next();
     const presented = presentedKey(c.req.raw);
     if (!presented) {
       throw new AppError("unauthorized", "An API key is required (Authorization: Bearer <key>).", {
@@ -73,10 +75,13 @@ function allows([admin, service]: KeyRoles, role: KeyRole): boolean {
 }
 
 /**
- * Whether a key this isolate has already seen valid for this configuration opens a route of `role`,
- * without digesting it: false for a key not (yet) remembered, which then takes requireKey's full check.
+ * Whether the request presents a key this isolate has already seen valid for this configuration,
+ * opening routes of `role`, from an address not held back: requireKey's first step, without a
+ * digest. False says only "not known here": requireKey's full check then decides.
  */
-export function knownKeyAllows(config: Config, presented: string, role: KeyRole): boolean {
+export function knownKeyAdmits(request: Request, config: Config, role: KeyRole): boolean {
+  const presented = presentedKey(request);
+  if (presented === undefined || addressBlocked(clientAddress(request), Date.now())) return false;
   const known = rememberedKeys.get(config)?.get(presented);
   return known !== undefined && allows(known, role);
 }

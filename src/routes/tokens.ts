@@ -47,12 +47,15 @@ const tokenErrors = {
   503: problem("The provider or database is unavailable (see Retry-After)"),
 };
 
+/** The token routes' path (GET and DELETE /tokens/{branch_id}; fastTokenRead in src/app.ts matches it too). */
+export const TOKENS_PATH = "/tokens";
+
 /** Who may read a token: the service key (and the admin key, which opens every route). */
 export const TOKEN_READ_ROLE: KeyRole = "service";
 
 const get = createRoute({
   method: "get",
-  path: "/tokens/{branch_id}",
+  path: `${TOKENS_PATH}/{branch_id}`,
   tags: ["tokens"],
   summary: "A valid access token for the branch, refreshed first when close to expiry",
   security,
@@ -66,7 +69,7 @@ const get = createRoute({
 
 const refresh = createRoute({
   method: "post",
-  path: "/tokens/refresh",
+  path: `${TOKENS_PATH}/refresh`,
   tags: ["tokens"],
   summary: "Refresh a branch's token now",
   security,
@@ -82,7 +85,7 @@ const refresh = createRoute({
 
 const revoke = createRoute({
   method: "delete",
-  path: "/tokens/{branch_id}",
+  path: `${TOKENS_PATH}/{branch_id}`,
   tags: ["tokens"],
   summary: "Revoke the branch's grant at the provider (best effort) and here",
   security,

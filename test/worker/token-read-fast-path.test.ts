@@ -4,8 +4,9 @@ import { createApp, fastTokenRead } from "../../src/app";
 import worker from "../../src/index";
 import { recordFailure } from "../../src/lib/rate-limit";
 import { TEST_ADMIN_KEY, TEST_SERVICE_KEY } from "./bindings";
+import { expireIn, neonFault, newInbox, webhookBindings } from "./event-helpers";
 import { BASE, call, testEnv, uniqueId } from "./helpers";
-import { connectBranch, registerBranch } from "./oauth-helpers";
+import { connectBranch, registerBranch, setProviderBehavior } from "./oauth-helpers";
 
 /**
  * fastTokenRead (src/app.ts) answers a plain warm token read without the router. It must answer
@@ -31,25 +32,24 @@ async function viaFastPath(path: string, init: RequestInit & { key?: string } = 
   return response;
 }
 
-async function viaApp(path: string, init: RequestInit & { key?: string } = {}) {
+async function viaApp(path: string, init: RequestInit & { key?: string } = {}, env: Env = testEnv) {
   const ctx = createExecutionContext();
-  const response = await app.fetch(request(path, init), testEnv, ctx);
+  const response = await app.fetch(request(path, init), env, ctx);
   await waitOnExecutionContext(ctx);
   return response;
 }
 
-/** What a caller sees of an answer: status, the headers it relies on, the body (expiry seconds may tick). */
+/** What a caller sees of an answer: status, every header, the body (seconds left may tick between the two). */
 async function seen(response: Response) {
   const body = (await response.json()) as Record<string, unknown>;
   delete body.expires_in;
-  return {
-    status: response.status,
-    contentType: response.headers.get("content-type"),
-    cacheControl: response.headers.get("cache-control"),
-    cacheStatusTier: response.headers.get("cache-status")?.replace(/; ttl=\d+/, ""),
-    retryAfter: response.headers.get("retry-after"),
-    body,
-  };
+  const headers = Object.fromEntries(
+    [...response.headers].map(([name, value]) => [
+      name,
+      name === "cache-status" ? value.replace(/; ttl=\d+/, "") : value,
+    ]),
+  );
+  return { status: response.status, headers, body };
 }
 
 describe("the warm token read's fast path", () => {
@@ -60,20 +60,61 @@ describe("the warm token read's fast path", () => {
     expect((await call(`/tokens/${connected.branchId}`, { key: "service" })).status).toBe(200);
     expect((await call(`/tokens/${connected.branchId}`, { key: "admin" })).status).toBe(200);
 
-    const cases: [string, string, number][] = [
-      [`/tokens/${connected.branchId}`, TEST_SERVICE_KEY, 200],
-      [`/tokens/${connected.branchId}`, TEST_ADMIN_KEY, 200],
-      [`/tokens/${uniqueId("no-such-branch")}`, TEST_SERVICE_KEY, 404],
-      [`/tokens/${neverConnected.branchId}`, TEST_SERVICE_KEY, 409],
+    const cases: [string, RequestInit & { key?: string }, number][] = [
+      [`/tokens/${connected.branchId}`, { key: TEST_SERVICE_KEY }, 200],
+      [`/tokens/${connected.branchId}`, { key: TEST_ADMIN_KEY }, 200],
+      [`/tokens/${connected.branchId}`, { key: "", headers: { "x-api-key": TEST_SERVICE_KEY } }, 200],
+      [`/tokens/${uniqueId("no-such-branch")}`, { key: TEST_SERVICE_KEY }, 404],
+      ["/tokens/refresh", { key: TEST_SERVICE_KEY }, 404],
+      [`/tokens/${neverConnected.branchId}`, { key: TEST_SERVICE_KEY }, 409],
     ];
-    for (const [path, key, status] of cases) {
-      const fast = await viaFastPath(path, { key });
+    for (const [path, init, status] of cases) {
+      const fast = await viaFastPath(path, init);
       expect(fast, `${path} was declined`).toBeInstanceOf(Response);
       const fromFast = await seen(fast!);
       expect(fromFast.status).toBe(status);
       // The app answers second, from the memory tier the fast path left: same tier for a 200.
-      expect(fromFast).toEqual(await seen(await viaApp(path, { key })));
+      expect(fromFast).toEqual(await seen(await viaApp(path, init)));
     }
+  });
+
+  it("answers a database outage as the app does: 503 with Retry-After, nothing lost", async () => {
+    const branch = await connectBranch();
+    const warm = await registerBranch();
+    expect((await call(`/tokens/${warm.branchId}`, { key: "service" })).status).toBe(409);
+    // Only this branch's read fails (its id is a parameter of the statement), and it was never cached.
+    await neonFault({ mode: "down", match: [branch.branchId] });
+    let fast: Response | undefined;
+    let fromApp: Response;
+    try {
+      fast = await viaFastPath(`/tokens/${branch.branchId}`);
+      fromApp = await viaApp(`/tokens/${branch.branchId}`);
+    } finally {
+      await neonFault({ mode: "ok" });
+    }
+    expect(fast).toBeInstanceOf(Response);
+    const fromFast = await seen(fast!);
+    expect(fromFast.status).toBe(503);
+    expect(fromFast.headers["retry-after"]).toBeDefined();
+    expect(fromFast).toEqual(await seen(fromApp));
+    expect((await viaFastPath(`/tokens/${branch.branchId}`))!.status).toBe(200);
+  });
+
+  it("delivers the events a read wrote, as the app does (needs_reauth after invalid_grant)", async () => {
+    const inbox = await newInbox();
+    // One env object: the configuration the isolate remembers the key for.
+    const hooked = { ...testEnv, ...webhookBindings(inbox.url) } as Env;
+    // The key is checked once by the app for this configuration (on another branch: the read would
+    // cache this one's token).
+    expect((await viaApp(`/tokens/${(await registerBranch()).branchId}`, {}, hooked)).status).toBe(409);
+    const branch = await connectBranch();
+    await expireIn(branch.clientId, -10);
+    await setProviderBehavior(branch.oauthClientId, { failNext: { status: 400, error: "invalid_grant", count: 1 } });
+    const fast = await viaFastPath(`/tokens/${branch.branchId}`, {}, hooked);
+    expect(fast, "the read was declined").toBeInstanceOf(Response);
+    expect(fast!.status).toBe(409);
+    const sent = (await inbox.deliveries()).filter((d) => d.payload.data.branch_id === branch.branchId);
+    expect(sent.map((d) => [d.payload.type, d.answered])).toEqual([["connection.needs_reauth", 204]]);
   });
 
   it("declines what the app must answer itself, and the Worker still answers it", async () => {
@@ -91,6 +132,15 @@ describe("the warm token read's fast path", () => {
       ["an id over 128 characters", `/tokens/${"b".repeat(129)}`, {}, 422],
       ["no id", "/tokens/", {}, 404],
       ["a path under the id", `${path}/more`, {}, 404],
+      ["a trailing slash", `${path}/`, {}, 404],
+      ["a doubled slash", `http://localhost/token-management//tokens/${branch.branchId}`, {}, 404],
+      ["another case", `http://localhost/TOKEN-MANAGEMENT/tokens/${branch.branchId}`, {}, 404],
+      [
+        "a wrong Bearer key beside a valid X-API-Key",
+        path,
+        { key: "not-a-real-key-at-all-0000", headers: { "x-api-key": TEST_SERVICE_KEY } },
+        401,
+      ],
       ["another route", "/clients/1", {}, 403],
     ];
     for (const [what, target, init, status] of declined) {
@@ -111,6 +161,9 @@ describe("the warm token read's fast path", () => {
     // A new env object is a new configuration for the isolate, with no key remembered.
     const fresh = { ...testEnv };
     expect(await viaFastPath(`/tokens/${branch.branchId}`, {}, fresh)).toBeUndefined();
+    // Once the app has checked it for this configuration, the fast path answers.
+    expect((await viaApp(`/tokens/${branch.branchId}`, {}, fresh)).status).toBe(200);
+    expect((await viaFastPath(`/tokens/${branch.branchId}`, {}, fresh))?.status).toBe(200);
   });
 
   it("declines an address held back for failed keys, so its valid key gets the app's 429", async () => {
