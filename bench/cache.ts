@@ -29,8 +29,6 @@ import { setFlagsFromString } from "node:v8";
 import { runInNewContext } from "node:vm";
 import type { Miniflare } from "miniflare";
 import * as stack from "../dev/local-stack.ts";
-import { type OAuthServer, startOAuthServer } from "../dev/oauth-server/server.ts";
-import { applyMigrations } from "../scripts/migrate.ts";
 import { loadKeyring } from "../src/lib/crypto.ts";
 import {
   DEFAULT_TOKEN_CACHE_MAX_AGE_SECONDS,
@@ -195,8 +193,7 @@ async function main(): Promise<void> {
   const startedAt = new Date();
   const t0 = performance.now();
   const scratch = mkdtempSync(join(tmpdir(), "tm-bench-cache-"));
-  let db: stack.LocalDatabase | undefined;
-  let oauth: OAuthServer | undefined;
+  let backends: stack.Backends | undefined;
   const miniflares: Miniflare[] = [];
   try {
     log("bundling the Worker and the floor Worker");
@@ -215,13 +212,9 @@ async function main(): Promise<void> {
       stack.bundleWorker(join(scratch, "floor"), floorConfig),
       stack.bundleWorker(join(scratch, "cache-cpu"), cpuConfig),
     ]);
-    db = await stack.startDatabase();
-    await applyMigrations(db.connectionString, db.sqlEndpoint);
-    oauth = await startOAuthServer({ port: 0 });
+    backends = await stack.startBackends();
+    const { db, oauth, adminKey, serviceKey, bindings } = backends;
 
-    const adminKey = stack.randomApiKey();
-    const serviceKey = stack.randomApiKey();
-    const bindings = stack.localBindings(db, oauth, { adminKey, serviceKey });
     const start = async (name: string, bundle: stack.WorkerBundle, extra: Record<string, string>) => {
       const worker = await stack.startWorker({ name, bundle, bindings: { ...bindings, ...extra }, onLog: () => {} });
       miniflares.push(worker.mf);
@@ -241,7 +234,7 @@ async function main(): Promise<void> {
       Array.from({ length: SEED_CONCURRENCY }, async () => {
         while (next < BRANCHES) {
           const i = next++;
-          await stack.connectBranch(workers.on, oauth!, adminKey, {
+          await stack.connectBranch(workers.on, oauth, adminKey, {
             client_id: `cache-${runId}-${i}`,
             client_secret: `cache-secret-${runId}-${i}`,
             branch_id: `cache-branch-${i}`,
@@ -295,7 +288,7 @@ async function main(): Promise<void> {
     for (const connections of CONCURRENCIES) {
       const rounds: number[] = [];
       for (let round_ = 0; round_ < PAIRED_ROUNDS; round_++) {
-        const run = (urls: string[]) => measure(db!, urls, headers, connections, PAIRED_WARMUP_MS);
+        const run = (urls: string[]) => measure(db, urls, headers, connections, PAIRED_WARMUP_MS);
         let floorRun: Measured;
         let onRun: Measured;
         if (round_ % 2 === 0) {
@@ -344,9 +337,9 @@ async function main(): Promise<void> {
     for (const url of urlsOf(workers.on)) await (await fetch(url, { headers })).arrayBuffer();
     const faultTimer = (async () => {
       await new Promise((r) => setTimeout(r, FAULT_LEAD_MS));
-      await setDatabase(db!, "down");
+      await setDatabase(db, "down");
       await new Promise((r) => setTimeout(r, FAULT_SECONDS * 1000));
-      await setDatabase(db!, "ok");
+      await setDatabase(db, "ok");
     })();
     const fault = await load({
       url: urlsOf(workers.on),
@@ -421,10 +414,9 @@ async function main(): Promise<void> {
     printTable(byLatency, ratios, faultRun, memory);
     log(`wrote ${RESULTS} (${report.benchWallSeconds} s)`);
   } finally {
-    await setDatabase(db!, "ok").catch(() => undefined);
+    if (backends) await setDatabase(backends.db, "ok").catch(() => undefined);
     for (const mf of miniflares) await mf.dispose().catch(() => undefined);
-    await oauth?.close().catch(() => undefined);
-    if (db) await stack.stopDatabase(db, 5000);
+    await backends?.stop();
     rmSync(scratch, { recursive: true, force: true });
   }
 }

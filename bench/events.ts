@@ -20,9 +20,8 @@ import { cpus, tmpdir } from "node:os";
 import { join } from "node:path";
 import { Webhook } from "standardwebhooks";
 import * as stack from "../dev/local-stack.ts";
-import { type OAuthServer, startOAuthServer } from "../dev/oauth-server/server.ts";
+import type { OAuthServer } from "../dev/oauth-server/server.ts";
 import { startWebhookReceiver, type WebhookReceiver } from "../dev/webhook-receiver/server.ts";
-import { applyMigrations } from "../scripts/migrate.ts";
 import { MAX_OUTBOUND_CONNECTIONS } from "../src/lib/concurrency.ts";
 import { DEGRADED_AFTER_FAILURES } from "../src/services/events.ts";
 import { DELIVERY_MAX_PER_RUN } from "../src/services/webhooks.ts";
@@ -87,22 +86,19 @@ interface Sequence {
 async function main(): Promise<void> {
   const t0 = performance.now();
   const outdir = mkdtempSync(join(tmpdir(), "bench-events-"));
-  let db: stack.LocalDatabase | undefined;
-  let oauth: OAuthServer | undefined;
+  let backends: stack.Backends | undefined;
   let receiver: WebhookReceiver | undefined;
   let worker: stack.RunningWorker | undefined;
   try {
-    db = await stack.startDatabase();
-    await applyMigrations(db.connectionString, db.sqlEndpoint);
-    oauth = await startOAuthServer({ port: 0 });
+    backends = await stack.startBackends();
+    const { db, oauth, adminKey } = backends;
     receiver = await startWebhookReceiver({ secrets: [SECRET] });
     const bundle = await stack.bundleWorker(outdir);
-    const keys = { adminKey: stack.randomApiKey(), serviceKey: stack.randomApiKey() };
     worker = await stack.startWorker({
       name: "bench-events",
       bundle,
       bindings: {
-        ...stack.localBindings(db, oauth, keys),
+        ...backends.bindings,
         WEBHOOK_URL: `${receiver.url}/hooks/worker`,
         WEBHOOK_SECRET: SECRET,
       },
@@ -115,21 +111,21 @@ async function main(): Promise<void> {
       workspace_email: "bench@example.com",
       workspace_name: "Bench",
     };
-    await stack.connectBranch(worker.url, oauth, keys.adminKey, client);
+    await stack.connectBranch(worker.url, oauth, adminKey, client);
     log(`stack up: worker ${worker.url}, receiver ${receiver.url}`);
 
     const refresh = async (): Promise<number> => {
       const response = await fetch(`${api}/tokens/refresh`, {
         method: "POST",
-        headers: { authorization: `Bearer ${keys.adminKey}`, "content-type": "application/json" },
+        headers: { authorization: `Bearer ${adminKey}`, "content-type": "application/json" },
         body: JSON.stringify({ branch_id: client.branch_id }),
       });
       await response.arrayBuffer();
       return response.status;
     };
     const sequence = async (name: string, refreshes: number): Promise<Sequence> => {
-      const before = await countEvents(db!);
-      const trips = await dbRequests(db!);
+      const before = await countEvents(db);
+      const trips = await dbRequests(db);
       const statuses: Record<string, number> = {};
       const started = performance.now();
       for (let i = 0; i < refreshes; i++) {
@@ -137,8 +133,8 @@ async function main(): Promise<void> {
         statuses[status] = (statuses[status] ?? 0) + 1;
       }
       const wallMs = performance.now() - started;
-      const sqlRoundTrips = (await dbRequests(db!)) - trips;
-      const events = difference(await countEvents(db!), before);
+      const sqlRoundTrips = (await dbRequests(db)) - trips;
+      const events = difference(await countEvents(db), before);
       const result = {
         refreshes,
         statuses,
@@ -285,8 +281,7 @@ async function main(): Promise<void> {
   } finally {
     await worker?.mf.dispose().catch(() => undefined);
     await receiver?.close().catch(() => undefined);
-    await oauth?.close().catch(() => undefined);
-    if (db) await stack.stopDatabase(db);
+    await backends?.stop();
     rmSync(outdir, { recursive: true, force: true });
   }
 }

@@ -16,8 +16,6 @@ import { cpus, loadavg, tmpdir } from "node:os";
 import { join } from "node:path";
 import type { Miniflare } from "miniflare";
 import * as stack from "../dev/local-stack.ts";
-import { type OAuthServer, startOAuthServer } from "../dev/oauth-server/server.ts";
-import { applyMigrations } from "../scripts/migrate.ts";
 
 const RESULTS = stack.resultsPath("bench/proxy-results.json");
 const CALLS = stack.benchKnob("BENCH_PROXY_CALLS", 300, 20);
@@ -76,19 +74,15 @@ async function sqlRequests(db: stack.LocalDatabase): Promise<number> {
 async function main(): Promise<void> {
   const startedAt = new Date();
   const scratch = mkdtempSync(join(tmpdir(), "tm-bench-proxy-"));
-  let db: stack.LocalDatabase | undefined;
-  let oauth: OAuthServer | undefined;
+  let backends: stack.Backends | undefined;
   const upstream = await startUpstream();
   const miniflares: Miniflare[] = [];
   try {
     const bundle = await stack.bundleWorker(join(scratch, "app"));
-    db = await stack.startDatabase();
-    await applyMigrations(db.connectionString, db.sqlEndpoint);
-    oauth = await startOAuthServer({ port: 0 });
-    const adminKey = stack.randomApiKey();
-    const serviceKey = stack.randomApiKey();
+    backends = await stack.startBackends();
+    const { db, oauth, adminKey, serviceKey } = backends;
     const bindings = {
-      ...stack.localBindings(db, oauth, { adminKey, serviceKey }),
+      ...backends.bindings,
       PROXY_BASE_URLS: upstream.url,
       PROXY_QUOTA_PER_MINUTE: "1000000",
     };
@@ -158,10 +152,9 @@ async function main(): Promise<void> {
     if (at20.sqlRoundTripsPerWarmCall !== 0) throw new Error("warm proxied calls sent SQL");
   } finally {
     for (const mf of miniflares) await mf.dispose().catch(() => undefined);
-    await oauth?.close().catch(() => undefined);
+    await backends?.stop();
     upstream.server.closeAllConnections();
     upstream.server.close();
-    if (db) await stack.stopDatabase(db, 5000);
     rmSync(scratch, { recursive: true, force: true });
   }
 }

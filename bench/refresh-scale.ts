@@ -25,8 +25,7 @@ import { mkdtempSync, rmSync } from "node:fs";
 import { cpus, loadavg, tmpdir } from "node:os";
 import { join } from "node:path";
 import * as stack from "../dev/local-stack.ts";
-import { type OAuthServer, startOAuthServer } from "../dev/oauth-server/server.ts";
-import { applyMigrations } from "../scripts/migrate.ts";
+import type { OAuthServer } from "../dev/oauth-server/server.ts";
 import { loadKeyring, seal } from "../src/lib/crypto.ts";
 import { PROVIDER_CONCURRENCY, QUEUE_MESSAGE_TOKENS } from "../src/services/scheduled.ts";
 import { ADOPT_LEGACY_ROWS } from "./legacy-rows.ts";
@@ -224,20 +223,16 @@ async function count(db: stack.LocalDatabase, query: string): Promise<number> {
 async function main(): Promise<void> {
   const startedAt = new Date();
   const scratch = mkdtempSync(join(tmpdir(), "tm-bench-scale-"));
-  let db: stack.LocalDatabase | undefined;
-  let oauth: OAuthServer | undefined;
+  let backends: stack.Backends | undefined;
   let worker: stack.RunningWorker | undefined;
   const events = new Map<string, number>();
   const counted = new Map<string, number[]>();
   try {
     const bundle = await stack.bundleWorker(join(scratch, "app"));
-    db = await stack.startDatabase();
-    await applyMigrations(db.connectionString, db.sqlEndpoint);
-    oauth = await startOAuthServer({ port: 0 });
-    const adminKey = stack.randomApiKey();
-    const serviceKey = stack.randomApiKey();
+    backends = await stack.startBackends();
+    const { db, oauth } = backends;
     const bindings: Record<string, string> = {
-      ...stack.localBindings(db, oauth, { adminKey, serviceKey }),
+      ...backends.bindings,
       CRON_MAX_REFRESHES: String(CRON_MAX_REFRESHES),
       CRON_REFRESH_WINDOW_SECONDS: String(CRON_WINDOW_SECONDS),
     };
@@ -383,8 +378,7 @@ async function main(): Promise<void> {
     );
   } finally {
     await worker?.mf.dispose().catch(() => undefined);
-    await oauth?.close().catch(() => undefined);
-    if (db) await stack.stopDatabase(db, 5000);
+    await backends?.stop();
     rmSync(scratch, { recursive: true, force: true });
   }
 }

@@ -19,9 +19,8 @@ import { join } from "node:path";
 import { gzipSync } from "node:zlib";
 import type { Miniflare } from "miniflare";
 import * as stack from "../dev/local-stack.ts";
-import { type OAuthServer, startOAuthServer } from "../dev/oauth-server/server.ts";
+import type { OAuthServer } from "../dev/oauth-server/server.ts";
 import { ASSETS_DIR } from "../scripts/docs-assets.ts";
-import { applyMigrations } from "../scripts/migrate.ts";
 import { cpuBreakdown } from "./cpu.ts";
 import { type LoadResult, load } from "./load.ts";
 
@@ -174,8 +173,7 @@ async function main(): Promise<void> {
   const startedAt = new Date();
   const t0 = performance.now();
   const scratch = mkdtempSync(join(tmpdir(), "tm-bench-"));
-  let db: stack.LocalDatabase | undefined;
-  let oauth: OAuthServer | undefined;
+  let backends: stack.Backends | undefined;
   const miniflares: Miniflare[] = [];
   const workerLogs: string[] = [];
   try {
@@ -201,16 +199,13 @@ async function main(): Promise<void> {
     log(`static assets (the docs renderer, not in the bundle): ${assets.bytes} B, gzip ${assets.gzipBytes} B`);
 
     // 2. Database and authorization server.
-    db = await stack.startDatabase();
-    await applyMigrations(db.connectionString, db.sqlEndpoint);
-    oauth = await startOAuthServer({ port: 0 });
+    backends = await stack.startBackends();
+    const { db, oauth, adminKey, serviceKey } = backends;
     log(`neon-local ${db.url} (PGlite in memory, own process); oauth-server ${oauth.url}`);
 
     // 3. Workers.
-    const adminKey = stack.randomApiKey();
-    const serviceKey = stack.randomApiKey();
     const bindings: Record<string, string> = {
-      ...stack.localBindings(db, oauth, { adminKey, serviceKey }),
+      ...backends.bindings,
       OAUTH_SCOPES: "https://www.googleapis.com/auth/business.manage",
       OAUTH_CLIENT_AUTH_METHOD: "client_secret_post",
       OAUTH_TIMEOUT_MS: "10000",
@@ -245,7 +240,7 @@ async function main(): Promise<void> {
     const runId = randomBytes(4).toString("hex");
     const seedStarted = performance.now();
     await forEachBounded(CRON_TOKENS, SEED_CONCURRENCY, async (i) => {
-      await stack.connectBranch(appMf.url, oauth!, adminKey, benchClient(i, runId));
+      await stack.connectBranch(appMf.url, oauth, adminKey, benchClient(i, runId));
     });
     const seedMs = performance.now() - seedStarted;
     log(`connected ${CRON_TOKENS} branches through the real flow in ${(seedMs / 1000).toFixed(1)} s`);
@@ -475,8 +470,7 @@ async function main(): Promise<void> {
     throw error;
   } finally {
     for (const mf of miniflares) await mf.dispose().catch(() => undefined);
-    await oauth?.close().catch(() => undefined);
-    if (db) await stack.stopDatabase(db, 5000);
+    await backends?.stop();
     rmSync(scratch, { recursive: true, force: true });
   }
 }

@@ -6,7 +6,8 @@
  *   - the Worker bundled by `wrangler deploy --dry-run --outdir` and run in workerd through Miniflare;
  *   - branches connected through the real consent flow against dev/oauth-server.
  *
- * Each script starts the authorization server itself (`startOAuthServer`) and decides what to measure.
+ * startBackends starts the database (migrated) and the authorization server with fresh API keys;
+ * each script then starts its Workers and decides what to measure.
  */
 import { type ChildProcess, execFile, execFileSync, spawn } from "node:child_process";
 import { randomBytes } from "node:crypto";
@@ -17,7 +18,8 @@ import { fileURLToPath } from "node:url";
 import { promisify } from "node:util";
 import { convertV4MiniflareOptions, Miniflare, type WorkerdStructuredLog } from "miniflare";
 import { copyDocsAssets } from "../scripts/docs-assets.ts";
-import type { OAuthServer } from "./oauth-server/server.ts";
+import { applyMigrations } from "../scripts/migrate.ts";
+import { type OAuthServer, startOAuthServer } from "./oauth-server/server.ts";
 
 /** The repository root. */
 export const ROOT = resolve(dirname(fileURLToPath(import.meta.url)), "..");
@@ -178,6 +180,42 @@ export function localBindings(
     OAUTH_TOKEN_URL: `${oauth.url}/token`,
     OAUTH_REVOCATION_URL: `${oauth.url}/revoke`,
     OAUTH_ALLOW_INSECURE_HTTP: "true",
+  };
+}
+
+/** What a bench runs its Workers against (startBackends). */
+export interface Backends {
+  db: LocalDatabase;
+  oauth: OAuthServer;
+  adminKey: string;
+  serviceKey: string;
+  /** localBindings for these: add the run's own settings to them. */
+  bindings: Record<string, string>;
+  /** Stops the authorization server and the database (never throws). */
+  stop(): Promise<void>;
+}
+
+/** The local database (migrated), the authorization server on a free port, and fresh API keys. */
+export async function startBackends(): Promise<Backends> {
+  const db = await startDatabase();
+  let oauth: OAuthServer;
+  try {
+    await applyMigrations(db.connectionString, db.sqlEndpoint);
+    oauth = await startOAuthServer({ port: 0 });
+  } catch (error) {
+    await stopDatabase(db);
+    throw error;
+  }
+  const keys = { adminKey: randomApiKey(), serviceKey: randomApiKey() };
+  return {
+    db,
+    oauth,
+    ...keys,
+    bindings: localBindings(db, oauth, keys),
+    stop: async () => {
+      await oauth.close().catch(() => undefined);
+      await stopDatabase(db, 5000);
+    },
   };
 }
 
