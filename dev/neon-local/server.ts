@@ -282,11 +282,20 @@ async function handleFail(state: ServerState, req: IncomingMessage, res: ServerR
   return sendJson(res, 200, match === undefined ? { mode } : { mode, match });
 }
 
-/** Whether fault injection fails this request: all of it, or only SQL matching every string. */
+/**
+ * Whether fault injection fails this request: all of it, or only a statement matching every string
+ * (in its SQL or a parameter; `=value`: a parameter equal to value, e.g. one id among many).
+ */
 function faulted(down: ServerState["down"], request: ParsedRequest): boolean {
   if (down === true || down === false) return down;
   const queries = "queries" in request ? request.queries : [request];
-  return queries.some((q) => down.every((text) => q.query.includes(text) || q.params.some((p) => p?.includes(text))));
+  return queries.some((q) =>
+    down.every((text) =>
+      text.startsWith("=")
+        ? q.params.some((p) => p === text.slice(1))
+        : q.query.includes(text) || q.params.some((p) => p?.includes(text)),
+    ),
+  );
 }
 
 async function handleLatency(state: ServerState, req: IncomingMessage, res: ServerResponse): Promise<void> {

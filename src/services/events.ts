@@ -368,6 +368,27 @@ export async function claimDueEvents(
   return rows.sort((a, b) => a.id - b.id);
 }
 
+/**
+ * Gives back claims a pass took and did not use (it stopped before sending those events): each is
+ * due again at `now`, without the attempt its claim counted. Only events still under that very claim
+ * (pending, next_attempt_at the claim's end) change. Returns how many were given back.
+ */
+export async function releaseClaims(db: Db, claims: ReadonlyMap<number, Date>, now: Date): Promise<number> {
+  const byEnd = new Map<number, number[]>();
+  for (const [id, claimUntil] of claims)
+    byEnd.set(claimUntil.getTime(), [...(byEnd.get(claimUntil.getTime()) ?? []), id]);
+  let released = 0;
+  for (const [end, ids] of byEnd) {
+    const rows = await db
+      .update(events)
+      .set({ attempts: sql`${events.attempts} - 1`, nextAttemptAt: now })
+      .where(and(inArray(events.id, ids), eq(events.deliveryState, "pending"), eq(events.nextAttemptAt, new Date(end))))
+      .returning({ id: events.id });
+    released += rows.length;
+  }
+  return released;
+}
+
 export interface DeliveryOutcome {
   id: number;
   state: "delivered" | "pending" | "failed" | "stopped";

@@ -7,7 +7,14 @@ import type { Keyring } from "../lib/crypto";
 import { fromBase64, utf8 } from "../lib/encoding";
 import { describeError, logInfo, logWarn } from "../lib/log";
 import type { MetricPoint, MetricSource, Metrics } from "../lib/metrics";
-import { claimDueEvents, type DeliveryOutcome, pruneEvents, recordDeliveries, stopPendingDeliveries } from "./events";
+import {
+  claimDueEvents,
+  type DeliveryOutcome,
+  pruneEvents,
+  recordDeliveries,
+  releaseClaims,
+  stopPendingDeliveries,
+} from "./events";
 import { clientsAwaitingConsent, signLoginLink } from "./login-links";
 import { pruneSecurityEvents } from "./risc";
 
@@ -275,7 +282,8 @@ export function deliveryClaimMs(pageSize: number, timeoutMs: number): number {
  * and the page itself can take, so a concurrent pass cannot send them too), and outcomes are
  * recorded a page at a time in the background. No lane waits for a page boundary. `onlyIds` limits
  * the pass to the events a change just wrote (the first attempt, from waitUntil). A failed claim or
- * record stops new sends; what was sent is still recorded before the failure is rethrown.
+ * record stops new sends; what was sent is still recorded, and what was claimed but not sent given
+ * back, before the failure is rethrown.
  */
 export async function deliverDueEvents(
   deps: DeliveryDeps,
@@ -287,6 +295,8 @@ export async function deliverDueEvents(
   const at = () => new Date(now.getTime() + (Date.now() - started));
   const max = options.max ?? DELIVERY_MAX_PER_RUN;
   const ready: { event: EventRow; awaitingConsent: boolean }[] = [];
+  // Claimed and not yet taken by a lane: given back if the pass stops early (releaseClaims).
+  const unsent = new Map<number, Date>();
   let claimedAll = false;
   let claiming: Promise<void> | undefined;
   let failure: { error: unknown } | undefined;
@@ -298,6 +308,7 @@ export async function deliverDueEvents(
     // The events already waiting go out before this page does: the claim covers them too.
     const claimUntil = new Date(at().getTime() + deliveryClaimMs(ready.length + limit, deps.target.timeoutMs));
     const page = await claimDueEvents(deps.db, at(), claimUntil, limit, options.onlyIds);
+    for (const event of page) unsent.set(event.id, claimUntil);
     summary.attempted += page.length;
     if (page.length < limit || options.onlyIds || summary.attempted >= max) claimedAll = true;
     const awaiting = await clientsAwaitingConsent(
@@ -308,7 +319,7 @@ export async function deliverDueEvents(
   };
   const next = async () => {
     for (;;) {
-      if (gone || failure) return undefined;
+      if (gone || failure || recorder.failed) return undefined;
       // Claim ahead while half a page is still waiting, so lanes rarely wait on the database.
       if (!claiming && !claimedAll && ready.length < DELIVERY_PAGE_SIZE / 2) {
         claiming = claimPage()
@@ -320,7 +331,10 @@ export async function deliverDueEvents(
           });
       }
       const item = ready.shift();
-      if (item) return item;
+      if (item) {
+        unsent.delete(item.event.id);
+        return item;
+      }
       if (!claiming) return undefined;
       await claiming;
     }
@@ -351,6 +365,13 @@ export async function deliverDueEvents(
   await lanes;
   await claiming;
   const recorded = await recorder.drain();
+  if ((failure || recorded) && !gone && unsent.size > 0) {
+    // Stopped early: what was claimed and not sent is due again now, not when its claim ends (up to
+    // minutes for a page), and keeps its attempt count. Best effort: the database may be what failed.
+    const released = await releaseClaims(deps.db, unsent, at()).catch(() => 0);
+    summary.attempted -= released;
+    logWarn("webhook_claims_released", { released, claimed_unsent: unsent.size });
+  }
   if (gone) {
     // Every event waiting for this URL stops too (those claimed here and not sent included); they
     // stay in the log and can be redelivered once the receiver wants them again.
@@ -378,6 +399,11 @@ class OutcomeRecorder {
   push(outcome: DeliveryOutcome): void {
     this.pending.push(outcome);
     if (this.pending.length >= DELIVERY_PAGE_SIZE) this.flush();
+  }
+
+  /** Whether a write failed (the pass then starts no new sends). */
+  get failed(): boolean {
+    return this.failure !== undefined;
   }
 
   async drain(): Promise<{ error: unknown } | undefined> {

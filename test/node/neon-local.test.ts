@@ -437,6 +437,15 @@ describe.each(backends)("neon-local on $name", ({ backend, enabled }) => {
         await fail({ mode: "ok" });
       }
       expect(await sql.query("SELECT $1::text AS v", ["doomed"])).toEqual([{ v: "doomed" }]);
+      // "=v": a parameter equal to v, not one containing it (id 57 is not id 157).
+      expect((await fail({ mode: "down", match: ["SELECT $1::int", "=57"] })).status).toBe(200);
+      try {
+        expect(await sql.query("SELECT $1::int AS v", [157])).toEqual([{ v: 157 }]);
+        const error = await rejection(sql.query("SELECT $1::int AS v", [57]));
+        expect(error.message).toMatch(/HTTP status 503/);
+      } finally {
+        await fail({ mode: "ok" });
+      }
       expect((await fail({ mode: "down", match: [] })).status).toBe(400);
       expect((await fail({ mode: "down", match: [1] })).status).toBe(400);
       expect((await fail({ mode: "ok", match: ["x"] })).status).toBe(400);

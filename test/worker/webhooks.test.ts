@@ -14,6 +14,7 @@ import { TEST_ADMIN_KEY } from "./bindings";
 import {
   eventById,
   eventsOf,
+  expireIn,
   type Inbox,
   makeDue,
   neonFault,
@@ -26,7 +27,7 @@ import {
   webhookBindings,
 } from "./event-helpers";
 import { BASE, type CallOptions, call, expectProblem, json, recordingDataset, type TestEnv, testEnv } from "./helpers";
-import { postJson, registerBranch, sql } from "./oauth-helpers";
+import { connectBranch, postJson, registerBranch, setProviderBehavior, sql } from "./oauth-helpers";
 
 /**
  * Webhook delivery against the real local receiver (dev/webhook-receiver), which verifies each
@@ -215,6 +216,37 @@ describe("delivery", () => {
     const stored = await eventById(eventId);
     expect(stored).toMatchObject({ delivery_state: "pending", attempts: 2 });
     expect(Date.parse(stored!.next_attempt_at!)).toBeGreaterThan(Date.now());
+  });
+
+  it("a pass that stops after claiming gives back what it did not send: due again, its attempt not counted", async () => {
+    const inbox = await newInbox();
+    const bindings = webhookBindings(inbox.url);
+    await inbox.set("fail", { status: 500 });
+    // A needs_reauth event: invalid_grant on a read (the first attempt fails at the receiver).
+    const branch = await connectBranch();
+    await expireIn(branch.clientId, -10);
+    await setProviderBehavior(branch.oauthClientId, { failNext: { status: 400, error: "invalid_grant", count: 1 } });
+    const read = await call(`/tokens/${branch.branchId}`, { key: "service", envOverrides: bindings });
+    expect(read.status).toBe(409);
+    const [event] = (await eventsOf(branch.clientId)).filter((e) => e.type === "connection.needs_reauth");
+    expect(event).toMatchObject({ delivery_state: "pending", attempts: 1 });
+    await inbox.set("ok");
+    await makeDue([event!.id]);
+    // The pass claims the event, then its lookup of clients awaiting consent (this client only) fails.
+    await neonFault({ mode: "down", match: ["lateral", "needs_reauth", `=${branch.clientId}`] });
+    try {
+      await expect(runEventCron(bindings)).rejects.toThrow();
+    } finally {
+      await neonFault({ mode: "ok" });
+    }
+    const given = await eventById(event!.id);
+    expect(given).toMatchObject({ delivery_state: "pending", attempts: 1 });
+    expect(Date.parse(given!.next_attempt_at!)).toBeLessThanOrEqual(Date.now());
+    // The next pass sends it at once (not when a claim of minutes ends).
+    await runEventCron(bindings);
+    const answers = (await inbox.deliveries()).filter((d) => d.id === `evt_${event!.id}`).map((d) => d.answered);
+    expect(answers).toEqual([500, 204]);
+    expect(await eventById(event!.id)).toMatchObject({ delivery_state: "delivered", attempts: 2 });
   });
 
   it("a claim outlasts the longest page a pass can take, so a second pass cannot send the same event", async () => {
