@@ -274,7 +274,9 @@ async function handleFail(state: ServerState, req: IncomingMessage, res: ServerR
   const match = request?.match;
   const validMatch =
     match === undefined ||
-    (Array.isArray(match) && match.length > 0 && match.every((m) => typeof m === "string" && m.length > 0));
+    (Array.isArray(match) &&
+      match.length > 0 &&
+      match.every((m) => typeof m === "string" && m.length > 0 && m !== "="));
   if ((mode !== "down" && mode !== "ok") || !validMatch || (mode === "ok" && match !== undefined)) {
     return sendText(res, 400, 'expected {"mode": "down" | "ok"}, and for "down" an optional "match": [strings]');
   }

@@ -375,14 +375,23 @@ export async function claimDueEvents(
  */
 export async function releaseClaims(db: Db, claims: ReadonlyMap<number, Date>, now: Date): Promise<number> {
   const byEnd = new Map<number, number[]>();
-  for (const [id, claimUntil] of claims)
-    byEnd.set(claimUntil.getTime(), [...(byEnd.get(claimUntil.getTime()) ?? []), id]);
+  for (const [id, claimUntil] of claims) {
+    const end = claimUntil.getTime();
+    byEnd.set(end, [...(byEnd.get(end) ?? []), id]);
+  }
   let released = 0;
   for (const [end, ids] of byEnd) {
     const rows = await db
       .update(events)
       .set({ attempts: sql`${events.attempts} - 1`, nextAttemptAt: now })
-      .where(and(inArray(events.id, ids), eq(events.deliveryState, "pending"), eq(events.nextAttemptAt, new Date(end))))
+      .where(
+        and(
+          inArray(events.id, ids),
+          eq(events.deliveryState, "pending"),
+          eq(events.nextAttemptAt, new Date(end)),
+          gt(events.attempts, 0),
+        ),
+      )
       .returning({ id: events.id });
     released += rows.length;
   }

@@ -331,10 +331,7 @@ export async function deliverDueEvents(
           });
       }
       const item = ready.shift();
-      if (item) {
-        unsent.delete(item.event.id);
-        return item;
-      }
+      if (item) return item;
       if (!claiming) return undefined;
       await claiming;
     }
@@ -344,6 +341,8 @@ export async function deliverDueEvents(
       const { event, awaitingConsent } = item;
       const attemptAt = at();
       const body = JSON.stringify(await buildPayload(deps, event, awaitingConsent, attemptAt));
+      // From here on the event is this pass's to record (sent, or its claim stands).
+      unsent.delete(event.id);
       const sentAt = Date.now();
       const result = await sendWebhook(deps.target, webhookId(event.id), body, attemptAt, deps.fetcher);
       deps.metrics?.record(attemptMetric(event, result, Date.now() - sentAt, deps.source));
@@ -368,7 +367,10 @@ export async function deliverDueEvents(
   if ((failure || recorded) && !gone && unsent.size > 0) {
     // Stopped early: what was claimed and not sent is due again now, not when its claim ends (up to
     // minutes for a page), and keeps its attempt count. Best effort: the database may be what failed.
-    const released = await releaseClaims(deps.db, unsent, at()).catch(() => 0);
+    const released = await releaseClaims(deps.db, unsent, at()).catch((error: unknown) => {
+      logWarn("webhook_claims_not_released", { claimed_unsent: unsent.size, error: describeError(error) });
+      return 0;
+    });
     summary.attempted -= released;
     logWarn("webhook_claims_released", { released, claimed_unsent: unsent.size });
   }

@@ -448,6 +448,7 @@ describe.each(backends)("neon-local on $name", ({ backend, enabled }) => {
       }
       expect((await fail({ mode: "down", match: [] })).status).toBe(400);
       expect((await fail({ mode: "down", match: [1] })).status).toBe(400);
+      expect((await fail({ mode: "down", match: ["="] })).status).toBe(400);
       expect((await fail({ mode: "ok", match: ["x"] })).status).toBe(400);
     });
 

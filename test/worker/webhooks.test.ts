@@ -235,7 +235,7 @@ describe("delivery", () => {
     // The pass claims the event, then its lookup of clients awaiting consent (this client only) fails.
     await neonFault({ mode: "down", match: ["lateral", "needs_reauth", `=${branch.clientId}`] });
     try {
-      await expect(runEventCron(bindings)).rejects.toThrow();
+      await expect(runEventCron(bindings)).rejects.toThrow(/Failed query: select "clients"."id"/);
     } finally {
       await neonFault({ mode: "ok" });
     }
