@@ -128,6 +128,8 @@ export async function startNeonLocal(opts: NeonLocalOptions = {}): Promise<NeonL
     backend,
     maxBodyBytes,
     down: false,
+    scopedFaults: new Map(),
+    nextFaultId: 1,
     latencyMs: opts.latencyMs ?? 0,
     stats: emptyStats(),
     statsByUser: new Map(),
@@ -208,8 +210,14 @@ async function stopServer(server: ReturnType<typeof createServer>): Promise<void
 interface ServerState {
   backend: SqlBackend;
   maxBodyBytes: number;
-  /** true: every POST /sql fails; a list: only those whose SQL or parameters contain every string. */
-  down: boolean | string[];
+  /** Every POST /sql fails. */
+  down: boolean;
+  /**
+   * Scoped faults by id: a POST /sql with a statement matching every string of one fails. Each is
+   * cleared on its own, so test files sharing the server do not clear each other's.
+   */
+  scopedFaults: Map<number, string[]>;
+  nextFaultId: number;
   /** Injected delay per POST /sql, as if the database were that far away. */
   latencyMs: number;
   stats: NeonStats;
@@ -264,39 +272,61 @@ async function handle(state: ServerState, req: IncomingMessage, res: ServerRespo
 async function handleFail(state: ServerState, req: IncomingMessage, res: ServerResponse): Promise<void> {
   const body = await readBody(req, state.maxBodyBytes);
   if (body === "too-large") return sendText(res, 413, "request body too large", { Connection: "close" });
-  let request: { mode?: unknown; match?: unknown } | null;
+  let request: { mode?: unknown; match?: unknown; id?: unknown } | null;
   try {
-    request = JSON.parse(body.toString("utf8")) as { mode?: unknown; match?: unknown } | null;
+    request = JSON.parse(body.toString("utf8")) as { mode?: unknown; match?: unknown; id?: unknown } | null;
   } catch {
     request = null;
   }
   const mode = request?.mode;
   const match = request?.match;
+  const id = request?.id;
   const validMatch =
     match === undefined ||
     (Array.isArray(match) &&
       match.length > 0 &&
       match.every((m) => typeof m === "string" && m.length > 0 && m !== "="));
-  if ((mode !== "down" && mode !== "ok") || !validMatch || (mode === "ok" && match !== undefined)) {
-    return sendText(res, 400, 'expected {"mode": "down" | "ok"}, and for "down" an optional "match": [strings]');
+  const validId = id === undefined || (mode === "ok" && Number.isInteger(id));
+  if ((mode !== "down" && mode !== "ok") || !validMatch || !validId || (mode === "ok" && match !== undefined)) {
+    return sendText(
+      res,
+      400,
+      'expected {"mode": "down"} (everything), {"mode": "down", "match": [strings]} (a scoped fault, answered with its id), {"mode": "ok", "id": N} (clears that one) or {"mode": "ok"} (clears all)',
+    );
   }
-  state.down = mode === "ok" ? false : ((match as string[] | undefined) ?? true);
-  return sendJson(res, 200, match === undefined ? { mode } : { mode, match });
+  if (mode === "down" && match !== undefined) {
+    const faultId = state.nextFaultId++;
+    state.scopedFaults.set(faultId, match as string[]);
+    return sendJson(res, 200, { mode, match, id: faultId });
+  }
+  if (mode === "down") {
+    state.down = true;
+    return sendJson(res, 200, { mode });
+  }
+  if (id !== undefined) {
+    state.scopedFaults.delete(id as number);
+    return sendJson(res, 200, { mode, id });
+  }
+  state.down = false;
+  state.scopedFaults.clear();
+  return sendJson(res, 200, { mode });
 }
 
 /**
  * Whether fault injection fails this request: all of it, or only a statement matching every string
  * (in its SQL or a parameter; `=value`: a parameter equal to value, e.g. one id among many).
  */
-function faulted(down: ServerState["down"], request: ParsedRequest): boolean {
-  if (down === true || down === false) return down;
+function faulted(state: ServerState, request: ParsedRequest): boolean {
+  if (state.down) return true;
   const queries = "queries" in request ? request.queries : [request];
-  return queries.some((q) =>
-    down.every((text) =>
-      text.startsWith("=")
-        ? q.params.some((p) => p === text.slice(1))
-        : q.query.includes(text) || q.params.some((p) => p?.includes(text)),
-    ),
+  return [...state.scopedFaults.values()].some((match) => queries.some((q) => matches(match, q)));
+}
+
+function matches(match: string[], q: { query: string; params: (string | null)[] }): boolean {
+  return match.every((text) =>
+    text.startsWith("=")
+      ? q.params.some((p) => p === text.slice(1))
+      : q.query.includes(text) || q.params.some((p) => p?.includes(text)),
   );
 }
 
@@ -354,7 +384,7 @@ async function handleSql(state: ServerState, req: IncomingMessage, res: ServerRe
   try {
     checkConnectionString(req.headers["neon-connection-string"]);
     const request = parseSqlRequest(body);
-    if (faulted(state.down, request)) return sendText(res, 503, downMessage, cors());
+    if (faulted(state, request)) return sendText(res, 503, downMessage, cors());
     const defaultArrayMode = header(req, "neon-array-mode") === "true";
     if ("queries" in request) {
       const options = batchOptions(req);

@@ -449,6 +449,23 @@ describe.each(backends)("neon-local on $name", ({ backend, enabled }) => {
       expect((await fail({ mode: "down", match: [] })).status).toBe(400);
       expect((await fail({ mode: "down", match: [1] })).status).toBe(400);
       expect((await fail({ mode: "down", match: ["="] })).status).toBe(400);
+      expect((await fail({ mode: "ok", id: "1" })).status).toBe(400);
+      expect((await fail({ mode: "down", id: 1 })).status).toBe(400);
+    });
+
+    it("clears one scoped fault by its id, leaving another client's in place", async () => {
+      const fail = (body: unknown) => fetch(`${local.url}/admin/fail`, { method: "POST", body: JSON.stringify(body) });
+      const mine = (await (await fail({ mode: "down", match: ["=mine"] })).json()) as { id: number };
+      const theirs = (await (await fail({ mode: "down", match: ["=theirs"] })).json()) as { id: number };
+      expect(mine.id).not.toBe(theirs.id);
+      try {
+        expect((await fail({ mode: "ok", id: mine.id })).status).toBe(200);
+        expect(await sql.query("SELECT $1::text AS v", ["mine"])).toEqual([{ v: "mine" }]);
+        expect((await rejection(sql.query("SELECT $1::text AS v", ["theirs"]))).message).toMatch(/HTTP status 503/);
+      } finally {
+        await fail({ mode: "ok" });
+      }
+      expect(await sql.query("SELECT $1::text AS v", ["theirs"])).toEqual([{ v: "theirs" }]);
       expect((await fail({ mode: "ok", match: ["x"] })).status).toBe(400);
     });
 

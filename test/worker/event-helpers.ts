@@ -110,10 +110,27 @@ export async function runEventCron(overrides: CallOptions["envOverrides"] = {}) 
   return runScheduledEvents(services, new Date());
 }
 
-/** Scoped fault injection at the local database (dev/neon-local): `match` limits it to SQL containing every string. */
-export async function neonFault(body: { mode: "down" | "ok"; match?: string[] }): Promise<void> {
+/** Scoped fault injection at the local database (dev/neon-local): statements matching every string of `match` (in their SQL or a parameter; `=v`: a parameter equal to v) answer 503 until "ok". */
+export async function neonFault(body: { mode: "down"; match: string[] } | { mode: "ok" }): Promise<void> {
+  if (body.mode === "ok") {
+    for (const id of ownFaults) await postFault({ mode: "ok", id });
+    ownFaults.clear();
+    return;
+  }
+  const { id } = (await postFault(body)) as { id: number };
+  ownFaults.add(id);
+}
+
+/**
+ * The scoped faults this test file set: "ok" clears only these, never another file's (the files
+ * share one neon-local server, and each runs in an isolate of its own, with its own module state).
+ */
+const ownFaults = new Set<number>();
+
+async function postFault(body: unknown): Promise<unknown> {
   const response = await fetch(`${testEnv.NEON_LOCAL_URL}/admin/fail`, { method: "POST", body: JSON.stringify(body) });
   if (!response.ok) throw new Error(`neon-local fault: ${await response.text()}`);
+  return response.json();
 }
 
 /** Waits until the client's current token is leased, and returns the lease owner (a refresher in flight). */

@@ -5,6 +5,7 @@ import worker from "../../src/index";
 import { LEASE_WRITE_ALLOWANCE_MS, leaseMsFor } from "../../src/services/refresh-policy";
 import { refreshDeps, refreshTokens, type SchedulerEnv } from "../../src/services/scheduled";
 import { getBranchToken, type ServedToken, type TokenDeps } from "../../src/services/tokens";
+import { neonFault } from "./event-helpers";
 import { call, json, testEnv } from "./helpers";
 import {
   type ConnectedBranch,
@@ -105,11 +106,6 @@ async function slowBranch(delayMs: number, behavior: Partial<ProviderBehavior> =
   const branch = await connectBranch({ providerBehavior: behavior });
   await setProviderBehavior(branch.oauthClientId, { tokenDelayMs: delayMs });
   return branch;
-}
-
-async function neonFault(body: { mode: "down" | "ok"; match?: string[] }): Promise<void> {
-  const response = await fetch(`${testEnv.NEON_LOCAL_URL}/admin/fail`, { method: "POST", body: JSON.stringify(body) });
-  if (!response.ok) throw new Error(`neon-local fault: ${await response.text()}`);
 }
 
 describe("the refresh lease", () => {
