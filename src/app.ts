@@ -122,18 +122,13 @@ export async function fastTokenRead(request: Request, env: Env, ctx: ExecutionCo
   if (!knownKeyAdmits(request, services.config, TOKEN_READ_ROLE)) return undefined;
   const requestId = requestIdOf(request);
   const baseUrl = baseUrlOf(request);
+  const defer = (task: Promise<unknown>) => ctx.waitUntil(task);
   try {
-    return noStore(
-      await serveTokenRead(
-        operatorFrom(services, baseUrl, (task) => ctx.waitUntil(task)),
-        branchId,
-        requestId,
-      ),
-    );
+    return noStore(await serveTokenRead(operatorFrom(services, baseUrl, defer), branchId, requestId));
   } catch (error) {
     return noStore(handleError(error, requestId));
   } finally {
-    deliverWrittenEvents(services, baseUrl, (task) => ctx.waitUntil(task));
+    deliverWrittenEvents(services, baseUrl, defer);
   }
 }
 

@@ -47,7 +47,7 @@ export function requireKey(role: KeyRole) {
  * and rate limited.
  */
 async function keyRoles(config: Config, presented: string): Promise<KeyRoles> {
-  const known = rememberedKeys.get(config)?.get(presented);
+  const known = rememberedRoles(config, presented);
   if (known) return known;
   const [admin = false, service = false] = await matchesEach(presented, config.ADMIN_API_KEY, config.SERVICE_API_KEY);
   if (admin || service) {
@@ -69,6 +69,10 @@ type KeyRoles = readonly [admin: boolean, service: boolean];
 const rememberedKeys = new WeakMap<Config, Map<string, KeyRoles>>();
 const MAX_REMEMBERED_KEYS = 16;
 
+function rememberedRoles(config: Config, presented: string): KeyRoles | undefined {
+  return rememberedKeys.get(config)?.get(presented);
+}
+
 /** The admin key opens every route; the service key only service routes. */
 function allows([admin, service]: KeyRoles, role: KeyRole): boolean {
   return admin || (service && role === "service");
@@ -82,7 +86,7 @@ function allows([admin, service]: KeyRoles, role: KeyRole): boolean {
 export function knownKeyAdmits(request: Request, config: Config, role: KeyRole): boolean {
   const presented = presentedKey(request);
   if (presented === undefined || addressBlocked(clientAddress(request), Date.now())) return false;
-  const known = rememberedKeys.get(config)?.get(presented);
+  const known = rememberedRoles(config, presented);
   return known !== undefined && allows(known, role);
 }
 

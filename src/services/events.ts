@@ -377,7 +377,9 @@ export async function releaseClaims(db: Db, claims: ReadonlyMap<number, Date>, n
   const byEnd = new Map<number, number[]>();
   for (const [id, claimUntil] of claims) {
     const end = claimUntil.getTime();
-    byEnd.set(end, [...(byEnd.get(end) ?? []), id]);
+    const ids = byEnd.get(end);
+    if (ids) ids.push(id);
+    else byEnd.set(end, [id]);
   }
   let released = 0;
   for (const [end, ids] of byEnd) {

@@ -367,12 +367,13 @@ export async function deliverDueEvents(
   if ((failure || recorded) && !gone && unsent.size > 0) {
     // Stopped early: what was claimed and not sent is due again now, not when its claim ends (up to
     // minutes for a page), and keeps its attempt count. Best effort: the database may be what failed.
-    const released = await releaseClaims(deps.db, unsent, at()).catch((error: unknown) => {
+    try {
+      const released = await releaseClaims(deps.db, unsent, at());
+      summary.attempted -= released;
+      logWarn("webhook_claims_released", { released, claimed_unsent: unsent.size });
+    } catch (error) {
       logWarn("webhook_claims_not_released", { claimed_unsent: unsent.size, error: describeError(error) });
-      return 0;
-    });
-    summary.attempted -= released;
-    logWarn("webhook_claims_released", { released, claimed_unsent: unsent.size });
+    }
   }
   if (gone) {
     // Every event waiting for this URL stops too (those claimed here and not sent included); they

@@ -136,6 +136,37 @@ describe("apps", () => {
     const branch = await connectBranch({ oauthClientId, clientSecret: secret });
     expect((await clientBody(branch.clientId)).app_id).toBe(app.app_id);
     expect((await getToken(branch.branchId)).status).toBe(200);
+    // The isolate keeps the app's provider; a change of its settings takes effect at once.
+    const refresh = () => postJson("/tokens/refresh", { branch_id: branch.branchId }, { key: "admin" });
+    const patchSettings = (settings: Record<string, unknown>) =>
+      call(`/apps/${app.app_id}`, {
+        key: "admin",
+        method: "PATCH",
+        headers: { "content-type": "application/json" },
+        body: JSON.stringify({ settings }),
+      });
+    const unreachable = await patchSettings({
+      issuer: app.settings.issuer,
+      authorization_url: new URL("/authorize", server).toString(),
+      token_url: "http://127.0.0.1:9/token",
+      scopes: "https://www.googleapis.com/auth/business.manage",
+    });
+    expect(unreachable.status, await unreachable.clone().text()).toBe(200);
+    // An expired grant makes the forced refresh call the provider, at the new token_url.
+    const grantId = (await clientBody(branch.clientId)).grant_id!;
+    await expireGrant(grantId);
+    expect([502, 503]).toContain((await refresh()).status);
+    expect(
+      (
+        await patchSettings({
+          discovery_url: server.toString(),
+          scopes: "https://www.googleapis.com/auth/business.manage",
+        })
+      ).status,
+    ).toBe(200);
+    const refreshed = await refresh();
+    expect(refreshed.status).toBe(200);
+    expect((await json<{ refreshed: boolean }>(refreshed)).refreshed).toBe(true);
     // An unreachable discovery document is a 502 that stores nothing.
     const broken = await postJson(
       "/apps",
